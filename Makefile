@@ -1,0 +1,47 @@
+# Two commands from nothing: `make run` (the pipeline) and `make test` (the suite).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DVC_NO_ANALYTICS ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: help install run test test-all lint serve bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+install: $(STAMP) ## Create .venv and install the project with the verified versions (constraints.txt)
+
+run: $(STAMP) ## Run the whole pipeline on the embedded synthetic dataset
+	$(BIN)/rain run
+
+test: $(STAMP) ## Run the default test suite (slow tests excluded)
+	$(BIN)/pytest -m "not slow"
+
+test-all: $(STAMP) ## Run every test, slow ones included
+	$(BIN)/pytest
+
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+serve: $(STAMP) ## Serve the flow as Prefect deployment rain/full (server on 127.0.0.1:4200)
+	$(BIN)/rain serve
+
+bench: $(STAMP) ## Run the benchmarks under bench/
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean: ## Remove generated data, models, reports, runs and local tracking state (keeps .venv)
+	rm -rf data models reports runs mlflow.db mlartifacts .prefect .dvc/cache .dvc/tmp

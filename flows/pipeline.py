@@ -1,0 +1,113 @@
+"""The Prefect flow `rain`: the DVC stages of dvc.yaml, one Prefect task each, in order.
+
+DVC alone decides what is up to date (`dvc repro --single-item <stage>` skips a stage whose deps and
+params did not change); Prefect adds retries on the download, logs, the UI, artifacts, deployments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.config import load_params
+
+STAGES = ("download", "manifest", "synthesize", "train", "evaluate", "register")
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, tail: str) -> None:
+        super().__init__(f"stage {stage!r} failed (exit {returncode}):\n{tail}")
+        self.stage, self.returncode, self.tail = stage, returncode, tail
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    status: str  # ran | up to date | restored from run cache
+    seconds: float
+
+
+def stage_env() -> dict[str, str]:
+    """The stages' `python` is this interpreter; DVC sends no analytics."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def dvc_repro(stage: str, project_dir: Path) -> StageResult:
+    """Run one stage through DVC, streaming its output to the Prefect log."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--wait-for-lock", "--single-item", stage]
+    proc = subprocess.Popen(cmd, cwd=project_dir, env=stage_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        logger.info("%s | %s", stage, line.rstrip())
+    code = proc.wait()
+    if code != 0:
+        raise StageFailed(stage, code, "\n".join(lines[-40:]))
+    text = "\n".join(lines)
+    if re.search(rf"Stage '{stage}' didn't change, skipping", text):
+        status = "up to date"
+    elif re.search(rf"Stage '{stage}' is cached - skipping run", text):
+        status = "restored from run cache"
+    else:
+        status = "ran"
+    return StageResult(stage, status, round(time.perf_counter() - started, 1))
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry the download on I/O trouble, never on a failure DVC or the adapter calls permanent."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        permanent = ("checksum", "md5", "404", "403", "Not Found", "put the file", "unknown dataset")
+        return not any(word in exc.tail for word in permanent)
+    except Exception:
+        return False
+    return False
+
+
+@task(name="download", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient)
+def download(project_dir: Path) -> StageResult:
+    return dvc_repro("download", project_dir)
+
+
+@task(name="stage")
+def stage_task(stage: str, project_dir: Path) -> StageResult:
+    return dvc_repro(stage, project_dir)
+
+
+@flow(name="rain", log_prints=True)
+def rain(project_dir: str = ".") -> dict[str, Any]:
+    """download -> manifest -> synthesize -> train -> evaluate -> register, as DVC decides."""
+    root = Path(project_dir).resolve()
+    params = load_params(root / "params.yaml")  # refuses a bad params.yaml before any stage runs
+    results = [download(root)]
+    for stage in STAGES[1:]:
+        results.append(stage_task.with_options(name=stage)(stage, root))
+    report_dir = root / params.report_dir()
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    registration = json.loads((report_dir / "registration.json").read_text())
+    create_table_artifact(key="rain-stages", table=[r.__dict__ for r in results],
+                          description="What DVC ran or skipped in this flow run")
+    table = (report_dir / "table.md").read_text() if (report_dir / "table.md").exists() else ""
+    create_markdown_artifact(
+        key=f"rain-results-{re.sub(r'[^a-z0-9-]', '-', params.dataset.name.lower())}",
+        markdown=f"# {params.dataset.name}\n\n{table}\n\nModel: `{registration['model_uri']}` "
+                 f"(alias `{registration['alias']}`)\n")
+    return {"stages": [r.__dict__ for r in results], "metrics": metrics, "registration": registration}

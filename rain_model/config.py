@@ -1,0 +1,144 @@
+"""Frozen model and objective configurations (built from ``params.yaml`` by a generic loader).
+
+Every field has a default and one of the types str, int, float, bool, tuple[int, ...], tuple[str, ...]
+or ``str | None``. Values are validated in ``__post_init__``; a bad value raises ``ValueError`` naming
+the field and the value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+BACKBONES = ("resnet18", "resnet34", "resnet50")
+VARIANTS = ("rain", "baseline_hr", "baseline_hrlr")
+MINING = ("batch_hard", "sampled")
+ADV_LOSSES = ("non_saturating", "minimax")
+
+
+def _bad(name: str, value: object, why: str) -> ValueError:
+    return ValueError(f"{name}={value!r}: {why}")
+
+
+def _as_tuples(obj: object) -> None:
+    """Turn list values of tuple-typed fields into tuples (YAML gives lists)."""
+    for f in fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if isinstance(value, list):
+            object.__setattr__(obj, f.name, tuple(value))
+
+
+def _positive_ints(name: str, value: tuple[int, ...], length: int | None = None) -> None:
+    if not isinstance(value, tuple) or not value:
+        raise _bad(name, value, "must be a non-empty tuple of ints")
+    if length is not None and len(value) != length:
+        raise _bad(name, value, f"must have exactly {length} entries")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise _bad(name, value, "every entry must be an int >= 1")
+
+
+def _finite(name: str, value: float, minimum: float, strict: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad(name, value, "must be a finite number")
+    if value < minimum or (strict and value == minimum):
+        raise _bad(name, value, f"must be {'>' if strict else '>='} {minimum}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of RAIN: F (ResNet), G (HR decoder), D_j (one per level), C (linear classifier)."""
+
+    backbone: str = "resnet50"
+    """F: torchvision ResNet, resnet18 | resnet34 | resnet50, trained from scratch unless pretrained_path."""
+    levels: tuple[int, ...] = (4, 5)
+    """Feature levels j with a resolution discriminator D_j; (5,) = single-level, (4, 5) = multi-level."""
+    pretrained_path: str | None = None
+    """Local ImageNet state_dict of the torchvision ResNet (``fc.*`` is ignored); loaded weights-only."""
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8)
+    """G: widths of its five x2 up-sampling stages (f5 has stride 32, so exactly five)."""
+    disc_channels: tuple[int, ...] = (256, 128)
+    """D_j: widths of its 1x1-conv layers before global average pooling and the logit."""
+
+    def __post_init__(self) -> None:
+        _as_tuples(self)
+        if self.backbone not in BACKBONES:
+            raise _bad("backbone", self.backbone, f"must be one of {', '.join(BACKBONES)}")
+        _positive_ints("levels", self.levels)
+        if any(j > 5 for j in self.levels) or list(self.levels) != sorted(set(self.levels)):
+            raise _bad("levels", self.levels, "must be strictly increasing feature levels in 1..5")
+        if self.pretrained_path is not None and (
+            not isinstance(self.pretrained_path, str) or not self.pretrained_path
+        ):
+            raise _bad("pretrained_path", self.pretrained_path, "must be a non-empty path or None")
+        _positive_ints("decoder_channels", self.decoder_channels, length=5)
+        _positive_ints("disc_channels", self.disc_channels)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The training objective (Eq. 7-8), its variants and the two optimizers."""
+
+    variant: str = "rain"
+    """rain: Eq. 7 | baseline_hr: L_cls + L_tri on HR only | baseline_hrlr: RAIN without L_adv."""
+    w_adv: float = 1.0
+    """Weight of L_adv (Eq. 1) in Eq. 7; 0 switches the term (and the D step) off."""
+    w_rec: float = 1.0
+    """Weight of L_rec (Eq. 2) in Eq. 7; 0 switches the term (and G's forward) off."""
+    w_cls: float = 1.0
+    """Weight of L_cls (Eq. 3) in Eq. 7; 0 switches the term (and C's forward) off."""
+    w_tri: float = 1.0
+    """Weight of L_tri (Eq. 6) in Eq. 7; 0 switches the term off."""
+    margin: float = 0.3
+    """Triplet margin m of Eq. 6."""
+    mining: str = "batch_hard"
+    """Triplet positives/negatives: batch_hard (hardest in the batch) | sampled (one random each, paper)."""
+    adv_loss: str = "non_saturating"
+    """Feature-extractor side of Eq. 1: non_saturating (-log D(f_L)) | minimax (Eq. 1 itself)."""
+    lr: float = 3.5e-4
+    """Adam learning rate of F, G, C."""
+    lr_d: float = 1e-4
+    """Adam learning rate of all D_j."""
+    weight_decay: float = 5e-4
+    """L2 weight decay of F, G, C (the discriminators have none)."""
+    beta1: float = 0.9
+    """Adam beta1 of F, G, C."""
+    beta1_d: float = 0.5
+    """Adam beta1 of the discriminators (0.5 as usual for adversarial training)."""
+    bf16_autocast: bool = False
+    """bfloat16 autocast of the forward passes; CUDA only, the CPU path stays float32."""
+    channels_last: bool = False
+    """channels_last memory format for inputs (and the model, see ``place_model``); CUDA only."""
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise _bad("variant", self.variant, f"must be one of {', '.join(VARIANTS)}")
+        for name in ("w_adv", "w_rec", "w_cls", "w_tri", "weight_decay"):
+            _finite(name, getattr(self, name), 0.0, strict=False)
+        for name in ("margin", "lr", "lr_d"):
+            _finite(name, getattr(self, name), 0.0, strict=True)
+        for name in ("beta1", "beta1_d"):
+            value = getattr(self, name)
+            _finite(name, value, 0.0, strict=False)
+            if value >= 1.0:
+                raise _bad(name, value, "must be < 1")
+        if self.mining not in MINING:
+            raise _bad("mining", self.mining, f"must be one of {', '.join(MINING)}")
+        if self.adv_loss not in ADV_LOSSES:
+            raise _bad("adv_loss", self.adv_loss, f"must be one of {', '.join(ADV_LOSSES)}")
+        for name in ("bf16_autocast", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "must be true or false")
+        if not self.active_terms():
+            weights = "w_cls, w_tri" if self.variant == "baseline_hr" else "w_adv, w_rec, w_cls, w_tri"
+            raise _bad("variant", self.variant, f"every loss it uses ({weights}) has weight 0")
+
+    def active_terms(self) -> tuple[str, ...]:
+        """Names of the Eq. 7 terms this variant computes (weight > 0 and used by the variant)."""
+        used = {
+            "rain": ("L_adv", "L_rec", "L_cls", "L_tri"),
+            "baseline_hrlr": ("L_rec", "L_cls", "L_tri"),
+            "baseline_hr": ("L_cls", "L_tri"),
+        }[self.variant]
+        weight = {"L_adv": self.w_adv, "L_rec": self.w_rec, "L_cls": self.w_cls, "L_tri": self.w_tri}
+        return tuple(name for name in used if weight[name] > 0)

@@ -1,0 +1,294 @@
+"""The training objective of RAIN (Eq. 7) and its min-max optimisation (Eq. 8), one step at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
+
+from rain_model.config import ObjectiveConfig
+from rain_model.losses import (
+    adversarial_loss,
+    classification_loss,
+    discriminator_loss,
+    reconstruction_loss,
+    triplet_loss,
+)
+from rain_model.network import RAIN, Generator, GeneratorOutput
+
+LOSS_NAMES = ("L_adv", "L_rec", "L_cls", "L_tri", "L_total", "L_D")
+"""Keys of the dict ``train_step`` returns (also the MLflow metric names)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term of a training step is NaN or infinite; the message names the step and the term."""
+
+
+@dataclass
+class Batch:
+    """One training batch: HR images, their synthetic LR versions (same order), identity labels."""
+
+    x_hr: Tensor
+    """(B, 3, H, W) float in [0, 1]."""
+    x_lr: Tensor
+    """(B, 3, H, W) float in [0, 1]: x_hr down-sampled and brought back to H x W."""
+    labels: Tensor
+    """(B,) long; -1 = unlabelled (contributes L_rec and L_adv only)."""
+
+
+@dataclass
+class Optimizers:
+    """One optimizer for F, G, C (the min side of Eq. 8) and one for all D_j (the max side)."""
+
+    generator: torch.optim.Optimizer
+    discriminator: torch.optim.Optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+
+
+def make_optimizers(model: RAIN, obj: ObjectiveConfig) -> Optimizers:
+    """Adam for F/G/C (lr, weight_decay, beta1) and Adam for all D_j (lr_d, beta1_d, no decay)."""
+    return Optimizers(
+        generator=torch.optim.Adam(
+            model.generator.parameters(), lr=obj.lr, betas=(obj.beta1, 0.999), weight_decay=obj.weight_decay
+        ),
+        discriminator=torch.optim.Adam(
+            model.discriminators.parameters(), lr=obj.lr_d, betas=(obj.beta1_d, 0.999)
+        ),
+    )
+
+
+def place_model(model: RAIN, obj: ObjectiveConfig, device: torch.device) -> RAIN:
+    """Move the model to ``device``; on CUDA with ``channels_last`` also convert its memory format.
+
+    Call before building optimizers and before wrapping in DistributedDataParallel.
+    """
+    model.to(device)
+    if device.type == "cuda" and obj.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which parts of the network one step runs, derived from the objective config."""
+
+    hr_only: bool
+    """baseline_hr: only the HR half of the batch goes through F."""
+    adversarial: bool
+    """L_adv is on: run the D step and feed f_j (j in levels) to the D_j."""
+    decode: bool
+    """L_rec is on: run G."""
+    classify: bool
+    """L_cls is on: run C."""
+
+    @classmethod
+    def of(cls, obj: ObjectiveConfig) -> StepPlan:
+        terms = obj.active_terms()
+        return cls(
+            hr_only=obj.variant == "baseline_hr",
+            adversarial="L_adv" in terms,
+            decode="L_rec" in terms,
+            classify="L_cls" in terms,
+        )
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    if isinstance(module, DistributedDataParallel | nn.DataParallel):
+        return module.module
+    return module
+
+
+def _autocast(obj: ObjectiveConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if obj.bf16_autocast and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _check_finite(losses: dict[str, Tensor], step: int) -> None:
+    values = torch.stack(list(losses.values())).float()  # (T,)
+    if bool(torch.isfinite(values).all()):
+        return
+    for name, value in losses.items():
+        if not math.isfinite(float(value)):
+            raise NonFiniteLossError(f"step {step}: {name} is not finite ({float(value)})")
+
+
+def forward_generator(
+    generator: nn.Module, batch: Batch, obj: ObjectiveConfig, levels: tuple[int, ...]
+) -> GeneratorOutput:
+    """One forward of F (and of G, C when their losses are on) on the HR and LR halves as one batch.
+
+    ``generator`` is a ``Generator`` or its DistributedDataParallel wrapper (called, not unwrapped, so
+    DDP sees the forward). Outputs cover 2B images, HR first then LR (B HR images for baseline_hr);
+    ``levels`` are the feature levels returned for the discriminators (empty when L_adv is off).
+    """
+    plan = StepPlan.of(obj)
+    x_in = batch.x_hr if plan.hr_only else torch.cat([batch.x_hr, batch.x_lr])  # (2B, 3, H, W)
+    if obj.channels_last and x_in.device.type == "cuda":
+        x_in = x_in.contiguous(memory_format=torch.channels_last)
+    with _autocast(obj, x_in.device):
+        out: GeneratorOutput = generator(
+            x_in, levels=levels if plan.adversarial else (), decode=plan.decode, classify=plan.classify
+        )
+    return out
+
+
+def discriminator_step(
+    discriminators: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    feats: Sequence[Tensor],
+    n_hr: int,
+    obj: ObjectiveConfig,
+    step: int,
+) -> Tensor:
+    """The max side of Eq. 8: one update of all D_j on detached features; returns L_D (detached).
+
+    ``feats``: f_j for j in the discriminators' levels, each (2B, d_j, h, w), HR rows first (n_hr of
+    them) then LR rows. The features are detached here, so F, G and C get no gradient from this step.
+    """
+    feats_det = tuple(f.detach() for f in feats)
+    with _autocast(obj, feats_det[0].device):
+        logits = discriminators(feats_det)  # per level (2B,)
+    l_d = discriminator_loss([lg[:n_hr].float() for lg in logits], [lg[n_hr:].float() for lg in logits])
+    _check_finite({"L_D": l_d}, step)
+    optimizer.zero_grad(set_to_none=True)
+    l_d.backward()
+    optimizer.step()
+    return l_d.detach()
+
+
+def generator_losses(
+    discriminators: nn.Module, out: GeneratorOutput, batch: Batch, obj: ObjectiveConfig
+) -> dict[str, Tensor]:
+    """The four terms of Eq. 7 on one forward's outputs (with graph); switched-off terms are 0 constants.
+
+    Every term is the sum of its HR and its LR expectation (only HR for baseline_hr). L_adv goes through
+    the current D_j with their parameters detached: F gets the gradient, the D_j get none.
+    """
+    plan = StepPlan.of(obj)
+    n_hr = batch.x_hr.shape[0]
+    labels = batch.labels
+    halves = [slice(0, n_hr)] if plan.hr_only else [slice(0, n_hr), slice(n_hr, 2 * n_hr)]
+    zero = out.v.new_zeros((), dtype=torch.float32)
+    losses = {"L_adv": zero, "L_rec": zero, "L_cls": zero, "L_tri": zero}
+    if plan.adversarial:
+        d_net = _unwrap(discriminators)
+        d_params = {name: p.detach() for name, p in d_net.named_parameters()}
+        feats = out.feats if obj.adv_loss == "minimax" else tuple(f[n_hr:] for f in out.feats)
+        with _autocast(obj, out.v.device):
+            logits = functional_call(d_net, d_params, (feats,))  # per level (2B,) or (B,)
+        if obj.adv_loss == "minimax":
+            logits_hr = [lg[:n_hr].float() for lg in logits]
+            logits_lr = [lg[n_hr:].float() for lg in logits]
+        else:
+            logits_hr, logits_lr = [], [lg.float() for lg in logits]
+        losses["L_adv"] = adversarial_loss(logits_hr, logits_lr, obj.adv_loss)
+    if plan.decode:
+        assert out.x_rec is not None
+        x_rec = out.x_rec.float()  # (2B, 3, H, W)
+        losses["L_rec"] = sum((reconstruction_loss(x_rec[half], batch.x_hr) for half in halves), start=zero)
+    if plan.classify:
+        assert out.logits is not None
+        losses["L_cls"] = sum((classification_loss(out.logits[half], labels) for half in halves), start=zero)
+    if obj.w_tri > 0:
+        losses["L_tri"] = sum(
+            (triplet_loss(out.v[half], labels, obj.margin, obj.mining) for half in halves), start=zero
+        )
+    return losses
+
+
+def generator_step(
+    generator: nn.Module,
+    discriminators: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    out: GeneratorOutput,
+    batch: Batch,
+    obj: ObjectiveConfig,
+    step: int,
+) -> dict[str, Tensor]:
+    """The min side of Eq. 8: one update of F, G, C on L_total = sum_t w_t L_t (Eq. 7).
+
+    Only the generator optimizer steps; the D_j are used with detached parameters and do not change.
+    Terms whose weight is 0 are not computed, so they contribute exactly zero gradient; parameters of a
+    head that was not run (G or C) end the step with ``grad = None`` and are skipped by the optimizer.
+    Returns the detached terms and ``L_total``.
+    """
+    plan = StepPlan.of(obj)
+    losses = generator_losses(discriminators, out, batch, obj)
+    weights = {"L_adv": obj.w_adv, "L_rec": obj.w_rec, "L_cls": obj.w_cls, "L_tri": obj.w_tri}
+    zero = out.v.new_zeros((), dtype=torch.float32)
+    l_total = sum((weights[name] * losses[name] for name in obj.active_terms()), start=zero)
+    losses["L_total"] = l_total
+    _check_finite(losses, step)
+    optimizer.zero_grad(set_to_none=True)
+    (l_total + out.touch).backward()
+    g_net = _unwrap(generator)
+    if not isinstance(g_net, Generator):
+        raise TypeError(f"generator must be a rain_model.network.Generator, got {type(g_net).__name__}")
+    for p in g_net.skipped_parameters(plan.decode, plan.classify):
+        p.grad = None
+    optimizer.step()
+    return {name: value.detach().float() for name, value in losses.items()}
+
+
+def train_step(
+    generator: nn.Module,
+    discriminators: nn.Module,
+    optimizers: Optimizers,
+    batch: Batch,
+    obj: ObjectiveConfig,
+    step: int,
+) -> dict[str, Tensor]:
+    """One RAIN training step (Eq. 8): first the D step, then the F/G/C step.
+
+    1. F (and G, C when on) run once on the stacked batch [x_hr; x_lr] (2B images; B for baseline_hr).
+    2. D step (only when L_adv is on: variant rain and w_adv > 0): every D_j is trained to tell f_j^H
+       from f_j^L on the detached features (maximise Eq. 1), with its own optimizer.
+    3. F/G/C step: minimise Eq. 7, w_adv L_adv + w_rec L_rec + w_cls L_cls + w_tri L_tri, where L_adv is
+       the non-saturating -log D_j(f_j^L) by default (see ``losses.adversarial_loss`` for why) and
+       uses the just-updated D_j.
+
+    ``generator``/``discriminators`` are ``model.generator``/``model.discriminators`` or their
+    DistributedDataParallel wrappers (each is called through its wrapper, so gradients are averaged
+    over ranks; every parameter gets a gradient in every step, so no unused-parameter errors). The model
+    must be in train mode. Raises NonFiniteLossError naming the step and the term if any loss is NaN or
+    infinite. Returns detached 0-dim float32 tensors keyed ``L_adv, L_rec, L_cls, L_tri, L_total, L_D``
+    (0 for terms that are off).
+    """
+    _check_batch(batch)
+    plan = StepPlan.of(obj)
+    d_net = _unwrap(discriminators)
+    levels: tuple[int, ...] = tuple(getattr(d_net, "levels", ()))
+    out = forward_generator(generator, batch, obj, levels)
+    l_d = out.v.new_zeros((), dtype=torch.float32)
+    if plan.adversarial:
+        n_hr = batch.x_hr.shape[0]
+        l_d = discriminator_step(discriminators, optimizers.discriminator, out.feats, n_hr, obj, step)
+    losses = generator_step(generator, discriminators, optimizers.generator, out, batch, obj, step)
+    losses["L_D"] = l_d
+    return {name: losses[name] for name in LOSS_NAMES}
+
+
+def _check_batch(batch: Batch) -> None:
+    if batch.x_hr.shape != batch.x_lr.shape or batch.x_hr.dim() != 4:
+        raise ValueError(
+            f"x_hr {tuple(batch.x_hr.shape)} and x_lr {tuple(batch.x_lr.shape)} must both be (B, 3, H, W)"
+        )
+    if batch.labels.shape != (batch.x_hr.shape[0],) or batch.labels.dtype != torch.long:
+        raise ValueError(
+            f"labels must be long of shape ({batch.x_hr.shape[0]},), got {batch.labels.dtype} "
+            f"{tuple(batch.labels.shape)}"
+        )

@@ -1,0 +1,262 @@
+"""Typed, frozen pipeline parameters, parsed once from params.yaml.
+
+Every section of params.yaml maps to a frozen dataclass. Parsing is strict: an unknown or mistyped
+key is refused with its dotted name (and the nearest known key), a value of the wrong type is refused
+with its dotted name, so a bad params.yaml fails before any stage runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from rain_model.config import ModelConfig, ObjectiveConfig
+
+PARAMS_FILE = "params.yaml"
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """params.yaml does not describe a valid pipeline; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    raw: str = "data/raw"
+    manifests: str = "data/manifests"
+    lr: str = "data/lr"
+    models: str = "models"
+    reports: str = "reports"
+    runs: str = "runs"
+
+
+@dataclass(frozen=True)
+class DatasetChoice:
+    name: str = "synthetic"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded procedural pedestrian dataset (tasks/datasets/synthetic.py)."""
+
+    seed: int = 0
+    identities: int = 100
+    cameras: int = 2
+    images_per_camera: int = 4
+    height: int = 128
+    width: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.identities >= 4, "synthetic.identities", self.identities, "at least 4")
+        _require(self.cameras >= 2, "synthetic.cameras", self.cameras, "at least 2")
+        _require(self.images_per_camera >= 1, "synthetic.images_per_camera", self.images_per_camera, ">= 1")
+        _require(self.height % 32 == 0 and self.height >= 64, "synthetic.height", self.height,
+                 "a multiple of 32, at least 64")
+        _require(self.width % 32 == 0 and self.width >= 32, "synthetic.width", self.width,
+                 "a multiple of 32, at least 32")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where a dataset archive comes from. An empty url means it cannot be downloaded (sign-up)."""
+
+    url: str = ""
+    md5: str = ""
+    filename: str = ""
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """The MLR protocol (DESIGN.md, Protocol): one camera of each pair is down-sampled."""
+
+    seed: int = 0
+    train_rates: tuple[int, ...] = (2, 3, 4)
+    unseen_rates: tuple[int, ...] = (8,)
+    trials: int = 10
+    # Test identities per trial: an int is a count, 0 means half of the identities (VIPeR, CAVIAR).
+    test_identities: int = 0
+    workers: int = 0  # synthesis processes; 0 = all cores
+
+    def __post_init__(self) -> None:
+        _require(len(self.train_rates) > 0 and all(r >= 1 for r in self.train_rates),
+                 "protocol.train_rates", self.train_rates, "one or more rates >= 1")
+        _require(all(r >= 2 for r in self.unseen_rates), "protocol.unseen_rates", self.unseen_rates,
+                 "rates >= 2")
+        _require(self.trials >= 1, "protocol.trials", self.trials, ">= 1")
+        _require(self.test_identities >= 0, "protocol.test_identities", self.test_identities, ">= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    trials: tuple[int, ...] = (0,)
+    height: int = 128
+    width: int = 64
+    epochs: int = 10
+    p: int = 8
+    k: int = 4
+    seed: int = 0
+    label_fraction: float = 1.0
+    checkpoint_every_epochs: int = 1
+    device: str = "cpu"  # cpu | cuda
+
+    def __post_init__(self) -> None:
+        _require(len(self.trials) > 0, "train.trials", self.trials, "at least one trial")
+        _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
+        _require(self.p >= 2 and self.k >= 2, "train.p/train.k", (self.p, self.k), "P >= 2 and K >= 2")
+        _require(0.0 <= self.label_fraction <= 1.0, "train.label_fraction", self.label_fraction, "in [0, 1]")
+        _require(self.device in ("cpu", "cuda"), "train.device", self.device, "cpu or cuda")
+        _require(self.height % 32 == 0 and self.width % 32 == 0, "train.height/width",
+                 (self.height, self.width), "multiples of 32")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS if set, else an embedded local cluster
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 1
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "ray.num_workers", self.num_workers, ">= 1")
+        _require(self.cpus_per_worker >= 1, "ray.cpus_per_worker", self.cpus_per_worker, ">= 1")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    distance: str = "euclidean"  # euclidean | cosine
+    flip: bool = True
+    gallery_repeats: int = 10
+    batch_size: int = 64
+    tsne_identities: int = 35
+    sheet_queries: int = 6
+
+    def __post_init__(self) -> None:
+        _require(self.distance in ("euclidean", "cosine"), "evaluate.distance", self.distance,
+                 "euclidean or cosine")
+        _require(self.gallery_repeats >= 1, "evaluate.gallery_repeats", self.gallery_repeats, ">= 1")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    model_name: str = "rain-reid"
+    alias: str = "candidate"
+
+
+@dataclass(frozen=True)
+class Params:
+    paths: Paths = field(default_factory=Paths)
+    dataset: DatasetChoice = field(default_factory=DatasetChoice)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    sources: Mapping[str, SourceConfig] = field(default_factory=dict)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    # Derived paths: written here once so every stage and dvc.yaml agree.
+    def raw_dir(self) -> Path:
+        return Path(self.paths.raw) / self.dataset.name
+
+    def manifest_path(self) -> Path:
+        return Path(self.paths.manifests) / f"{self.dataset.name}.parquet"
+
+    def quarantine_path(self) -> Path:
+        return Path(self.paths.manifests) / f"{self.dataset.name}-quarantine.parquet"
+
+    def mlr_manifest_path(self) -> Path:
+        return Path(self.paths.manifests) / f"{self.dataset.name}-mlr.parquet"
+
+    def lr_dir(self) -> Path:
+        return Path(self.paths.lr) / self.dataset.name
+
+    def model_dir(self) -> Path:
+        return Path(self.paths.models) / self.dataset.name
+
+    def report_dir(self) -> Path:
+        return Path(self.paths.reports) / self.dataset.name
+
+    def source(self) -> SourceConfig:
+        return self.sources.get(self.dataset.name, SourceConfig())
+
+
+def _require(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid: expected {expected}")
+
+
+def parse(cls: type[T], data: object, where: str) -> T:
+    """Build dataclass `cls` from a YAML mapping, refusing unknown keys and wrong types by dotted name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ParamsError(f"params.yaml: {where or 'top level'} must be a mapping, got {type(data).__name__}")
+    assert dataclasses.is_dataclass(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {_dotted(where, near[0])!r}?)" if near else ""
+            raise ParamsError(f"params.yaml: unknown key {_dotted(where, str(key))!r}{hint}")
+    hints = typing.get_type_hints(cls)
+    values = {name: _convert(hints[name], data[name], _dotted(where, name)) for name in fields if name in data}
+    try:
+        return cls(**values)
+    except ParamsError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"params.yaml: {where}: {exc}") from exc
+
+
+def _dotted(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _convert(hint: Any, value: object, key: str) -> object:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return parse(typing.cast(type, hint), value, key)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ParamsError(f"params.yaml: {key} = {value!r} must be a list")
+        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ParamsError(f"params.yaml: {key} must be a mapping")
+        return {str(k): _convert(args[1], v, _dotted(key, str(k))) for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not
+                                                 (hint is int and isinstance(value, bool))):
+        raise ParamsError(f"params.yaml: {key} = {value!r} must be of type {hint.__name__}")
+    return value
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml. Raises ParamsError naming the offending key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ParamsError(f"{path}: not found (run from the project folder)") from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    return parse(Params, data, "")

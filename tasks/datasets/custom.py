@@ -1,0 +1,171 @@
+"""A user's own images, described by a table: ``dataset.name: custom``.
+
+``sources.custom.url`` is the path of a CSV or Parquet file (a ``file://`` URL also works; a relative
+path is taken from the project folder) with one row per image:
+
+=============  ========  =========================================================================
+column         required  meaning
+=============  ========  =========================================================================
+path           yes       image file; a relative path is resolved against the table's own folder
+person_id      yes       integer identity
+camera_id      yes       integer >= 0
+camera_pair    no        integer >= 0; default ``camera_id // 2``
+view           no        0 (kept HR) or 1 (down-sampled by the MLR protocol); default ``camera_id % 2``
+=============  ========  =========================================================================
+
+Other columns are refused (a misspelt optional column would otherwise be silently ignored).
+``acquire`` copies no image: it validates the table, listing every problem with its file, row (1-based
+data row; in a CSV that is line row + 1) and column, and writes the normalised table (absolute image
+paths) to ``<raw>/custom.parquet``; ``scan`` reads that. Image formats accepted: JPEG, PNG, BMP, WEBP
+and TIFF (decided from content, see tasks/imageio.py); unreadable images are quarantined by the
+manifest stage, not refused here.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.config import Params
+from tasks.datasets.base import DatasetError, RawImage
+
+TABLE_NAME = "custom.parquet"
+REQUIRED = ("path", "person_id", "camera_id")
+OPTIONAL = ("camera_pair", "view")
+MAX_REPORTED = 20
+SCHEMA = pa.schema([("path", pa.string()), ("person_id", pa.int64()), ("camera_id", pa.int32()),
+                    ("camera_pair", pa.int32()), ("view", pa.int8())])
+
+
+class CustomDataset:
+    name = "custom"
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
+
+    def acquire(self, raw_dir: Path, params: Params) -> None:
+        source = params.sources.get(self.name)
+        if source is None or not source.url:
+            raise DatasetError("dataset custom needs params.yaml sources.custom.url: the path of a CSV or "
+                               "Parquet table with columns path, person_id, camera_id "
+                               "(optional camera_pair, view)")
+        table = normalise(table_path(source.url))
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, raw_dir / TABLE_NAME)
+
+    def scan(self, raw_dir: Path) -> Iterator[RawImage]:
+        file = raw_dir / TABLE_NAME
+        if not file.is_file():
+            raise DatasetError(f"{file}: missing; run the download stage for dataset custom")
+        for row in pq.read_table(file).to_pylist():
+            yield RawImage(path=row["path"], person_id=row["person_id"], camera_id=row["camera_id"],
+                           camera_pair=row["camera_pair"], view=row["view"])
+
+
+def table_path(url: str) -> Path:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:  # (a one-letter scheme is a Windows drive)
+        raise DatasetError(f"sources.custom.url = {url!r}: must be a local file path, "
+                           f"not a {parsed.scheme} URL")
+    return Path(url)
+
+
+def read_table(file: Path) -> pd.DataFrame:
+    if not file.is_file():
+        raise DatasetError(f"{file}: no such file (params.yaml sources.custom.url)")
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(file, dtype=str, keep_default_na=False, skipinitialspace=True)
+        if suffix in (".parquet", ".pq"):
+            return pq.read_table(file).to_pandas()
+    except (ValueError, OSError, pa.ArrowException, pd.errors.ParserError) as exc:
+        raise DatasetError(f"{file}: cannot read the table: {exc}") from exc
+    raise DatasetError(f"{file}: the custom table must be .csv or .parquet, not {suffix or 'no extension'!r}")
+
+
+def normalise(file: Path) -> pa.Table:
+    """Validate the user's table and return it with absolute paths and every column filled in."""
+    frame = read_table(file)
+    columns = [str(c).strip() for c in frame.columns]
+    frame.columns = pd.Index(columns)
+    missing = [c for c in REQUIRED if c not in columns]
+    unknown = [c for c in columns if c not in REQUIRED + OPTIONAL]
+    if missing or unknown:
+        parts = ([f"missing column(s) {', '.join(missing)}"] if missing else []) + \
+                ([f"unknown column(s) {', '.join(unknown)}"] if unknown else [])
+        raise DatasetError(f"{file}: {'; '.join(parts)} (columns: path, person_id, camera_id, "
+                           f"optional camera_pair, view)")
+    if frame.empty:
+        raise DatasetError(f"{file}: the table has no rows")
+    base = file.resolve().parent
+    problems: list[str] = []
+    rows: list[dict[str, object]] = []
+    seen: dict[str, int] = {}
+
+    def problem(row: int, column: str, text: str) -> None:
+        problems.append(f"row {row}, column {column}: {text}")
+
+    for index, record in enumerate(frame.to_dict("records"), start=1):
+        values: dict[str, object] = {}
+        raw_path = record["path"]
+        if not isinstance(raw_path, str) or not raw_path.strip():
+            problem(index, "path", "empty")
+        else:
+            image = (base / raw_path.strip()).resolve()
+            key = image.as_posix()
+            if not image.is_file():
+                problem(index, "path", f"{raw_path!r}: no such file ({image})")
+            elif key in seen:
+                problem(index, "path", f"{raw_path!r}: same file as row {seen[key]}")
+            else:
+                seen[key] = index
+            values["path"] = key
+        for column, low, high in (("person_id", None, None), ("camera_id", 0, None),
+                                  ("camera_pair", 0, None), ("view", 0, 1)):
+            if column not in record or (column in OPTIONAL and _blank(record[column])):
+                continue
+            number = _as_int(record[column])
+            if number is None:
+                problem(index, column, f"{record[column]!r} is not an integer")
+            elif (low is not None and number < low) or (high is not None and number > high):
+                allowed = "0 or 1" if high == 1 else f">= {low}"
+                problem(index, column, f"{number} is out of range ({allowed})")
+            else:
+                values[column] = number
+        if len(values) >= len(REQUIRED):
+            camera = values.get("camera_id")
+            if isinstance(camera, int):
+                values.setdefault("camera_pair", camera // 2)
+                values.setdefault("view", camera % 2)
+            rows.append(values)
+        if len(problems) >= MAX_REPORTED:
+            break
+    if problems:
+        more = " (first problems only)" if len(problems) >= MAX_REPORTED else ""
+        raise DatasetError(f"{file}: invalid custom dataset table{more}:\n  " + "\n  ".join(problems))
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _blank(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value) or \
+        (isinstance(value, str) and not value.strip())
+
+
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool) or _blank(value):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None

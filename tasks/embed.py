@@ -1,0 +1,41 @@
+"""Load trained weights and turn images into L2-comparable embeddings v = GAP(f5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rain_model.config import ModelConfig
+from rain_model.network import RAIN
+from tasks.loaders import load_tensor
+
+
+def load_model(weights: Path, cfg: ModelConfig, num_classes: int, device: str = "cpu") -> RAIN:
+    from safetensors.torch import load_file
+
+    model = RAIN(cfg, num_classes)
+    model.load_state_dict(load_file(str(weights), device=device))
+    return model.to(device).eval()
+
+
+@torch.inference_mode()
+def embed_batch(model: RAIN, x_uint8: torch.Tensor, flip: bool) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, d) float features; with `flip`, averaged with the mirrored image."""
+    device = next(model.parameters()).device
+    x = x_uint8.to(device).float().div_(255)
+    v = model.embed(x)  # (B, d)
+    if flip:
+        v = (v + model.embed(torch.flip(x, dims=[3]))) / 2
+    return v.float().cpu()
+
+
+def embed_paths(model: RAIN, paths: Sequence[str], size: tuple[int, int], batch_size: int = 64,
+                flip: bool = True) -> np.ndarray:
+    out = []
+    for i in range(0, len(paths), batch_size):
+        x = torch.stack([load_tensor(p, size) for p in paths[i:i + batch_size]])  # (B, 3, H, W)
+        out.append(embed_batch(model, x, flip))
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,196 @@
+"""Stage `evaluate`: CMC rank 1/5/10/20 and mAP under the cross-resolution protocol, plus the pictures.
+
+For each trained trial, LR queries are matched against a single-shot HR gallery (one image per test
+identity from the other camera). The gallery is drawn `evaluate.gallery_repeats` times (the first draw
+is the manifest's own gallery); every (trial, draw) is one evaluation, and each reported figure is the
+mean over them with its standard deviation. Rows: `lr` (the MLR queries, each at its drawn rate: the
+paper's headline protocol), `r2`, `r3`, `r4` (those queries by rate), `r8` (every query at the unseen
+rate), and `hr` (the same queries at full resolution, which shows the resolution gap).
+
+Outputs in reports/<dataset>/: metrics.json (DVC metrics; top-level figures are the `lr` row),
+cmc.csv (DVC plot), cmc.png, tsne_identity.png, tsne_resolution.png, ranked_gallery.png, table.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import Params, load_params
+from tasks.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+RANKS = (1, 5, 10, 20)
+METRIC_KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
+
+
+def _row_names(rows: list[dict], unseen: tuple[int, ...]) -> dict[str, list[int]]:
+    """Row name -> indices into `rows` (the query rows of one trial)."""
+    names: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if r["query_set"] == "mlr":
+            names["lr"].append(i)
+            names[f"r{r['rate']}"].append(i)
+        else:  # "hr" or "r<unseen>"
+            names[r["query_set"]].append(i)
+    order = ["lr"] + sorted((n for n in names if n[1:].isdigit() and int(n[1:]) not in unseen),
+                            key=lambda n: int(n[1:])) + [f"r{u}" for u in unseen if f"r{u}" in names] + ["hr"]
+    return {n: names[n] for n in order if n in names}
+
+
+def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
+    import torch
+
+    from rain_model.metrics import evaluate_rank, pairwise_distance, single_shot_gallery
+    from tasks.embed import embed_paths, load_model
+    from tasks.loaders import read_rows
+    from tasks.train import summary_path
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = params.evaluate
+    train_summary = json.loads(summary_path(model_dir).read_text())
+    size = (params.train.height, params.train.width)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[tuple[np.ndarray, float]]] = defaultdict(list)
+    pictures: dict[str, Any] = {}
+    for trial in params.train.trials:
+        info = train_summary["trials"][str(trial)]
+        model = load_model(model_dir / info["weights"], params.model, info["num_classes"])
+        queries = read_rows(str(mlr_path), trial, ["query"])
+        gallery_rows = read_rows(str(mlr_path), trial, ["gallery", "gallery_pool"])
+        if not queries or not gallery_rows:
+            raise ValueError(f"{mlr_path}: trial {trial} has no queries or no gallery")
+        paths = sorted({r["path"] for r in queries} | {r["path"] for r in gallery_rows})
+        feats = embed_paths(model, paths, size, cfg.batch_size, cfg.flip)
+        index = {p: i for i, p in enumerate(paths)}
+        q_feat = feats[[index[r["path"]] for r in queries]]
+        g_feat = feats[[index[r["path"]] for r in gallery_rows]]
+        dist = pairwise_distance(q_feat, g_feat, metric=cfg.distance)
+        q_pids = np.array([r["person_id"] for r in queries])
+        q_cams = np.array([r["camera_id"] for r in queries])
+        g_pids = np.array([r["person_id"] for r in gallery_rows])
+        g_cams = np.array([r["camera_id"] for r in gallery_rows])
+        first = np.array([i for i, r in enumerate(gallery_rows) if r["role"] == "gallery"])
+        draws = [first] + list(single_shot_gallery(g_pids, g_cams, seed=params.protocol.seed + trial,
+                                                   repeats=cfg.gallery_repeats - 1))
+        for name, idx in _row_names(queries, params.protocol.unseen_rates).items():
+            for g_idx in draws:
+                cmc, mean_ap = evaluate_rank(dist[np.ix_(idx, g_idx)], q_pids[idx], g_pids[g_idx],
+                                             q_cams[idx], g_cams[g_idx], max_rank=max(RANKS))
+                results[name].append((cmc, mean_ap))
+        if trial == params.train.trials[0]:
+            pictures = {"queries": queries, "gallery": [gallery_rows[i] for i in first], "q_feat": q_feat,
+                        "g_feat": g_feat[first], "dist": dist[:, first]}
+
+    rows = {name: _summarise(name, evals) for name, evals in results.items()}
+    metrics = {k: rows["lr"][k] for k in METRIC_KEYS} | {"rows": rows,
+                                                          "evaluations_per_row": len(results["lr"])}
+    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    _write_pictures(params, report_dir, rows, results, pictures)
+    _log_to_mlflow(train_summary, metrics, report_dir)
+    log.info("evaluate: LR rank-1 %.1f%%, HR rank-1 %.1f%%, mAP %.1f%%", 100 * rows["lr"]["rank1"],
+             100 * rows.get("hr", rows["lr"])["rank1"], 100 * rows["lr"]["mAP"])
+    return metrics
+
+
+def _summarise(name: str, evals: list[tuple[np.ndarray, float]]) -> dict[str, Any]:
+    cmcs = np.stack([c for c, _ in evals])  # (E, max_rank)
+    maps = np.array([m for _, m in evals])
+    out: dict[str, Any] = {"row": name}
+    for r in RANKS:
+        out[f"rank{r}"] = round(float(cmcs[:, r - 1].mean()), 6)
+        out[f"rank{r}_std"] = round(float(cmcs[:, r - 1].std()), 6)
+    out["mAP"] = round(float(maps.mean()), 6)
+    out["mAP_std"] = round(float(maps.std()), 6)
+    return out
+
+
+ROW_LABELS = {"lr": "LR queries (MLR)", "hr": "HR queries (no down-sampling)"}
+
+
+def row_label(name: str, unseen: tuple[int, ...]) -> str:
+    if name in ROW_LABELS:
+        return ROW_LABELS[name]
+    rate = int(name[1:])
+    return f"LR r={rate}" + (" (unseen)" if rate in unseen else "")
+
+
+def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], results: dict[str, list],
+                    pictures: dict[str, Any]) -> None:
+    from PIL import Image
+
+    from tasks.reporting import cmc_plot_rows, plot_cmc, plot_tsne, ranked_gallery_sheet, table1_markdown
+
+    unseen = params.protocol.unseen_rates
+    cfg = params.evaluate
+    curves = {row_label(n, unseen): np.stack([c for c, _ in evals]).mean(axis=0).tolist()
+              for n, evals in results.items()}
+    plot_cmc(curves, report_dir / "cmc.png", title=f"CMC on {params.dataset.name}")
+    import csv
+
+    plot_rows = cmc_plot_rows(curves)
+    with (report_dir / "cmc.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(plot_rows[0]))
+        writer.writeheader()
+        writer.writerows(plot_rows)
+    table_rows = [dict(r, row=row_label(n, unseen)) for n, r in rows.items()]
+    (report_dir / "table.md").write_text(table1_markdown(table_rows) + "\n")
+
+    # Figure 3: test features of a few identities, HR gallery plus every query variant.
+    queries, gallery = pictures["queries"], pictures["gallery"]
+    pids = sorted({r["person_id"] for r in gallery})[: cfg.tsne_identities]
+    keep_q = [i for i, r in enumerate(queries) if r["person_id"] in pids and r["query_set"] != "hr"]
+    keep_g = [i for i, r in enumerate(gallery) if r["person_id"] in pids]
+    hr_q = [i for i, r in enumerate(queries) if r["person_id"] in pids and r["query_set"] == "hr"]
+    feats = np.concatenate([pictures["q_feat"][keep_q + hr_q], pictures["g_feat"][keep_g]])
+    ident = [queries[i]["person_id"] for i in keep_q + hr_q] + [gallery[i]["person_id"] for i in keep_g]
+    rates = [f"r={queries[i]['rate']}" for i in keep_q + hr_q] + ["r=1"] * len(keep_g)
+    plot_tsne(feats, [str(p) for p in ident], report_dir / "tsne_identity.png",
+              title="t-SNE of v, coloured by identity", seed=params.protocol.seed, legend_title="identity")
+    plot_tsne(feats, rates, report_dir / "tsne_resolution.png",
+              title="t-SNE of v, coloured by down-sampling rate", seed=params.protocol.seed,
+              legend_title="rate")
+
+    # Figure 4: LR queries at the largest unseen rate (else the MLR set) and their top-7 HR gallery images.
+    query_set = f"r{max(unseen)}" if unseen else "mlr"
+    chosen = [i for i, r in enumerate(queries) if r["query_set"] == query_set][: cfg.sheet_queries]
+    top_k = min(7, len(gallery))
+    ranked, correct = [], []
+    for i in chosen:
+        order = np.argsort(pictures["dist"][i], kind="stable")[:top_k]
+        ranked.append([Image.open(gallery[j]["path"]).convert("RGB") for j in order])
+        correct.append([gallery[j]["person_id"] == queries[i]["person_id"] for j in order])
+    ranked_gallery_sheet([Image.open(queries[i]["path"]).convert("RGB") for i in chosen], ranked, correct,
+                         report_dir / "ranked_gallery.png", top_k=top_k)
+
+
+def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], report_dir: Path) -> None:
+    """Metrics (`<row>_<metric>`) and every report file go to each trial's training run."""
+    from mlflow import MlflowClient
+
+    from tasks.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    flat = {f"{row}_{k}": float(v) for row, values in metrics["rows"].items()
+            for k, v in values.items() if k != "row"}
+    for info in train_summary["trials"].values():
+        for key, value in flat.items():
+            client.log_metric(info["mlflow_run_id"], key, value)
+        for file in sorted(report_dir.iterdir()):
+            client.log_artifact(info["mlflow_run_id"], str(file), artifact_path="evaluation")
+
+
+def main() -> None:
+    setup_logging()
+    params = load_params()
+    run(params, params.mlr_manifest_path(), params.model_dir(), params.report_dir())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Images from the MLR manifest as tensors: training pairs (HR, LR, label) and single images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from tasks.imageio import load_rgb
+
+# Stored LR images are PNG; HR images are whatever the dataset ships (all checked at ingest).
+LOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "PPM", "WEBP")
+
+
+def read_rows(mlr_path: str, trial: int, roles: Sequence[str]) -> list[dict]:
+    table = pq.read_table(mlr_path, filters=[("trial", "=", trial)])
+    table = table.filter(pc.is_in(table["role"], value_set=pa.array(list(roles))))
+    return table.to_pylist()
+
+
+def load_tensor(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (3, H, W) at the model's input size (bilinear)."""
+    img = load_rgb(path, LOAD_FORMATS)
+    if (img.height, img.width) != size:
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+class PairDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
+    """Training rows: each image's HR version, its LR copy, and its label (-1 when unlabelled)."""
+
+    def __init__(self, rows: Sequence[dict], size: tuple[int, int], labels: Sequence[int]) -> None:
+        self.rows, self.size, self.labels = list(rows), size, list(labels)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        row = self.rows[i]
+        return load_tensor(row["hr_path"], self.size), load_tensor(row["lr_path"], self.size), self.labels[i]
+
+
+def semi_supervised_labels(labels: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """Keep the labels of a seeded `fraction` of the identities; the others become -1 (unlabelled)."""
+    classes = sorted(set(labels))
+    keep_n = round(fraction * len(classes))
+    kept = set(np.random.default_rng(seed).permutation(classes)[:keep_n].tolist())
+    return [y if y in kept else -1 for y in labels]

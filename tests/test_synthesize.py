@@ -1,0 +1,96 @@
+"""The MLR protocol: splits, roles, rates and determinism of the download -> manifest -> synthesize chain."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tasks import download, manifest, synthesize
+from tasks.config import Params, ProtocolConfig, SyntheticConfig
+
+
+def small_params(workers: int = 1, trials: int = 3) -> Params:
+    return Params(synthetic=SyntheticConfig(identities=10, images_per_camera=2, height=64, width=32),
+                  protocol=ProtocolConfig(trials=trials, workers=workers))
+
+
+def build(root: Path, params: Params, monkeypatch: pytest.MonkeyPatch) -> tuple[list[dict], dict]:
+    monkeypatch.chdir(root)
+    download.run(params, params.raw_dir())
+    manifest.run(params, params.raw_dir(), params.manifest_path(), params.quarantine_path())
+    summary = synthesize.run(params, params.raw_dir(), params.manifest_path(), params.lr_dir(),
+                             params.mlr_manifest_path())
+    return pq.read_table(params.mlr_manifest_path()).to_pylist(), summary
+
+
+def digest_tree(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(folder).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_roles_rates_and_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = small_params()
+    rows, summary = build(tmp_path, params, monkeypatch)
+    assert summary["images"] == 10 * 2 * 2 and summary["test_identities"] == 5
+    for trial in range(3):
+        t = [r for r in rows if r["trial"] == trial]
+        train_ids = {r["person_id"] for r in t if r["role"] == "train"}
+        test_ids = {r["person_id"] for r in t if r["role"] in ("query", "gallery", "gallery_pool")}
+        assert train_ids and test_ids and not train_ids & test_ids
+        assert len(train_ids | test_ids) == 10
+        gallery = [r for r in t if r["role"] == "gallery"]
+        assert sorted(r["person_id"] for r in gallery) == sorted(test_ids)  # one HR image per identity
+        assert all(r["rate"] == 1 and r["camera_id"] == 0 for r in gallery)
+        queries = [r for r in t if r["role"] == "query"]
+        assert {r["query_set"] for r in queries} == {"mlr", "hr", "r8"}
+        assert all(r["camera_id"] == 1 for r in queries)  # the down-sampled camera
+        assert all(r["rate"] in (2, 3, 4) for r in queries if r["query_set"] == "mlr")
+        assert all(r["rate"] == 8 for r in queries if r["query_set"] == "r8")
+        labels = sorted({r["label"] for r in t if r["role"] == "train"})
+        assert labels == list(range(len(train_ids)))
+    # Splits differ between trials (seeded, not fixed).
+    splits = {frozenset(r["person_id"] for r in rows if r["trial"] == k and r["role"] == "gallery") for k in range(3)}
+    assert len(splits) > 1
+    for r in rows:  # every referenced image exists, LR copies at the HR size
+        assert Path(r["path"]).exists()
+        if r["lr_path"]:
+            assert Image.open(r["lr_path"]).size == Image.open(r["hr_path"]).size
+
+
+def test_same_seed_gives_byte_identical_outputs_whatever_the_worker_count(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    build(tmp_path / "a", small_params(workers=1), monkeypatch)
+    build(tmp_path / "b", small_params(workers=2), monkeypatch)
+    for rel in ("data/manifests", "data/lr", "data/raw"):
+        assert digest_tree(tmp_path / "a" / rel) == digest_tree(tmp_path / "b" / rel), rel
+
+
+def test_rate_draw_depends_on_seed_and_path_only() -> None:
+    cfg = ProtocolConfig(seed=3)
+    paths = [f"cam_1/{i:04d}_1_00.png" for i in range(200)]
+    forward = [synthesize.draw_rate(p, cfg) for p in paths]
+    backward = [synthesize.draw_rate(p, cfg) for p in reversed(paths)][::-1]
+    assert forward == backward
+    assert set(forward) == {2, 3, 4}
+    assert forward != [synthesize.draw_rate(p, ProtocolConfig(seed=4)) for p in paths]
+
+
+def test_degrade_keeps_size_and_erases_two_pixel_stripes_at_rate_four() -> None:
+    stripes = np.zeros((64, 32, 3), dtype=np.uint8)
+    stripes[::2] = 255  # period-2 horizontal stripes
+    img = Image.fromarray(stripes)
+    for rate, survives in ((4, False), (8, False)):
+        out = np.asarray(synthesize.degrade(img, rate), dtype=np.float32)
+        assert out.shape == stripes.shape
+        contrast = np.abs(np.diff(out[8:-8, 8:-8, 0], axis=0)).mean()
+        assert (contrast > 50) == survives, (rate, contrast)
