@@ -49,7 +49,7 @@ def dvc_repro(stage: str, project_dir: Path) -> StageResult:
     """Run one stage through DVC, streaming its output to the Prefect log."""
     logger = get_run_logger()
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "dvc", "repro", "--wait-for-lock", "--single-item", stage]
+    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
     proc = subprocess.Popen(cmd, cwd=project_dir, env=stage_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None

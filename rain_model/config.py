@@ -28,11 +28,9 @@ def _as_tuples(obj: object) -> None:
             object.__setattr__(obj, f.name, tuple(value))
 
 
-def _positive_ints(name: str, value: tuple[int, ...], length: int | None = None) -> None:
+def _positive_ints(name: str, value: tuple[int, ...]) -> None:
     if not isinstance(value, tuple) or not value:
         raise _bad(name, value, "must be a non-empty tuple of ints")
-    if length is not None and len(value) != length:
-        raise _bad(name, value, f"must have exactly {length} entries")
     for v in value:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise _bad(name, value, "every entry must be an int >= 1")
@@ -55,8 +53,8 @@ class ModelConfig:
     """Feature levels j with a resolution discriminator D_j; (5,) = single-level, (4, 5) = multi-level."""
     pretrained_path: str | None = None
     """Local ImageNet state_dict of the torchvision ResNet (``fc.*`` is ignored); loaded weights-only."""
-    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8)
-    """G: widths of its five x2 up-sampling stages (f5 has stride 32, so exactly five)."""
+    decoder_channels: tuple[int, ...] = (64, 32, 16, 8)
+    """G: widths of its learned x2 up-sampling stages (1 to 5; f5 has stride 32, the rest is bilinear)."""
     disc_channels: tuple[int, ...] = (256, 128)
     """D_j: widths of its 1x1-conv layers before global average pooling and the logit."""
 
@@ -71,7 +69,9 @@ class ModelConfig:
             not isinstance(self.pretrained_path, str) or not self.pretrained_path
         ):
             raise _bad("pretrained_path", self.pretrained_path, "must be a non-empty path or None")
-        _positive_ints("decoder_channels", self.decoder_channels, length=5)
+        _positive_ints("decoder_channels", self.decoder_channels)
+        if len(self.decoder_channels) > 5:
+            raise _bad("decoder_channels", self.decoder_channels, "must have at most 5 entries (x2 stages)")
         _positive_ints("disc_channels", self.disc_channels)
 
 

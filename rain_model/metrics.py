@@ -29,8 +29,10 @@ Queries are processed in chunks of ``chunk_size`` rows, so the peak extra memory
 O(chunk_size x gallery) no matter how many queries there are. Inside a chunk there is no per-query
 Python loop and no argsort of whole rows: the gallery entries of each query's person are found from the
 gallery sorted once by person id, each row's distances are sorted by value (``np.sort``), and the number
-of entries closer than each correct match comes from a batched ``torch.searchsorted`` of the (few) match
-distances into the sorted rows. Where a non-matching or junk entry has exactly the same distance as a
+of entries closer than each correct match comes from a row-wise bisection of the (few) match distances
+into the sorted rows (all rows at once, about log2(gallery) numpy steps per chunk). The ranking is numpy
+only: ``torch.searchsorted`` would do the same, but its thread pool made it 15x slower on a busy
+2-core machine. Where a non-matching or junk entry has exactly the same distance as a
 correct match, the entries tied with it at a smaller gallery index are counted directly on the row, so
 the result is the same as ranking with the stable argsort.
 """
@@ -72,7 +74,7 @@ def _check_ids(name: str, ids: np.ndarray, n: int, what: str) -> np.ndarray:
 
 
 def _sortable(dist: np.ndarray) -> np.ndarray:
-    """C-contiguous ``dist`` in a dtype ``np.sort`` and ``torch.searchsorted`` handle exactly.
+    """C-contiguous ``dist`` as float32, float64 or int64 (exact for every input dtype).
 
     No copy when it already is (float32/float64/int64 rows of a C-ordered matrix).
     """
@@ -93,6 +95,27 @@ def _padded(
     return out
 
 
+def _searchsorted_rows(sorted_rows: np.ndarray, values: np.ndarray, right: bool = False) -> np.ndarray:
+    """Row-wise ``np.searchsorted``: for each ``values[r, m]`` the number of ``sorted_rows[r]`` entries
+    ``< value`` (or ``<= value`` if ``right``). A vectorised bisection over all rows at once: about
+    log2(G) numpy steps per call, whatever the number of rows.
+    """
+    num_r, num_g = sorted_rows.shape
+    rows = np.arange(num_r)[:, None]  # (R, 1)
+    lo = np.zeros(values.shape, np.int64)  # (R, M) answer lies in [lo, hi]
+    hi = np.full(values.shape, num_g, np.int64)
+    for _ in range(max(1, num_g).bit_length() + 1):
+        open_ = lo < hi
+        if not open_.any():
+            break
+        mid = (lo + hi) >> 1  # < num_g wherever lo < hi
+        probe = sorted_rows[rows, np.minimum(mid, num_g - 1)]
+        up = (probe <= values if right else probe < values) & open_
+        lo = np.where(up, mid + 1, lo)
+        hi = np.where(open_ & ~up, mid, hi)
+    return lo
+
+
 def _match_ranks(
     dist: np.ndarray,
     q_pids: np.ndarray,
@@ -110,7 +133,7 @@ def _match_ranks(
     among the kept (non-junk) gallery entries; entries ``m >= n_match[r]`` are padding.
 
     The rank of a match at column j with distance d is ``#{kept k: d_k < d} + #{kept k: d_k == d, k < j}``
-    (the tie rule). The first term comes from a batched ``searchsorted`` into the sorted row. The second
+    (the tie rule). The first term comes from a row-wise bisection into the sorted row. The second
     term, when only other matches share the distance, is the match's place among the row's matches
     ordered by (distance, column); otherwise it is counted directly on the row.
     """
@@ -147,19 +170,17 @@ def _match_ranks(
     pad = np.arange(m_max)[None, :] >= n_match[:, None]  # (R, M)
     t_junk = _padded(work[r_junk, c_junk], r_junk, n_junk, int(n_junk.max(initial=0)), fill)  # (R, J)
     c_junk_p = _padded(c_junk, r_junk, n_junk, t_junk.shape[1], num_g)  # (R, J)
-    live_junk = (np.arange(t_junk.shape[1])[None, :] < n_junk[:, None])[:, None, :]  # (R, 1, J)
+    live_junk = np.arange(t_junk.shape[1])[None, :] < n_junk[:, None]  # (R, J)
 
-    s_all = np.ascontiguousarray(np.sort(work, axis=1))  # (R, G) sorted distances, junk included
+    s_all = np.sort(work, axis=1)  # (R, G) sorted distances, junk included
     if work.dtype.kind == "f" and np.isnan(s_all[:, -1]).any():  # NaN sorts last
         raise ValueError("distmat contains NaN in a row that is evaluated")
-    s_t, t_t = torch.from_numpy(s_all), torch.from_numpy(np.ascontiguousarray(t))
-    below_all = torch.searchsorted(s_t, t_t).numpy()  # (R, M) entries with d < t (junk too)
-    equal_all = torch.searchsorted(s_t, t_t, right=True).numpy() - below_all
-    del s_all, s_t
-    below_match = torch.searchsorted(t_t, t_t).numpy()  # (R, M) matches with d < t
-    equal_match = torch.searchsorted(t_t, t_t, right=True).numpy() - below_match
-    eq_junk = (t_junk[:, None, :] == t[:, :, None]) & live_junk  # (R, M, J)
-    below_junk = np.count_nonzero((t_junk[:, None, :] < t[:, :, None]) & live_junk, axis=2)  # (R, M)
+    below_all = _searchsorted_rows(s_all, t)  # (R, M) entries with d < t (junk too)
+    equal_all = _searchsorted_rows(s_all, t, right=True) - below_all
+    del s_all
+    below_match = _searchsorted_rows(t, t)  # (R, M) matches with d < t
+    equal_match = _searchsorted_rows(t, t, right=True) - below_match
+    below_junk = _searchsorted_rows(np.sort(t_junk, axis=1), t)  # (R, M) junk with d < t (pads: fill)
 
     # Kept entries strictly closer, plus the matches before this one among equal distances.
     ranks = below_all - below_junk + (np.arange(m_max)[None, :] - below_match)  # (R, M)
@@ -170,7 +191,8 @@ def _match_ranks(
         value, col = t[pr, pm], c_t[pr, pm]  # (P,)
         before = np.arange(num_g)[None, :] < col[:, None]  # (P, G)
         n_equal = np.count_nonzero((work[pr] == value[:, None]) & before, axis=1)  # (P,)
-        n_equal_junk = np.count_nonzero(eq_junk[pr, pm] & (c_junk_p[pr] < col[:, None]), axis=1)
+        junk_before = (t_junk[pr] == value[:, None]) & (c_junk_p[pr] < col[:, None]) & live_junk[pr]  # (P, J)
+        n_equal_junk = np.count_nonzero(junk_before, axis=1)  # (P,)
         ranks[pr, pm] = below_all[pr, pm] - below_junk[pr, pm] + n_equal - n_equal_junk
     return ranks, n_match
 

@@ -93,11 +93,12 @@ def decode_rgb(data: bytes, formats: Sequence[str], name: str | Path = "<bytes>"
             with Image.open(io.BytesIO(data), formats=allowed) as probe:
                 _check_size(probe, name, max_pixels)
                 probe.verify()
-            with Image.open(io.BytesIO(data), formats=allowed) as img:
-                _check_size(img, name, max_pixels)
-                img.load()
-                oriented = ImageOps.exif_transpose(img)
-                return _to_rgb(oriented if oriented is not None else img, name)
+            # Not a `with` block: closing would discard the pixels; the image owns only a BytesIO.
+            img = Image.open(io.BytesIO(data), formats=allowed)
+            _check_size(img, name, max_pixels)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+            return _to_rgb(img, name)
         except ImageRejected:
             raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -122,7 +123,7 @@ def _check_size(img: Image.Image, name: str | Path, max_pixels: int) -> None:
 def _to_rgb(img: Image.Image, name: str | Path) -> Image.Image:
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
-        return img.copy()
+        return img
     if mode in _SIXTEEN_BIT:
         return _grey_to_rgb(np.asarray(img, dtype=np.float64) * (255.0 / 65535.0))
     if mode == "I":

@@ -76,7 +76,8 @@ def build_viper(persons: int = 6, unpaired: int = 1) -> Built:
     for pid in range(persons + unpaired):
         files[f"VIPeR/cam_a/{pid:03d}_{(pid * 45) % 360}.bmp"] = image_bytes("BMP", pid, (48, 128))
         if pid < persons:
-            files[f"VIPeR/cam_b/{pid:03d}_{(pid * 45 + 90) % 360}.bmp"] = image_bytes("BMP", 1000 + pid, (48, 128))
+            angle = (pid * 45 + 90) % 360
+            files[f"VIPeR/cam_b/{pid:03d}_{angle}.bmp"] = image_bytes("BMP", 1000 + pid, (48, 128))
     return Built(zip_bytes(files), "VIPeR.v1.0.zip", images=2 * persons, identities=persons, cameras={0, 1})
 
 
@@ -94,7 +95,7 @@ def build_caviar(both: int = 4, close_only: int = 2, per_camera: int = 3) -> Bui
 
 
 def build_market() -> Built:
-    """Market-1501-v15.09.15/{bounding_box_train,bounding_box_test,query,gt_bbox}/ with junk and distractors."""
+    """Market-1501-v15.09.15/{bounding_box_train,bounding_box_test,query,gt_bbox}/, junk and distractors."""
     root = "Market-1501-v15.09.15"
     files: dict[str, bytes] = {f"{root}/readme.txt": b"Market-1501\n"}
     kept = 0
@@ -156,7 +157,8 @@ def build_cuhk03_mat(path: Path, persons: tuple[int, ...] = (3, 2, 1, 1, 2), see
             top = mat.create_dataset(which, data=np.array([pair_refs], dtype=h5py.ref_dtype))  # (1, 5)
             top.attrs["MATLAB_class"] = b"cell"
     with path.open("r+b") as fh:  # the MATLAB header in the user block
-        fh.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2018 HDF5 schema 1.00 .")
+        fh.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2018 "
+                 b"HDF5 schema 1.00 .")
     return stored
 
 

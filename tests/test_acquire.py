@@ -20,9 +20,9 @@ class Sleeps(list[float]):
         self.append(seconds)
 
 
-def fetch_fast(url: str, dest: Path, digest: str, sleeps: Sleeps | None = None, **kw: object) -> Path:
-    return fetch(url, dest, digest, backoff=0.01, timeout=5.0,  # type: ignore[arg-type]
-                 sleep=sleeps if sleeps is not None else Sleeps(), **kw)
+def fetch_fast(url: str, dest: Path, digest: str, sleeps: Sleeps | None = None, retries: int = 4) -> Path:
+    return fetch(url, dest, digest, backoff=0.01, timeout=5.0, retries=retries,
+                 sleep=sleeps if sleeps is not None else Sleeps())
 
 
 def test_download_verifies_and_leaves_only_the_file(http_server: LocalServer, tmp_path: Path) -> None:
@@ -33,7 +33,8 @@ def test_download_verifies_and_leaves_only_the_file(http_server: LocalServer, tm
     assert sorted(p.name for p in dest.parent.iterdir()) == ["a.zip"]  # no temporary file left
 
 
-def test_present_file_with_right_md5_is_not_downloaded_again(http_server: LocalServer, tmp_path: Path) -> None:
+def test_present_file_with_right_md5_is_not_downloaded_again(http_server: LocalServer,
+                                                              tmp_path: Path) -> None:
     url = http_server.serve("/a.zip", PAYLOAD)
     dest = tmp_path / "a.zip"
     dest.write_bytes(PAYLOAD)

@@ -61,7 +61,7 @@ def layout(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_zip_extracts_into_new_folder(layout: tuple[Path, Path, Path]) -> None:
-    archives, root, dest = layout
+    archives, _root, dest = layout
     archive = write_zip(archives / "good.zip", [(name, data) for name, data in GOOD.items()])
     assert extract(archive, dest) == dest
     assert (dest / "top/a.txt").read_bytes() == b"alpha"
@@ -72,7 +72,7 @@ def test_zip_extracts_into_new_folder(layout: tuple[Path, Path, Path]) -> None:
 
 @pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
 def test_tar_extracts_into_new_folder(layout: tuple[Path, Path, Path], mode: str) -> None:
-    archives, root, dest = layout
+    archives, _root, dest = layout
     members = [(tar_info("top/empty", tarfile.DIRTYPE), b""), (tar_info("top/a.txt"), b"alpha"),
                (tar_info("top/sub/b.bin"), GOOD["top/sub/b.bin"])]
     archive = write_tar(archives / "good.tar", members, mode)
@@ -128,7 +128,8 @@ def _tar_absolute(p: Path) -> Path:
 
 
 def _tar_symlink(p: Path) -> Path:
-    return write_tar(p / "a.tgz", [(tar_info("ok.txt"), b"ok"), (tar_info("link", tarfile.SYMTYPE, "ok.txt"), b"")])
+    link = tar_info("link", tarfile.SYMTYPE, "ok.txt")
+    return write_tar(p / "a.tgz", [(tar_info("ok.txt"), b"ok"), (link, b"")])
 
 
 def _tar_symlink_out(p: Path) -> Path:
@@ -136,7 +137,8 @@ def _tar_symlink_out(p: Path) -> Path:
 
 
 def _tar_hardlink(p: Path) -> Path:
-    return write_tar(p / "a.tgz", [(tar_info("ok.txt"), b"ok"), (tar_info("hard", tarfile.LNKTYPE, "ok.txt"), b"")])
+    hard = tar_info("hard", tarfile.LNKTYPE, "ok.txt")
+    return write_tar(p / "a.tgz", [(tar_info("ok.txt"), b"ok"), (hard, b"")])
 
 
 def _tar_chardev(p: Path) -> Path:
@@ -193,8 +195,9 @@ def many_members_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_200000_members_are_refused_by_default(layout: tuple[Path, Path, Path], many_members_zip: Path) -> None:
-    archives, root, dest = layout
+def test_200000_members_are_refused_by_default(layout: tuple[Path, Path, Path],
+                                               many_members_zip: Path) -> None:
+    _archives, root, dest = layout
     before = listing(root.parent)
     with pytest.raises(ArchiveError, match="200000 members, over the limit of 100000"):
         extract(many_members_zip, dest)
@@ -211,7 +214,7 @@ def test_tar_member_count_is_capped_without_reading_everything(layout: tuple[Pat
 
 
 def test_total_size_is_capped(layout: tuple[Path, Path, Path]) -> None:
-    archives, root, dest = layout
+    archives, _root, dest = layout
     archive = write_zip(archives / "a.zip", [("a", bytes(600)), ("b", bytes(600))])
     with pytest.raises(ArchiveError, match="1200 bytes uncompressed, over the limit of 1000"):
         extract(archive, dest, ArchiveLimits(max_total_bytes=1000))
@@ -219,7 +222,7 @@ def test_total_size_is_capped(layout: tuple[Path, Path, Path]) -> None:
 
 
 def test_ratio_limit_lets_ordinary_archives_through(layout: tuple[Path, Path, Path]) -> None:
-    archives, root, dest = layout
+    archives, _root, dest = layout
     noisy = np.random.default_rng(0).integers(0, 4, 3 << 20, dtype=np.uint8).tobytes()  # ~4:1, not 100:1
     archive = write_zip(archives / "a.zip", [("noise.bin", noisy), ("zeros.bin", bytes(1000))])
     extract(archive, dest)
@@ -241,7 +244,7 @@ def test_corrupt_member_fails_midway_and_leaves_parent_unchanged(layout: tuple[P
 
 
 def test_existing_destination_is_refused(layout: tuple[Path, Path, Path]) -> None:
-    archives, root, dest = layout
+    archives, _root, dest = layout
     dest.mkdir()
     archive = write_zip(archives / "a.zip", [("a.txt", b"a")])
     with pytest.raises(ArchiveError, match="already exists"):
@@ -250,7 +253,7 @@ def test_existing_destination_is_refused(layout: tuple[Path, Path, Path]) -> Non
 
 
 def test_not_an_archive(layout: tuple[Path, Path, Path]) -> None:
-    archives, root, dest = layout
+    archives, _root, dest = layout
     junk = archives / "junk.zip"
     junk.write_bytes(b"<html>quota exceeded</html>")
     with pytest.raises(ArchiveError, match="neither a zip nor a tar"):

@@ -57,7 +57,7 @@ def test_truncated_file_is_rejected(tmp_path: Path, fmt: str) -> None:
     data = image_bytes(fmt, 5, (64, 128))
     file = tmp_path / "t.img"
     file.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(ImageRejected, match="truncated|corrupt"):
+    with pytest.raises(ImageRejected, match=r"truncated|corrupt"):
         load_rgb(file, (fmt,))
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
@@ -72,9 +72,11 @@ def test_png_with_a_bad_checksum_is_rejected(tmp_path: Path) -> None:
         load_rgb(file, ("PNG",))
 
 
-@pytest.mark.parametrize(("content", "reason"), [(b"", "empty file"),
-                                                 (b"just some text, named .jpg\n", "not an image"),
-                                                 (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "corrupt|not an image")])
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"", "empty file"),
+    (b"just some text, named .jpg\n", "not an image"),
+    (b"\xff\xd8\xff\xe0" + b"\x00" * 40, r"corrupt|not an image"),
+])
 def test_non_images_are_rejected_with_a_reason(tmp_path: Path, content: bytes, reason: str) -> None:
     file = tmp_path / "x.jpg"
     file.write_bytes(content)

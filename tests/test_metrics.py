@@ -196,7 +196,7 @@ def test_matches_loop_reference(num_q, num_g, n_ids, kind):
         assert cmc.shape == (max_rank,)
         np.testing.assert_allclose(cmc, cmc_ref, rtol=0, atol=1e-12)
         assert abs(m_ap - map_ref) < 1e-9
-        assert np.all(np.diff(cmc) >= 0) and 0 <= cmc[0] and cmc[-1] <= 1 and 0 < m_ap <= 1
+        assert np.all(np.diff(cmc) >= 0) and cmc[0] >= 0 and cmc[-1] <= 1 and 0 < m_ap <= 1
 
 
 def test_chunked_equals_unchunked():
@@ -211,6 +211,20 @@ def test_chunked_equals_unchunked():
     cmc, m_ap = evaluate_rank(np.asfortranarray(dist), q_pids, g_pids, q_cams, g_cams, chunk_size=8)
     np.testing.assert_array_equal(cmc, cmc_all)
     assert abs(m_ap - map_all) < 1e-12
+
+
+@pytest.mark.parametrize("num_g", [1, 2, 7, 64, 1000])
+def test_row_wise_searchsorted_matches_numpy(num_g):
+    from rain_model.metrics import _searchsorted_rows
+
+    rng = np.random.default_rng(num_g)
+    rows = np.sort(rng.integers(0, 6, (9, num_g)).astype(np.float32), axis=1)  # many ties
+    values = rng.integers(-1, 8, (9, 5)).astype(np.float32)  # below, inside and above every row
+    pairs = list(zip(rows, values, strict=True))
+    left = np.stack([np.searchsorted(r, v, side="left") for r, v in pairs])
+    right = np.stack([np.searchsorted(r, v, side="right") for r, v in pairs])
+    np.testing.assert_array_equal(_searchsorted_rows(rows, values), left)
+    np.testing.assert_array_equal(_searchsorted_rows(rows, values, right=True), right)
 
 
 # --- distances --------------------------------------------------------------------------------

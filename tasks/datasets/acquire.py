@@ -106,6 +106,7 @@ def fetch(url: str, dest: Path, md5: str, *, name: str = "", homepage: str = "",
             raise ChecksumError(f"{dest}: md5 mismatch: expected {md5}, got {actual}. The file is not the "
                                 f"expected archive; replace it with the right one")
         log.warning("%s: present but md5 is %s, expected %s; downloading again", dest, actual, md5)
+    dest.parent.mkdir(parents=True, exist_ok=True)  # so the folder a message points at exists
     if not url:
         where = f" from {homepage}" if homepage else ""
         raise DownloadError(f"{dest.name} cannot be downloaded automatically (params.yaml {key}.url is "
@@ -115,7 +116,6 @@ def fetch(url: str, dest: Path, md5: str, *, name: str = "", homepage: str = "",
         raise DownloadError(f"refusing to download {url}: params.yaml {key}.md5 is empty, so the file "
                             f"could not be verified. Set {key}.md5, or download {dest.name} yourself and "
                             f"put it at {dest.resolve()}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
         try:
             _download_once(url, dest, md5, timeout)

@@ -1,0 +1,260 @@
+"""Every real-dataset adapter, end to end on tiny archives in the dataset's real layout, served over HTTP:
+download -> scan -> manifest -> synthesize gives the expected images, identities and cameras."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from dataset_fixtures import (
+    Built,
+    LocalServer,
+    build_caviar,
+    build_cuhk03,
+    build_custom_folder,
+    build_market,
+    build_viper,
+    http_server,
+    make_params,
+)
+from PIL import Image
+
+from tasks import download, manifest, synthesize
+from tasks.config import Params, SourceConfig
+from tasks.datasets import RawImage, get_adapter
+from tasks.datasets.acquire import ChecksumError, DownloadError, downloads_dir
+from tasks.datasets.base import DatasetError
+
+__all__ = ["http_server"]
+
+
+def served_params(tmp: Path, server: LocalServer, name: str, built: Built, **protocol: object) -> Params:
+    url = server.serve(f"/{built.filename}", built.data)
+    return make_params(tmp, name, {name: SourceConfig(url=url, md5=built.md5, filename=built.filename)},
+                       **protocol)
+
+
+def acquire_and_scan(params: Params) -> list[RawImage]:
+    download.run(params, params.raw_dir())
+    return list(get_adapter(params.dataset.name).scan(params.raw_dir()))
+
+
+def run_stages(params: Params) -> tuple[dict[str, int], dict[str, int], list[dict]]:
+    counts = manifest.run(params, params.raw_dir(), params.manifest_path(), params.quarantine_path())
+    summary = synthesize.run(params, params.raw_dir(), params.manifest_path(), params.lr_dir(),
+                             params.mlr_manifest_path())
+    return counts, summary, pq.read_table(params.mlr_manifest_path()).to_pylist()
+
+
+def check_mlr(params: Params, rows: list[dict], test_ids: int) -> None:
+    """The MLR manifest of trial 0: queries are view-1 LR images, one HR gallery image per test id."""
+    trial = [r for r in rows if r["trial"] == 0]
+    queries = [r for r in trial if r["role"] == "query" and r["query_set"] == "mlr"]
+    gallery = [r for r in trial if r["role"] == "gallery"]
+    train_ids = {r["person_id"] for r in trial if r["role"] == "train"}
+    assert len(gallery) == test_ids == len({r["person_id"] for r in gallery})
+    assert {r["person_id"] for r in queries} == {r["person_id"] for r in gallery}
+    assert not train_ids & {r["person_id"] for r in gallery}
+    lr_root = params.lr_dir().resolve()
+    for r in queries:
+        assert r["rate"] in params.protocol.train_rates
+        lr = Path(r["path"]).resolve()
+        assert lr.is_file() and lr.is_relative_to(lr_root)
+
+
+def test_viper(http_server: LocalServer, tmp_path: Path) -> None:
+    built = build_viper(persons=6, unpaired=1)
+    params = served_params(tmp_path, http_server, "viper", built)
+    images = acquire_and_scan(params)
+    assert len(images) == built.images == 12
+    by_pid: dict[int, list[RawImage]] = {}
+    for img in images:
+        by_pid.setdefault(img.person_id, []).append(img)
+    assert sorted(by_pid) == list(range(6))  # the number before the underscore; unpaired 006 dropped
+    for pid, pair in by_pid.items():
+        assert sorted((i.camera_id, i.view) for i in pair) == [(0, 0), (1, 1)]
+        cam_a = next(i for i in pair if i.camera_id == 0)
+        assert cam_a.path.split("/")[-2] == "cam_a" and cam_a.path.split("/")[-1].startswith(f"{pid:03d}_")
+    counts, summary, rows = run_stages(params)
+    assert counts["images"] == 12 and counts["quarantined"] == 0 and counts["identities"] == 6
+    assert summary["test_identities"] == 3  # half, as the paper does for VIPeR
+    check_mlr(params, rows, 3)
+
+
+def test_caviar_drops_identities_seen_by_one_camera(tmp_path: Path) -> None:
+    built = build_caviar(both=4, close_only=2, per_camera=3)
+    zip_path = tmp_path / "CAVIAR4REID.zip"
+    zip_path.write_bytes(built.data)
+    # No known md5 upstream: a file:// source with the md5 set is downloaded like any other.
+    params = make_params(tmp_path, "caviar", {"caviar": SourceConfig(url=zip_path.as_uri(), md5=built.md5,
+                                                                     filename="CAVIAR4REID.zip")})
+    images = acquire_and_scan(params)
+    assert len(images) == built.images == 24
+    assert {i.person_id for i in images} == {1, 2, 3, 4}
+    for img in images:
+        number = int(Path(img.path).stem[4:])
+        assert img.camera_id == img.view == (0 if number <= 10 else 1)
+    counts, _summary, rows = run_stages(params)
+    assert counts == {"images": 24, "quarantined": 0, "identities": 4}
+    check_mlr(params, rows, 2)
+
+
+def test_caviar_without_md5_is_not_downloaded_but_a_placed_file_is_used(http_server: LocalServer,
+                                                                        tmp_path: Path) -> None:
+    built = build_caviar()
+    url = http_server.serve("/CAVIAR4REID.zip", built.data)
+    params = make_params(tmp_path, "caviar", {"caviar": SourceConfig(url=url, filename="CAVIAR4REID.zip")})
+    with pytest.raises(DownloadError, match="md5 is empty"):
+        download.run(params, params.raw_dir())
+    assert http_server.hits["/CAVIAR4REID.zip"] == 0
+    placed = downloads_dir(params) / "CAVIAR4REID.zip"
+    placed.write_bytes(built.data)
+    assert len(acquire_and_scan(params)) == built.images
+
+
+def test_market1501(http_server: LocalServer, tmp_path: Path) -> None:
+    built = build_market()
+    params = served_params(tmp_path, http_server, "market1501", built)
+    images = acquire_and_scan(params)
+    assert len(images) == built.images == 11
+    assert {i.person_id for i in images} == {2, 7, 11, 15}  # -1 (junk) and 0 (distractors) dropped
+    assert {i.camera_id for i in images} == built.cameras
+    assert not any("gt_bbox" in i.path for i in images)
+    for img in images:
+        camera = int(img.path.split("_c")[1][0])  # c1..c6
+        assert (img.camera_id, img.camera_pair, img.view) == (camera - 1, (camera - 1) // 2, (camera - 1) % 2)
+    counts, _summary, rows = run_stages(params)
+    assert counts == {"images": 11, "quarantined": 0, "identities": 4}
+    check_mlr(params, rows, 2)
+
+
+def test_cuhk03_needs_the_zip_put_in_place_then_extracts_the_mat(tmp_path: Path) -> None:
+    built = build_cuhk03(tmp_path)
+    params = make_params(tmp_path, "cuhk03", {"cuhk03": SourceConfig(url="", md5=built.md5,
+                                                                     filename="cuhk03_release.zip")},
+                         test_identities=3)
+    expected = (downloads_dir(params) / "cuhk03_release.zip").resolve()
+    with pytest.raises(DownloadError) as info:
+        download.run(params, params.raw_dir())
+    assert str(expected) in str(info.value)
+
+    expected.parent.mkdir(parents=True, exist_ok=True)
+    damaged = bytearray(built.data)
+    damaged[len(damaged) // 2] ^= 0xFF
+    expected.write_bytes(bytes(damaged))  # a damaged copy: md5 checked, and named
+    with pytest.raises(ChecksumError, match=built.md5):
+        download.run(params, params.raw_dir())
+
+    expected.write_bytes(built.data)
+    images = acquire_and_scan(params)
+    assert len(images) == built.images
+    stored = built.extra["stored"]["labeled"]  # type: ignore[index]
+    ids = {i.person_id for i in images}
+    assert len(ids) == built.identities  # unique across the 5 camera pairs
+    assert {i.camera_id for i in images} == built.cameras
+    for img in images:
+        pair, person = divmod(img.person_id, 1000)
+        assert img.camera_pair == pair and img.camera_id == 2 * pair + img.view
+        column = int(Path(img.path).stem.split("_")[3]) - 1
+        assert img.view == (0 if column < 5 else 1)
+        on_disk = np.asarray(Image.open(params.raw_dir() / img.path))
+        assert np.array_equal(on_disk, stored[(pair, person, column)])  # (3, W, H) -> (H, W, 3) undone right
+    assert not list(downloads_dir(params).glob(".cuhk03-*"))  # the extracted .mat is not kept
+    counts, summary, rows = run_stages(params)
+    assert counts["images"] == built.images and counts["quarantined"] == 0
+    assert summary["test_identities"] == 3
+    check_mlr(params, rows, 3)
+
+
+def test_cuhk03_detected_images(tmp_path: Path) -> None:
+    built = build_cuhk03(tmp_path)
+    placed = tmp_path / "data" / "downloads" / "cuhk03_release.zip"
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(built.data)
+    params = make_params(tmp_path, "cuhk03-detected", {"cuhk03": SourceConfig(md5=built.md5)})
+    images = acquire_and_scan(params)
+    stored = built.extra["stored"]["detected"]  # type: ignore[index]
+    first = images[0]
+    pair, person = divmod(first.person_id, 1000)
+    column = int(Path(first.path).stem.split("_")[3]) - 1
+    assert first.path.startswith("detected/")
+    on_disk = np.asarray(Image.open(params.raw_dir() / first.path))
+    assert np.array_equal(on_disk, stored[(pair, person, column)])
+
+
+def test_custom_table(tmp_path: Path) -> None:
+    table, _bad = build_custom_folder(tmp_path / "mine", images=40, corrupt=0, fmt="PNG")
+    params = make_params(tmp_path, "custom", {"custom": SourceConfig(url=str(table))})
+    images = acquire_and_scan(params)
+    assert len(images) == 40 and {i.person_id for i in images} == set(range(10))
+    assert all(Path(i.path).is_absolute() and Path(i.path).is_file() for i in images)
+    assert Counter(i.view for i in images) == {0: 20, 1: 20}  # default view = camera_id % 2
+    assert [p.name for p in params.raw_dir().iterdir()] == ["custom.parquet"]  # no image copied
+    counts = manifest.run(params, params.raw_dir(), params.manifest_path(), params.quarantine_path())
+    assert counts == {"images": 40, "quarantined": 0, "identities": 10}
+
+
+@pytest.mark.xfail(strict=True, reason="tasks/synthesize.py joins the custom adapter's absolute image "
+                   "paths onto lr_dir, so LR copies land next to the user's originals (reported to the "
+                   "lead; remove this marker once fixed)")
+def test_custom_synthesis_writes_only_under_lr_dir(tmp_path: Path) -> None:
+    table, _ = build_custom_folder(tmp_path / "mine", images=40, corrupt=0, fmt="PNG")
+    params = make_params(tmp_path, "custom", {"custom": SourceConfig(url=str(table))})
+    acquire_and_scan(params)
+    before = sorted((tmp_path / "mine").rglob("*"))
+    _, _, rows = run_stages(params)
+    assert sorted((tmp_path / "mine").rglob("*")) == before  # the user's folder is left alone
+    check_mlr(params, rows, 5)
+
+
+def test_custom_parquet_with_explicit_pairs(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    table, _ = build_custom_folder(tmp_path / "mine", images=8, corrupt=0, fmt="PNG")
+    lines = table.read_text().splitlines()[1:]
+    rows = [dict(zip(["path", "person_id", "camera_id"], line.split(","), strict=True)) for line in lines]
+    pq.write_table(pa.Table.from_pylist([{"path": r["path"], "person_id": int(r["person_id"]),
+                                          "camera_id": int(r["camera_id"]) + 2, "camera_pair": 7,
+                                          "view": 1 - int(r["camera_id"])} for r in rows]),
+                   tmp_path / "mine" / "t.parquet")
+    source = SourceConfig(url=str(tmp_path / "mine" / "t.parquet"))
+    params = make_params(tmp_path, "custom", {"custom": source})
+    images = acquire_and_scan(params)
+    assert {(i.camera_id, i.camera_pair, i.view) for i in images} == {(2, 7, 1), (3, 7, 0)}
+
+
+@pytest.mark.parametrize(("header", "row", "message"), [
+    ("path,person_id", "imgs/0000.jpg,1", "missing column(s) camera_id"),
+    ("path,person_id,camera_id,cam_pair", "imgs/0000.jpg,1,0,0", "unknown column(s) cam_pair"),
+    ("path,person_id,camera_id", "imgs/0000.jpg,one,0", "row 2, column person_id: 'one' is not an integer"),
+    ("path,person_id,camera_id", "imgs/0000.jpg,1,-1", "row 2, column camera_id: -1 is out of range"),
+    ("path,person_id,camera_id,view", "imgs/0000.jpg,1,0,2", "row 2, column view: 2 is out of range"),
+    ("path,person_id,camera_id", "imgs/absent.jpg,1,0",
+     "row 2, column path: 'imgs/absent.jpg': no such file"),
+    ("path,person_id,camera_id", "imgs/0001.jpg,1,0",
+     "row 2, column path: 'imgs/0001.jpg': same file as row 1"),
+])
+def test_custom_table_errors_name_file_row_and_column(tmp_path: Path, header: str, row: str,
+                                                      message: str) -> None:
+    build_custom_folder(tmp_path / "mine", images=4, corrupt=0)
+    table = tmp_path / "mine" / "bad.csv"
+    table.write_text(f"{header}\n{'imgs/0001.jpg,1,0' + (',0' if header.count(',') == 3 else '')}\n{row}\n")
+    params = make_params(tmp_path, "custom", {"custom": SourceConfig(url=str(table))})
+    with pytest.raises(DatasetError) as info:
+        download.run(params, params.raw_dir())
+    assert str(table) in str(info.value) and message in str(info.value)
+
+
+def test_custom_needs_a_table(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"sources\.custom\.url"):
+        download.run(make_params(tmp_path, "custom"), tmp_path / "raw")
+
+
+@pytest.mark.parametrize("name", ["viper", "caviar", "market1501", "cuhk03"])
+def test_scan_of_an_empty_raw_folder_says_what_to_do(tmp_path: Path, name: str) -> None:
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(DatasetError, match="download stage"):
+        list(get_adapter(name).scan(tmp_path / "raw"))

@@ -1,0 +1,186 @@
+"""Report pictures and tables in tasks.reporting: written, readable, of the size asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.reporting import (
+    SHEET_BORDER,
+    SHEET_GAP,
+    SHEET_PAD,
+    cmc_plot_rows,
+    plot_cmc,
+    plot_tsne,
+    ranked_gallery_sheet,
+    ranked_gallery_sheet_size,
+    table1_markdown,
+)
+
+GREEN, RED, GREY, WHITE = (0, 170, 0), (220, 0, 0), (140, 140, 140), (255, 255, 255)
+
+
+def open_picture(path: Path) -> Image.Image:
+    assert path.is_file() and path.stat().st_size > 0
+    img = Image.open(path, formats=["PNG"])
+    img.load()  # decodes every pixel
+    return img
+
+
+def assert_size_within_1px(img: Image.Image, size: tuple[int, int]) -> None:
+    assert abs(img.size[0] - size[0]) <= 1 and abs(img.size[1] - size[1]) <= 1, (img.size, size)
+
+
+# --- CMC ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(800, 600), (333, 257)])
+def test_plot_cmc_writes_picture_of_requested_size(tmp_path, size):
+    curves = {"LR r=2": np.linspace(0.4, 1.0, 20).tolist(), "HR": np.linspace(0.6, 1.0, 20).tolist()}
+    out = plot_cmc(curves, tmp_path / "sub" / "cmc.png", size_px=size, title="CMC")
+    assert out == tmp_path / "sub" / "cmc.png"
+    img = open_picture(out)
+    assert_size_within_1px(img, size)
+    assert len(set(img.convert("RGB").getdata())) > 10  # something was drawn
+
+
+def test_cmc_plot_rows_wide_format():
+    rows = cmc_plot_rows({"a": [0.1, 0.5, 1.0], "b": [0.2, 0.3, 0.9]})
+    assert rows == [
+        {"rank": 1, "a": 0.1, "b": 0.2},
+        {"rank": 2, "a": 0.5, "b": 0.3},
+        {"rank": 3, "a": 1.0, "b": 0.9},
+    ]
+    with pytest.raises(ValueError, match="different lengths"):
+        cmc_plot_rows({"a": [0.1, 0.5], "b": [0.2]})
+    with pytest.raises(ValueError, match="rank"):
+        cmc_plot_rows({"rank": [0.1]})
+
+
+# --- t-SNE ----------------------------------------------------------------------------------------
+
+
+def test_plot_tsne_by_identity_and_by_rate(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((12, 32)) * 4
+    identity = np.repeat(np.arange(12), 5)  # (60,)
+    feats = centres[identity] + rng.standard_normal((60, 32))
+    rates = [f"r={r}" for r in np.tile([1, 2, 4, 8, 2], 12)]
+    out_id = plot_tsne(feats, identity.tolist(), tmp_path / "id.png", size_px=(500, 420), seed=1)
+    out_r = plot_tsne(feats, rates, tmp_path / "r.png", size_px=(901, 899), legend_title="rate")
+    assert_size_within_1px(open_picture(out_id), (500, 420))
+    assert_size_within_1px(open_picture(out_r), (901, 899))
+
+
+def test_plot_tsne_few_points_and_bad_input(tmp_path):
+    feats = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 2.0], [2.0, 2.0, 0.0]])
+    out = plot_tsne(feats, ["a", "b", "a"], tmp_path / "few.png", size_px=(300, 300))
+    assert_size_within_1px(open_picture(out), (300, 300))
+    with pytest.raises(ValueError, match="at least 2"):
+        plot_tsne(feats[:1], ["a"], tmp_path / "one.png")
+    with pytest.raises(ValueError, match="colour_by"):
+        plot_tsne(feats, ["a", "b"], tmp_path / "bad.png")
+
+
+# --- ranked gallery sheet -------------------------------------------------------------------------
+
+
+def person(rng, size=(48, 100)):
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_sheet_size_formula():
+    # documented: width = 2*pad + w + gap + k*w + (k-1)*pad ; height = 2*pad + n*(h+label) + (n-1)*pad
+    assert ranked_gallery_sheet_size(3) == (556, 400)
+    assert ranked_gallery_sheet_size(3, labelled=True) == (556, 448)
+    assert ranked_gallery_sheet_size(1, tile_px=(30, 50), top_k=2) == (4 + 30 + 12 + 60 + 4 + 4, 58)
+
+
+def test_ranked_gallery_sheet_exact_size_and_frame_colours(tmp_path):
+    rng = np.random.default_rng(0)
+    tile_w, tile_h = 64, 128
+    queries = [person(rng) for _ in range(3)]
+    ranked = [
+        [person(rng) for _ in range(7)],
+        [person(rng) for _ in range(4)],
+        [person(rng) for _ in range(9)],
+    ]
+    correct = [[True, False, True, True, False, True, False], [False] * 4, [True] * 9]
+    out = ranked_gallery_sheet(queries, ranked, correct, tmp_path / "sheet.png")
+    img = open_picture(out).convert("RGB")
+    assert img.size == (556, 400)
+
+    x0 = SHEET_PAD + tile_w + SHEET_GAP
+    for row in range(3):
+        y = SHEET_PAD + row * (tile_h + SHEET_PAD)
+        assert img.getpixel((SHEET_PAD + 1, y + 1)) == GREY  # query frame
+        for k in range(7):
+            x = x0 + k * (tile_w + SHEET_PAD)
+            corner = img.getpixel((x + 1, y + tile_h // 2))  # inside the left frame edge
+            if k < len(ranked[row]):
+                assert corner == (GREEN if correct[row][k] else RED), (row, k)
+                assert img.getpixel((x + tile_w - SHEET_BORDER, y + tile_h - 1)) == corner
+            else:
+                assert corner == WHITE  # fewer than top_k images: blank place
+
+
+def test_ranked_gallery_sheet_labels_and_top_k(tmp_path):
+    rng = np.random.default_rng(1)
+    queries = [person(rng), person(rng)]
+    ranked = [[person(rng) for _ in range(5)] for _ in range(2)]
+    correct = [[True] * 5, [False] * 5]
+    out = ranked_gallery_sheet(
+        queries, ranked, correct, tmp_path / "s.png", tile_px=(40, 90), top_k=3, labels=["HR", "Ours"]
+    )
+    img = open_picture(out)
+    assert img.size == ranked_gallery_sheet_size(2, (40, 90), 3, labelled=True) == (188, 224)
+    with pytest.raises(ValueError, match="labels"):
+        ranked_gallery_sheet(queries, ranked, correct, tmp_path / "x.png", labels=["one"])
+    with pytest.raises(ValueError, match="ranked lists"):
+        ranked_gallery_sheet(queries, ranked[:1], correct, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="correct flags"):
+        ranked_gallery_sheet(queries, ranked, [[True], [True]], tmp_path / "x.png")
+
+
+# --- Table 1 --------------------------------------------------------------------------------------
+
+
+def test_table1_markdown_layout():
+    rows = [
+        {
+            "row": "LR r=2",
+            "rank1": 0.789,
+            "rank1_std": 0.0123,
+            "rank5": 0.973,
+            "rank10": 0.987,
+            "rank20": 0.995,
+            "mAP": 0.745,
+            "mAP_std": 0.01,
+        },
+        {"row": "HR", "rank1": 0.8, "rank5": 0.9},
+    ]
+    assert table1_markdown(rows) == "\n".join(
+        [
+            "| Method | Rank 1 | Rank 5 | Rank 10 | Rank 20 | mAP |",
+            "|:---|---:|---:|---:|---:|---:|",
+            "| LR r=2 | 78.9 ± 1.2 | 97.3 | 98.7 | 99.5 | 74.5 ± 1.0 |",
+            "| HR | 80.0 | 90.0 | - | - | - |",
+        ]
+    )
+    bold = table1_markdown(rows, bold_best=True, decimals=2).splitlines()
+    assert bold[2].split(" | ")[1:3] == ["78.90 ± 1.23", "**97.30**"]
+    assert bold[3].split(" | ")[1] == "**80.00**"
+
+
+def test_table1_markdown_rejects_bad_rows():
+    with pytest.raises(ValueError, match="rank_1"):
+        table1_markdown([{"row": "a", "rank_1": 0.5}])
+    with pytest.raises(ValueError, match="fraction"):
+        table1_markdown([{"row": "a", "rank1": 78.9}])  # percent by mistake
+    with pytest.raises(ValueError, match="rank5_std given without rank5"):
+        table1_markdown([{"row": "a", "rank5_std": 0.1}])
+    with pytest.raises(ValueError, match="'row'"):
+        table1_markdown([{"rank1": 0.5}])
