@@ -19,8 +19,8 @@ Results are asserted equal (cmc allclose, mAP within 1e-9).
 
 Memory: peak of traced allocations (tracemalloc; numpy buffers are traced) during `evaluate_rank`,
 measured in a separate run from the timing, at the default chunk and at 4x that chunk, and for a fifth
-of the queries: the peak follows the chunk size, not the number of queries. torch's own allocator is
-not traced; evaluate_rank only uses it for the (rows x matches) outputs of torch.searchsorted.
+of the queries: the peak follows the chunk size, not the number of queries. evaluate_rank allocates
+with numpy only, so tracemalloc sees all of it.
 """
 
 from __future__ import annotations

@@ -81,29 +81,37 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{n_images} HR images ({height}x{width}), {n_lr} LR images to write; {cores} cores, "
           f"stage workers = {worker_count(args.workers)}")
 
-    stage_times, plain_times = [], []
+    wall: dict[str, list[float]] = {"stage": [], "plain": []}
+    cpu: dict[str, list[float]] = {"stage": [], "plain": []}
     for repeat in range(args.repeats):
         for side in (("stage", "plain") if repeat % 2 == 0 else ("plain", "stage")):
             lr_dir = params.lr_dir()
             if lr_dir.exists():
                 shutil.rmtree(lr_dir)
             lr_dir.mkdir(parents=True)
-            start = time.perf_counter()
+            before, start = os.times(), time.perf_counter()
             if side == "stage":
                 synthesize.run(params, params.raw_dir(), params.manifest_path(), lr_dir,
                                params.mlr_manifest_path())
-                stage_times.append(time.perf_counter() - start)
             else:
                 plain_loop(jobs, lr_dir)
-                plain_times.append(time.perf_counter() - start)
-            print(f"  run {repeat + 1} {side:5s}: {time.perf_counter() - start:6.2f} s")
+            seconds, after = time.perf_counter() - start, os.times()
+            # CPU seconds of this process and of its (joined) pool workers.
+            used = sum(after[:4]) - sum(before[:4])
+            wall[side].append(seconds)
+            cpu[side].append(used)
+            print(f"  run {repeat + 1} {side:5s}: {seconds:6.2f} s wall, {used:6.2f} s CPU, "
+                  f"load average {os.getloadavg()[0]:.1f}")
 
-    stage, plain = min(stage_times), min(plain_times)
+    stage, plain = min(wall["stage"]), min(wall["plain"])
+    stage_cpu, plain_cpu = min(cpu["stage"]), min(cpu["plain"])
     print(f"stage (tasks/synthesize.py run, {worker_count(args.workers)} processes): "
-          f"{n_images / stage:8.1f} images/s  ({n_lr / stage:.1f} LR writes/s)")
+          f"{n_images / stage:8.1f} images/s  ({n_lr / stage:.1f} LR writes/s), "
+          f"{1000 * stage_cpu / n_images:.2f} ms CPU per image")
     print(f"plain Pillow loop (1 process):            {n_images / plain:8.1f} images/s  "
-          f"({n_lr / plain:.1f} LR writes/s)")
-    print(f"ratio stage / plain: {plain / stage:.2f}x (target >= 1.8x on 2 cores)")
+          f"({n_lr / plain:.1f} LR writes/s), {1000 * plain_cpu / n_images:.2f} ms CPU per image")
+    print(f"ratio stage / plain: {plain / stage:.2f}x wall (target >= 1.8x on 2 cores); "
+          f"CPU per image stage / plain: {stage_cpu / plain_cpu:.2f}")
 
 
 if __name__ == "__main__":

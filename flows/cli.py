@@ -37,7 +37,7 @@ def print_results(result: dict[str, Any]) -> None:
 
     from tasks.evaluate import row_label
 
-    console = Console()
+    console = Console(width=max(110, Console().width))
     stages = Table(title="Stages")
     for col in ("stage", "status", "seconds"):
         stages.add_column(col)

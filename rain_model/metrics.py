@@ -315,14 +315,15 @@ def single_shot_gallery(
     checked for length: the protocol's gallery already comes from the other camera, and evaluation
     applies the junk rule after sampling). All draws come in order from one
     ``np.random.default_rng(seed)``, so the same seed gives the same draws (and the first k draws do not
-    depend on ``repeats``). Each index array is sorted ascending and has one entry per distinct id.
+    depend on ``repeats``). Each index array is sorted ascending and has one entry per distinct id;
+    ``repeats=0`` gives an empty list.
     """
     g_pids = np.asarray(g_pids)
     if g_pids.ndim != 1:
         raise ValueError(f"g_pids must be 1-D, got shape {g_pids.shape}")
     _check_ids("g_camids", g_camids, g_pids.shape[0], "gallery entries")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if repeats < 0:
+        raise ValueError(f"repeats must be >= 0, got {repeats}")
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(repeats):
@@ -369,6 +370,8 @@ def evaluate_single_shot(
     """
     distmat = np.asarray(distmat)
     g_pids, g_camids = np.asarray(g_pids), np.asarray(g_camids)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if distmat.ndim != 2 or distmat.shape[1] != g_pids.shape[0]:
         raise ValueError(f"distmat {distmat.shape} does not match {g_pids.shape[0]} gallery ids")
     cmcs, maps = [], []

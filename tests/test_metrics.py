@@ -278,6 +278,7 @@ def test_single_shot_draws_one_image_per_identity_reproducibly():
     other = single_shot_gallery(g_pids, g_cams, seed=12, repeats=4)
     assert not all(np.array_equal(a, b) for a, b in zip(draws, other, strict=True))
     assert not np.array_equal(draws[0], draws[1])  # successive draws differ too
+    assert single_shot_gallery(g_pids, g_cams, seed=11, repeats=0) == []
     # every image of an identity can be drawn
     many = np.concatenate(single_shot_gallery(g_pids, g_cams, seed=0, repeats=200))
     assert np.unique(many).shape[0] == g_pids.shape[0]
