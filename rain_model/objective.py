@@ -118,12 +118,12 @@ def _autocast(obj: ObjectiveConfig, device: torch.device) -> contextlib.Abstract
 
 
 def _check_finite(losses: dict[str, Tensor], step: int) -> None:
-    values = torch.stack(list(losses.values())).float()  # (T,)
+    values = torch.stack([value.detach().float() for value in losses.values()])  # (T,)
     if bool(torch.isfinite(values).all()):
         return
-    for name, value in losses.items():
-        if not math.isfinite(float(value)):
-            raise NonFiniteLossError(f"step {step}: {name} is not finite ({float(value)})")
+    for name, value in zip(losses, values.tolist(), strict=True):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"step {step}: {name} is not finite ({value})")
 
 
 def forward_generator(

@@ -31,6 +31,7 @@ class ParamsError(ValueError):
 @dataclass(frozen=True)
 class Paths:
     raw: str = "data/raw"
+    downloads: str = "data/downloads"
     manifests: str = "data/manifests"
     lr: str = "data/lr"
     models: str = "models"
@@ -167,6 +168,9 @@ class Params:
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
     # Derived paths: written here once so every stage and dvc.yaml agree.
+    def downloads_dir(self) -> Path:
+        return Path(self.paths.downloads)
+
     def raw_dir(self) -> Path:
         return Path(self.paths.raw) / self.dataset.name
 

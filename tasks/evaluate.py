@@ -71,15 +71,16 @@ def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> di
         index = {p: i for i, p in enumerate(paths)}
         q_feat = feats[[index[r["path"]] for r in queries]]
         g_feat = feats[[index[r["path"]] for r in gallery_rows]]
-        dist = pairwise_distance(q_feat, g_feat, metric=cfg.distance)
+        dist = pairwise_distance(q_feat, g_feat, metric="cosine" if cfg.distance == "cosine" else "euclidean")
         q_pids = np.array([r["person_id"] for r in queries])
         q_cams = np.array([r["camera_id"] for r in queries])
         g_pids = np.array([r["person_id"] for r in gallery_rows])
         g_cams = np.array([r["camera_id"] for r in gallery_rows])
         first = np.array([i for i, r in enumerate(gallery_rows) if r["role"] == "gallery"])
-        draws = [first] + list(single_shot_gallery(g_pids, g_cams, seed=params.protocol.seed + trial,
-                                                   repeats=cfg.gallery_repeats - 1))
-        for name, idx in _row_names(queries, params.protocol.unseen_rates).items():
+        draws = [first, *single_shot_gallery(g_pids, g_cams, seed=params.protocol.seed + trial,
+                                             repeats=cfg.gallery_repeats - 1)]
+        for name, rows_idx in _row_names(queries, params.protocol.unseen_rates).items():
+            idx = np.asarray(rows_idx)
             for g_idx in draws:
                 cmc, mean_ap = evaluate_rank(dist[np.ix_(idx, g_idx)], q_pids[idx], g_pids[g_idx],
                                              q_cams[idx], g_cams[g_idx], max_rank=max(RANKS))

@@ -65,12 +65,13 @@ class ImageRejected(ValueError):
         return (type(self), (self.path, self.reason))
 
 
-def load_rgb(path: str | Path, formats: Sequence[str],
-             max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_rgb(path: str | Path, formats: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS, *,
+             verify: bool = True) -> Image.Image:
     """Open `path` with a decoder restricted to `formats`, decode every pixel, return 8-bit RGB.
 
     Raises :class:`ImageRejected` with a one-line reason for anything that is not a complete,
-    reasonably sized image of one of `formats`.
+    reasonably sized image of one of `formats`. ``verify=False`` skips the structural ``verify()``
+    pass (chunk checksums) but still decodes every pixel: for files that already passed ingest.
     """
     try:
         data = Path(path).read_bytes()
@@ -78,11 +79,11 @@ def load_rgb(path: str | Path, formats: Sequence[str],
         raise ImageRejected(path, "file not found") from exc
     except OSError as exc:
         raise ImageRejected(path, f"unreadable file: {exc.strerror or exc}") from exc
-    return decode_rgb(data, formats, name=path, max_pixels=max_pixels)
+    return decode_rgb(data, formats, name=path, max_pixels=max_pixels, verify=verify)
 
 
 def decode_rgb(data: bytes, formats: Sequence[str], name: str | Path = "<bytes>",
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+               max_pixels: int = DEFAULT_MAX_PIXELS, *, verify: bool = True) -> Image.Image:
     """:func:`load_rgb` for bytes already in memory (`name` is only used in messages)."""
     if not data:
         raise ImageRejected(name, "empty file (0 bytes)")
@@ -90,9 +91,10 @@ def decode_rgb(data: bytes, formats: Sequence[str], name: str | Path = "<bytes>"
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(io.BytesIO(data), formats=allowed) as probe:
-                _check_size(probe, name, max_pixels)
-                probe.verify()
+            if verify:
+                with Image.open(io.BytesIO(data), formats=allowed) as probe:
+                    _check_size(probe, name, max_pixels)
+                    probe.verify()
             # Not a `with` block: closing would discard the pixels; the image owns only a BytesIO.
             img = Image.open(io.BytesIO(data), formats=allowed)
             _check_size(img, name, max_pixels)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from tasks.config import Params, load_params
 from tasks.datasets import RawImage, get_adapter
-from tasks.imageio import ImageRejected, load_rgb
+from tasks.imageio import ImageRejected, decode_rgb
 from tasks.logs import setup_logging
 from tasks.parallel import map_chunks, worker_count
 
@@ -62,7 +62,7 @@ def _check_chunk(records: Sequence[RawImage], raw_dir: Path, formats: tuple[str,
         file = raw_dir / rec.path
         try:
             data = file.read_bytes()
-            img = load_rgb(file, formats)
+            img = decode_rgb(data, formats, name=file)
         except ImageRejected as exc:
             out.append({"path": rec.path, "reason": exc.reason})
             continue

@@ -1,45 +1,68 @@
 """The registered model: an MLflow pyfunc that turns images into L2-normalised RAIN embeddings.
 
 Logged as "models from code" (this file is the model definition, nothing is pickled) with the weights
-as a safetensors artifact, so loading a registered model never unpickles anything.
+as a safetensors artifact and its settings as JSON, so loading a registered model never unpickles
+anything: it loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
 
-Input: a DataFrame with a column `image` holding encoded image bytes (PNG, JPEG, BMP), or their
-base64 text (what JSON requests to `mlflow models serve` carry). Output: an (N, d) float32 array of
-unit-norm embeddings; compare them with Euclidean distance or dot product.
+Input: a table with one column ``image`` whose cells are encoded images (PNG, JPEG, BMP, TIFF, PPM,
+WebP: the formats the training loader reads) as base64 text, which is what JSON requests to
+``mlflow models serve`` carry; in-process callers may pass the raw bytes instead. Images are decoded
+as strictly as at ingest (``tasks.imageio``: decompression bombs and truncated files are refused) and
+resized exactly like the training loader does, so a served embedding equals the evaluation's feature
+of the same file. Output: an (N, d) float32 array of unit-norm embeddings; rank a gallery by Euclidean
+distance or, equivalently, by dot product.
+
+A request the model cannot answer (no rows, no ``image`` column, a cell that is not text or bytes,
+text that is not base64, bytes that are not an image) raises :class:`InvalidInput`, an
+``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which the scoring server turns into a 400 whose
+body carries the message (any other exception would come back as a generic 400 without it).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
+import hashlib
 import json
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+# Images per forward pass: a large request is embedded in chunks rather than in one huge batch.
+CHUNK = 64
 
 
-class InvalidInput(ValueError):
-    """A request the model cannot answer; becomes a 4xx with this message when served."""
+class InvalidInput(MlflowException):
+    """A request the model cannot answer; served, it becomes a 400 with this message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def _decode(value: object, row: int) -> Any:
-    from PIL import Image
-
+def image_bytes(value: object, row: int) -> bytes:
+    """The encoded image in one cell: base64 text (JSON requests) or raw bytes (in-process)."""
     if isinstance(value, str):
         try:
-            value = base64.b64decode(value, validate=True)
+            return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise InvalidInput(f"row {row}: `image` is text but not base64 ({exc})") from exc
-    if not isinstance(value, bytes | bytearray):
-        raise InvalidInput(f"row {row}: `image` must be image bytes or base64 text, got {type(value).__name__}")
-    try:
-        with Image.open(io.BytesIO(value), formats=["PNG", "JPEG", "BMP"]) as img:
-            img.load()
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidInput(f"row {row}: not a decodable PNG/JPEG/BMP image ({exc})") from exc
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise InvalidInput(f"row {row}: `image` must be base64 text or bytes of an encoded image, "
+                       f"got {type(value).__name__}")
+
+
+def fingerprint(weights_path: str, config_path: str) -> str:
+    """sha256 of the weights and the settings: what an embedding depends on (the search cache key)."""
+    digest = hashlib.sha256()
+    for path in (weights_path, config_path):
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 class RainEmbedder(mlflow.pyfunc.PythonModel):
@@ -54,29 +77,45 @@ class RainEmbedder(mlflow.pyfunc.PythonModel):
         self.flip = bool(meta["flip"])
         cfg = parse(ModelConfig, meta["model"], "model")
         self.model = load_model(context.artifacts["weights"], cfg, int(meta["num_classes"]))
+        self.fingerprint = fingerprint(context.artifacts["weights"], context.artifacts["config"])
 
     # No type hints on predict: MLflow would read them as a schema; the signature comes from the example.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         import pandas as pd
         import torch
-        from PIL import Image
 
         from tasks.embed import embed_batch
 
-        if isinstance(model_input, pd.DataFrame):
-            if "image" not in model_input.columns:
-                raise InvalidInput(f"input needs a column `image`; got columns {list(model_input.columns)}")
-            values = model_input["image"].tolist()
-        else:
-            raise InvalidInput(f"input must be a table with a column `image`, got {type(model_input).__name__}")
+        if not isinstance(model_input, pd.DataFrame):
+            raise InvalidInput(f"input must be a table with one column `image`, got {type(model_input).__name__}")
+        if "image" not in model_input.columns:
+            raise InvalidInput(f"input needs a column `image` (base64-encoded images); got columns "
+                               f"{[str(c) for c in model_input.columns]}")
+        values = model_input["image"].tolist()
         if not values:
             raise InvalidInput("empty batch: send at least one image")
-        tensors = []
-        for row, value in enumerate(values):
-            img = _decode(value, row).resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
-            tensors.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-        v = embed_batch(self.model, torch.stack(tensors), self.flip)  # (N, d)
-        return torch.nn.functional.normalize(v, dim=1).numpy().astype(np.float32)
+        tensors = [self._tensor(value, row) for row, value in enumerate(values)]  # decode all before any work
+        out = []
+        for start in range(0, len(tensors), CHUNK):
+            v = embed_batch(self.model, torch.stack(tensors[start:start + CHUNK]), self.flip)  # (B, d)
+            out.append(torch.nn.functional.normalize(v, dim=1))
+        return torch.cat(out).numpy().astype(np.float32)  # (N, d)
+
+    def _tensor(self, value: object, row: int) -> Any:
+        import torch
+        from PIL import Image
+
+        from tasks.imageio import ImageRejected, decode_rgb
+        from tasks.loaders import LOAD_FORMATS
+
+        try:
+            img = decode_rgb(image_bytes(value, row), LOAD_FORMATS, name=f"row {row}")
+        except ImageRejected as exc:
+            raise InvalidInput(f"`image` is not a usable image: {exc}") from exc
+        # Exactly tasks.loaders.load_tensor's resizing, so served and evaluated features agree.
+        if (img.height, img.width) != self.size:
+            img = img.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
 
 mlflow.models.set_model(RainEmbedder())

@@ -1,13 +1,25 @@
 """Stage `register`: the trained model as an MLflow model version of `rain-reid`, alias `candidate`.
 
-The version carries its lineage as tags: git commit, hashes of the MLR manifest, params and weights,
-dataset and protocol, and the evaluation figures, so a person browsing the registry can tell where it
-came from and how good it is. Writes reports/<dataset>/registration.json.
+The model is the pyfunc of tasks/pyfunc_model.py (images in, unit-norm embeddings out), logged from
+code with safetensors weights: nothing in it is pickled. The version carries its lineage as tags, so
+a person browsing the registry can tell where it came from and how good it is, and `rain promote` can
+tell whether two versions were measured the same way:
+
+- where it came from: `git_commit`, `mlflow_run_id`, `weights_sha256`, `params_sha256` (params.yaml),
+  `mlr_manifest_sha256`, and from dvc.lock (when the stage runs under DVC) the hashes DVC recorded:
+  `dvc_data_md5` (the raw dataset folder), `dvc_mlr_manifest_md5`, `dvc_models_md5` and
+  `dvc_params_sha256` (the parameter values every upstream stage ran with, canonical JSON);
+- how it was measured: `dataset`, `protocol` (MLR split and evaluation settings as one string) and
+  `eval_set` (sha256 of the HR and MLR manifests: the exact images and splits it was scored on);
+- how good it is: `rank1`, `rank1_std`, `rank5`, `rank10`, `rank20`, `mAP` (LR queries, fractions).
+
+Writes reports/<dataset>/registration.json.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -16,6 +28,8 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tasks.config import Params, load_params
 from tasks.logs import setup_logging
@@ -26,6 +40,9 @@ log = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ("torch", "torchvision", "mlflow", "pillow", "numpy", "pandas", "safetensors", "pyyaml",
                 "pyarrow")
+METRIC_TAGS = ("rank1", "rank5", "rank10", "rank20", "mAP")
+# Stages whose parameters shaped the model and its figures (register's own do not).
+UPSTREAM_STAGES = ("download", "manifest", "synthesize", "train", "evaluate")
 
 
 def _example_image(params: Params) -> str:
@@ -36,14 +53,64 @@ def _example_image(params: Params) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, params_file: Path) -> dict[str, Any]:
-    import dataclasses
+def protocol_tag(params: Params) -> str:
+    """The measurement protocol as one canonical string: two versions are comparable only if equal."""
+    p, e = params.protocol, params.evaluate
+    return (f"MLR train_rates={list(p.train_rates)} unseen={list(p.unseen_rates)} "
+            f"test_identities={p.test_identities} trials={p.trials} seed={p.seed}; "
+            f"evaluated trials={list(params.train.trials)} gallery_draws={e.gallery_repeats} "
+            f"distance={e.distance}")
 
+
+def eval_set_hash(manifest_path: Path, mlr_path: Path) -> str:
+    """sha256 over the HR manifest (every image's content hash) and the MLR manifest (splits, rates)."""
+    digest = hashlib.sha256()
+    for path in (manifest_path, mlr_path):
+        digest.update(file_hash(path).encode())
+    return digest.hexdigest()
+
+
+def dvc_lineage(lock_file: Path, params: Params) -> dict[str, str]:
+    """Hashes DVC recorded for the data, manifest, weights and params this model came from.
+
+    A file hash in dvc.lock is checked against the file on disk: a lock older than the file (the stage
+    was run by hand after a change) is tagged `stale:<md5>` instead of passing for the truth.
+    """
+    keys = ("dvc_data_md5", "dvc_mlr_manifest_md5", "dvc_models_md5", "dvc_params_sha256")
+    if not lock_file.exists():
+        return dict.fromkeys(keys, "none")
+    stages = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {})
+
+    def out_md5(stage: str, path: Path) -> str:
+        for out in stages.get(stage, {}).get("outs", []):
+            if Path(out["path"]) == path:
+                return str(out.get("md5", "none"))
+        return "none"
+
+    mlr = params.mlr_manifest_path()
+    mlr_md5 = out_md5("synthesize", mlr)
+    if mlr_md5 != "none" and (lock_file.parent / mlr).exists():
+        on_disk = hashlib.md5((lock_file.parent / mlr).read_bytes(), usedforsecurity=False).hexdigest()
+        mlr_md5 = mlr_md5 if on_disk == mlr_md5 else f"stale:{mlr_md5}"
+    recorded = {s: stages[s].get("params", {}) for s in UPSTREAM_STAGES if s in stages}
+    return {
+        "dvc_data_md5": out_md5("download", params.raw_dir()),
+        "dvc_mlr_manifest_md5": mlr_md5,
+        "dvc_models_md5": out_md5("train", params.model_dir()),
+        "dvc_params_sha256": hashlib.sha256(json.dumps(recorded, sort_keys=True, default=str).encode()).hexdigest()
+        if recorded else "none",
+    }
+
+
+def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, params_file: Path,
+        manifest_path: Path | None = None, lock_file: Path | None = None) -> dict[str, Any]:
     import mlflow
     import pandas as pd
 
     from tasks.train import summary_path
 
+    manifest_path = manifest_path or params.manifest_path()
+    lock_file = lock_file or Path("dvc.lock")
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     train_summary = json.loads(summary_path(model_dir).read_text())
@@ -59,6 +126,7 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
                                       "flip": params.evaluate.flip}, default=list))
         example = pd.DataFrame({"image": [_example_image(params)]})
         with mlflow.start_run(run_id=info["mlflow_run_id"]):
+            # The signature is inferred by running the logged model on the example: a free smoke test.
             logged = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PACKAGE_ROOT / "tasks" / "pyfunc_model.py"),
                 artifacts={"weights": str(weights), "config": str(config)},
@@ -66,18 +134,17 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
                 input_example=example,
                 pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS],
             )
-    mv = mlflow.register_model(logged.model_uri, name)
     tags = {
         "git_commit": git_commit(), "dataset": params.dataset.name, "trial": trial,
-        "protocol": f"MLR train_rates={list(params.protocol.train_rates)} unseen={list(params.protocol.unseen_rates)} "
-                    f"trials={params.protocol.trials} seed={params.protocol.seed}",
+        "protocol": protocol_tag(params), "eval_set": eval_set_hash(manifest_path, mlr_path),
         "variant": params.objective.variant, "backbone": params.model.backbone,
         "mlr_manifest_sha256": file_hash(mlr_path), "params_sha256": file_hash(params_file),
         "weights_sha256": file_hash(weights), "mlflow_run_id": info["mlflow_run_id"],
-        "dvc_lock_sha256": file_hash(Path("dvc.lock")) if Path("dvc.lock").exists() else "none",
-    } | {k: f"{metrics[k]:.6f}" for k in ("rank1", "rank5", "rank10", "rank20", "mAP")}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, mv.version, key, value)
+    } | dvc_lineage(lock_file, params) | {k: f"{metrics[k]:.6f}" for k in METRIC_TAGS}
+    if "rank1_std" in metrics.get("rows", {}).get("lr", {}):
+        tags["rank1_std"] = f"{metrics['rows']['lr']['rank1_std']:.6f}"
+    # Tags go in with the version, so no reader ever sees a version without its lineage and metrics.
+    mv = mlflow.register_model(logged.model_uri, name, tags=tags)
     client.set_registered_model_alias(name, params.register.alias, mv.version)
     registration = {"model_name": name, "version": int(mv.version), "alias": params.register.alias,
                     "model_uri": f"models:/{name}/{mv.version}", "tags": tags}
@@ -85,10 +152,6 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
     (report_dir / "registration.json").write_text(json.dumps(registration, indent=2, sort_keys=True))
     log.info("register: %s version %s, alias %s", name, mv.version, params.register.alias)
     return registration
-
-
-def params_digest(params_file: Path) -> str:
-    return hashlib.sha256(params_file.read_bytes()).hexdigest()
 
 
 def main() -> None:

@@ -59,8 +59,18 @@ def draw_rate(path: str, cfg: ProtocolConfig) -> int:
     return int(cfg.train_rates[rng.integers(len(cfg.train_rates))])
 
 
+def lr_stem(path: str) -> str:
+    """Where an image's LR copies go, relative to the LR folder. Paths relative to the raw folder keep
+    their layout; absolute ones (a user's own data lives anywhere) get a name keyed by the whole path,
+    so LR copies never land outside the LR folder and two folders' `0001.jpg` never collide."""
+    if Path(path).is_absolute():
+        key = hashlib.sha256(path.encode()).hexdigest()[:16]
+        return f"external/{key}-{Path(path).stem}"
+    return Path(path).with_suffix("").as_posix()
+
+
 def lr_name(path: str, rate: int) -> str:
-    return f"{Path(path).with_suffix('').as_posix()}_r{rate}.png"
+    return f"{lr_stem(path)}_r{rate}.png"
 
 
 def degrade(img: Image.Image, rate: int) -> Image.Image:
@@ -73,7 +83,7 @@ def degrade(img: Image.Image, rate: int) -> Image.Image:
 def _degrade_chunk(jobs: Sequence[tuple[str, str, tuple[int, ...]]], formats: tuple[str, ...]) -> list[int]:
     written = []
     for src, dst_stem, rates in jobs:
-        hr = load_rgb(src, formats)
+        hr = load_rgb(src, formats, verify=False)  # checked at ingest (manifest stage)
         for rate in rates:
             dst = Path(f"{dst_stem}_r{rate}.png")
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +120,7 @@ def run(params: Params, raw_dir: Path, manifest_path: Path, lr_dir: Path, mlr_pa
         if img["view"] == 1:
             rates |= set(cfg.unseen_rates)
         if rates:
-            stem = (lr_dir / Path(img["path"]).with_suffix("")).as_posix()
+            stem = (lr_dir / lr_stem(img["path"])).as_posix()
             jobs.append((img["hr_path"], stem, tuple(sorted(rates))))
     written = map_chunks(functools.partial(_degrade_chunk, formats=tuple(adapter.image_formats)), jobs,
                          worker_count(cfg.workers), chunk_size=32)

@@ -208,7 +208,8 @@ def make_params(tmp: Path, name: str, sources: dict[str, SourceConfig] | None = 
                 **protocol: object) -> Params:
     data = tmp / "data"
     proto = {"trials": 2, "workers": 1, **protocol}
-    return Params(paths=Paths(raw=str(data / "raw"), manifests=str(data / "manifests"), lr=str(data / "lr")),
+    return Params(paths=Paths(raw=str(data / "raw"), downloads=str(data / "downloads"),
+                              manifests=str(data / "manifests"), lr=str(data / "lr")),
                   dataset=DatasetChoice(name=name), sources=sources or {},
                   protocol=ProtocolConfig(**proto))  # type: ignore[arg-type]
 

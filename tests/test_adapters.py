@@ -197,9 +197,6 @@ def test_custom_table(tmp_path: Path) -> None:
     assert counts == {"images": 40, "quarantined": 0, "identities": 10}
 
 
-@pytest.mark.xfail(strict=True, reason="tasks/synthesize.py joins the custom adapter's absolute image "
-                   "paths onto lr_dir, so LR copies land next to the user's originals (reported to the "
-                   "lead; remove this marker once fixed)")
 def test_custom_synthesis_writes_only_under_lr_dir(tmp_path: Path) -> None:
     table, _ = build_custom_folder(tmp_path / "mine", images=40, corrupt=0, fmt="PNG")
     params = make_params(tmp_path, "custom", {"custom": SourceConfig(url=str(table))})

@@ -52,13 +52,14 @@ def test_decoder_is_restricted_to_the_dataset_formats(tmp_path: Path) -> None:
     assert load_rgb(file, ("JPEG", "PNG")).size == (24, 48)  # content decides, not the name
 
 
+@pytest.mark.parametrize("verify", [True, False])
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP"])
-def test_truncated_file_is_rejected(tmp_path: Path, fmt: str) -> None:
+def test_truncated_file_is_rejected(tmp_path: Path, fmt: str, verify: bool) -> None:
     data = image_bytes(fmt, 5, (64, 128))
     file = tmp_path / "t.img"
     file.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(ImageRejected, match=r"truncated|corrupt"):
-        load_rgb(file, (fmt,))
+        load_rgb(file, (fmt,), verify=verify)  # without verify(), the full decode still catches it
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 

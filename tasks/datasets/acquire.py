@@ -57,12 +57,12 @@ class _Transient(Exception):
 
 
 def downloads_dir(params: Params) -> Path:
-    """Where archives are kept: next to the raw folder's parent (``data/downloads`` by default).
+    """Where archives are kept: ``paths.downloads`` (``data/downloads`` by default).
 
     Not inside ``data/raw/<dataset>``: the download stage empties that folder before each run, and
     an archive the user had to fetch by hand (sign-up datasets) must survive it.
     """
-    return Path(params.paths.raw).parent / "downloads"
+    return params.downloads_dir()
 
 
 def md5_of(path: Path) -> str:

@@ -36,7 +36,7 @@ _BELTS = np.array([[15, 15, 15], [240, 240, 240], [150, 40, 150]], dtype=np.floa
 
 class SyntheticDataset:
     name = "synthetic"
-    image_formats = ("PNG",)
+    image_formats: tuple[str, ...] = ("PNG",)
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
         generate(raw_dir, params.synthetic)
@@ -105,9 +105,10 @@ def _render(ident: dict, camera: dict, rng: np.random.Generator, h: int, w: int)
     img = Image.new("RGB", (w, h), tuple(int(v) for v in camera["bg"]))
     draw = ImageDraw.Draw(img)
     for _ in range(int(camera["clutter"])):  # background clutter: boxes in muted colours
-        x0, y0 = rng.integers(0, w), rng.integers(0, h)
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(4, w // 2)), y0 + int(rng.integers(4, h // 3))
         colour = tuple(int(v) for v in rng.uniform(40, 220, 3))
-        draw.rectangle([x0, y0, x0 + rng.integers(4, w // 2), y0 + rng.integers(4, h // 3)], fill=colour)
+        draw.rectangle([x0, y0, x1, y1], fill=colour)
 
     # Pose and crop jitter: a person box shifted and scaled within the frame.
     scale = rng.uniform(0.82, 0.95)

@@ -1,0 +1,154 @@
+"""RAIN's parts: shapes at every level, reconstruction and embedding, configs, pretrained weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from rain_model.config import ModelConfig, ObjectiveConfig
+from rain_model.network import RAIN
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model() -> RAIN:
+    torch.manual_seed(0)
+    return RAIN(ModelConfig(backbone="resnet18"), num_classes=5).eval()
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 32), (32, 64)])
+def test_shapes_at_every_level_reconstruction_and_embedding(model: RAIN, height: int, width: int) -> None:
+    x = torch.rand(2, 3, height, width)
+    with torch.no_grad():
+        feats = model.generator.features(x)
+        out = model.generator(x, levels=(4, 5))
+        v = model.embed(x)
+    want = [(64, 2), (64, 4), (128, 8), (256, 16), (512, 32)]  # resnet18 channels and stride of f1..f5
+    assert [tuple(f.shape) for f in feats] == [(2, c, height // s, width // s) for c, s in want]
+    assert out.x_rec is not None and out.x_rec.shape == x.shape
+    assert float(out.x_rec.min()) >= 0 and float(out.x_rec.max()) <= 1
+    assert out.logits is not None and out.logits.shape == (2, 5)
+    assert [f.shape for f in out.feats] == [feats[3].shape, feats[4].shape]
+    assert v.shape == (2, 512)
+    torch.testing.assert_close(v, feats[4].mean(dim=(2, 3)))
+    torch.testing.assert_close(model(x), v)
+
+
+def test_resnet50_channels_and_full_resolution_decoder() -> None:
+    model = RAIN(ModelConfig(backbone="resnet50", levels=(5,), decoder_channels=(16, 8, 8, 8, 8)), 3).eval()
+    x = torch.rand(1, 3, 64, 32)
+    with torch.no_grad():
+        out = model.generator(x, levels=(5,))
+    assert out.feats[0].shape == (1, 2048, 2, 1)
+    assert out.x_rec is not None and out.x_rec.shape == x.shape
+    assert list(model.discriminators.by_level) == ["f5"]
+
+
+def test_one_discriminator_per_level(model: RAIN) -> None:
+    assert list(model.discriminators.by_level) == ["f4", "f5"]
+    feats = model.generator.features(torch.rand(3, 3, 64, 32))
+    logits = model.discriminators((feats[3], feats[4]))
+    assert [tuple(lg.shape) for lg in logits] == [(3,), (3,)]
+
+
+def test_rejects_sizes_not_divisible_by_32(model: RAIN) -> None:
+    with pytest.raises(ValueError, match="divisible by 32"):
+        model.embed(torch.rand(1, 3, 48, 32))
+
+
+def test_imagenet_normalisation_happens_inside_the_model(model: RAIN) -> None:
+    reference = torchvision.models.resnet18(weights=None).eval()
+    reference.load_state_dict(model.generator.backbone.state_dict(), strict=False)
+    x = torch.rand(2, 3, 64, 32)
+    x_norm = torchvision.transforms.functional.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    with torch.no_grad():
+        want = torch.flatten(
+            reference.avgpool(
+                reference.layer4(
+                    reference.layer3(
+                        reference.layer2(
+                            reference.layer1(
+                                reference.maxpool(reference.relu(reference.bn1(reference.conv1(x_norm))))
+                            )
+                        )
+                    )
+                )
+            ),
+            1,
+        )  # (2, 512)
+        torch.testing.assert_close(model.embed(x), want)
+
+
+def test_loads_an_imagenet_state_dict_and_names_the_file_on_mismatch(tmp_path: Path) -> None:
+    reference = torchvision.models.resnet18(weights=None)
+    good = tmp_path / "resnet18-imagenet.pth"
+    torch.save(reference.state_dict(), good)
+    model = RAIN(ModelConfig(backbone="resnet18", pretrained_path=str(good)), 2)
+    torch.testing.assert_close(
+        model.generator.backbone.layer3[0].conv1.weight, reference.layer3[0].conv1.weight
+    )
+    torch.testing.assert_close(model.generator.backbone.bn1.running_var, reference.bn1.running_var)
+
+    wrong_arch = tmp_path / "resnet34-imagenet.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), wrong_arch)
+    with pytest.raises(ValueError, match=r"resnet34-imagenet\.pth"):
+        RAIN(ModelConfig(backbone="resnet18", pretrained_path=str(wrong_arch)), 2)
+
+    wrong_shape = tmp_path / "resnet18-bad.pth"
+    state = reference.state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    torch.save(state, wrong_shape)
+    with pytest.raises(ValueError, match=r"resnet18-bad\.pth: shape of conv1\.weight"):
+        RAIN(ModelConfig(backbone="resnet18", pretrained_path=str(wrong_shape)), 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"backbone": "vgg16"}, "backbone"),
+        ({"levels": (5, 4)}, "levels"),
+        ({"levels": (6,)}, "levels"),
+        ({"levels": ()}, "levels"),
+        ({"decoder_channels": (8, 8, 8, 8, 8, 8)}, "decoder_channels"),
+        ({"disc_channels": (0,)}, "disc_channels"),
+        ({"pretrained_path": ""}, "pretrained_path"),
+    ],
+)
+def test_model_config_names_the_bad_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        ModelConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"variant": "cyclegan"}, "variant"),
+        ({"w_adv": -1.0}, "w_adv"),
+        ({"w_rec": float("nan")}, "w_rec"),
+        ({"margin": 0.0}, "margin"),
+        ({"mining": "semi_hard"}, "mining"),
+        ({"adv_loss": "hinge"}, "adv_loss"),
+        ({"lr": 0.0}, "lr"),
+        ({"beta1_d": 1.0}, "beta1_d"),
+        ({"variant": "baseline_hr", "w_cls": 0.0, "w_tri": 0.0}, "variant"),
+    ],
+)
+def test_objective_config_names_the_bad_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        ObjectiveConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_yaml_lists_become_tuples() -> None:
+    cfg = ModelConfig(levels=[5], decoder_channels=[8, 8])  # type: ignore[arg-type]
+    assert cfg.levels == (5,) and cfg.decoder_channels == (8, 8)
+
+
+def test_importing_the_package_does_no_work() -> None:
+    code = "import sys, rain_model; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,238 @@
+"""One training step (Eq. 7-8): which parameters move, switched-off terms, determinism, DDP."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import rain_model.objective as objective
+from rain_model.config import ModelConfig, ObjectiveConfig
+from rain_model.network import RAIN
+from rain_model.objective import (
+    Batch,
+    NonFiniteLossError,
+    discriminator_step,
+    forward_generator,
+    generator_losses,
+    generator_step,
+    make_optimizers,
+    train_step,
+)
+
+torch.set_num_threads(1)
+TERMS = ("L_adv", "L_rec", "L_cls", "L_tri")
+WEIGHT = {"L_adv": "w_adv", "L_rec": "w_rec", "L_cls": "w_cls", "L_tri": "w_tri"}
+
+
+def _batch(seed: int, labels: list[int] | None = None, size: tuple[int, int] = (64, 32)) -> Batch:
+    """Smooth random images (a bilinearly enlarged 4 x 2 colour grid plus a little noise)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(labels if labels is not None else [0, 0, 1, 1, 2, 2])
+    grid = torch.rand(len(y), 3, 4, 2, generator=g)  # (B, 3, 4, 2)
+    noise = 0.05 * torch.randn(len(y), 3, *size, generator=g)  # (B, 3, H, W)
+    x_hr = (nn.functional.interpolate(grid, size=size, mode="bilinear") + noise).clamp(0, 1)  # (B, 3, H, W)
+    x_lr = nn.functional.interpolate(
+        nn.functional.avg_pool2d(x_hr, 4), size=size, mode="bilinear"
+    )  # (B, 3, H, W)
+    return Batch(x_hr, x_lr, y)
+
+
+def _model(levels: tuple[int, ...] = (4, 5), seed: int = 0) -> RAIN:
+    torch.manual_seed(seed)
+    return RAIN(ModelConfig(backbone="resnet18", levels=levels, decoder_channels=(16, 8, 8)), 3).train()
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def _changed(module: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, p in module.named_parameters() if not torch.equal(p, before[name])]
+
+
+def test_fgc_step_gives_every_fgc_parameter_a_gradient_and_leaves_every_d_unchanged() -> None:
+    model, obj, batch = _model(), ObjectiveConfig(), _batch(0)
+    optimizers = make_optimizers(model, obj)
+    d_before = _snapshot(model.discriminators)
+    out = forward_generator(model.generator, batch, obj, levels=(4, 5))
+    losses = generator_step(
+        model.generator, model.discriminators, optimizers.generator, out, batch, obj, step=0
+    )
+    assert all(float(losses[t]) > 0 for t in TERMS)
+    no_grad = [
+        n for n, p in model.generator.named_parameters() if p.grad is None or not torch.any(p.grad != 0)
+    ]
+    assert no_grad == []
+    assert _changed(model.discriminators, d_before) == []
+    assert all(p.grad is None for p in model.discriminators.parameters())
+
+
+def test_d_step_trains_every_d_and_leaves_f_g_c_unchanged() -> None:
+    model, obj, batch = _model(), ObjectiveConfig(), _batch(0)
+    optimizers = make_optimizers(model, obj)
+    g_before, d_before = _snapshot(model.generator), _snapshot(model.discriminators)
+    out = forward_generator(model.generator, batch, obj, levels=(4, 5))
+    l_d = discriminator_step(model.discriminators, optimizers.discriminator, out.feats, 6, obj, step=0)
+    assert float(l_d) > 0
+    assert _changed(model.generator, g_before) == []
+    assert all(p.grad is None for p in model.generator.parameters())
+    assert sorted(_changed(model.discriminators, d_before)) == sorted(d_before)
+
+
+@pytest.mark.parametrize("term", TERMS)
+def test_a_term_with_weight_zero_contributes_exactly_zero_gradient(term: str) -> None:
+    """Gradients with w_t = 0 are those of the other terms alone; t is not computed and reports 0."""
+    batch = _batch(1, labels=[0, 0, 1, 1, -1, -1])
+    full = ObjectiveConfig(mining="batch_hard")
+    off = ObjectiveConfig(mining="batch_hard", **{WEIGHT[term]: 0.0})  # type: ignore[arg-type]
+    model = _model()
+    reference = copy.deepcopy(model)
+
+    optimizers = make_optimizers(model, off)
+    out = forward_generator(model.generator, batch, off, levels=(4, 5))
+    losses = generator_step(
+        model.generator, model.discriminators, optimizers.generator, out, batch, off, step=0
+    )
+    assert float(losses[term]) == 0.0
+
+    out_ref = forward_generator(reference.generator, batch, full, levels=(4, 5))
+    terms_ref = generator_losses(reference.discriminators, out_ref, batch, full)
+    sum(terms_ref[t] for t in TERMS if t != term).backward()  # type: ignore[union-attr]
+
+    for (name, p), p_ref in zip(
+        model.generator.named_parameters(), reference.generator.parameters(), strict=True
+    ):
+        if p_ref.grad is None or not torch.any(p_ref.grad != 0):
+            assert p.grad is None or not torch.any(p.grad != 0), name
+        else:
+            assert p.grad is not None, name
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7, msg=name)
+    head = {"L_rec": model.generator.decoder, "L_cls": model.generator.classifier}.get(term)
+    if head is not None:  # a head that is not run gets no gradient and is skipped by the optimizer
+        assert all(p.grad is None for p in head.parameters())
+
+
+def test_rain_with_w_adv_zero_trains_exactly_like_baseline_hrlr() -> None:
+    results = []
+    for obj in (ObjectiveConfig(w_adv=0.0), ObjectiveConfig(variant="baseline_hrlr")):
+        model = _model()
+        optimizers = make_optimizers(model, obj)
+        d_before = _snapshot(model.discriminators)
+        for step in range(2):
+            losses = train_step(model.generator, model.discriminators, optimizers, _batch(step), obj, step)
+        assert float(losses["L_adv"]) == 0.0 and float(losses["L_D"]) == 0.0
+        assert _changed(model.discriminators, d_before) == []
+        results.append(_snapshot(model.generator))
+    assert all(torch.equal(results[0][name], results[1][name]) for name in results[0])
+
+
+def test_baseline_hr_sees_only_hr_images_and_never_updates_g_or_d() -> None:
+    obj = ObjectiveConfig(variant="baseline_hr")
+    snapshots = []
+    for lr_seed in (0, 1):
+        model = _model()
+        optimizers = make_optimizers(model, obj)
+        g_before, d_before = _snapshot(model.generator.decoder), _snapshot(model.discriminators)
+        batch = _batch(0)
+        batch.x_lr = torch.rand(batch.x_lr.shape, generator=torch.Generator().manual_seed(lr_seed))
+        losses = train_step(model.generator, model.discriminators, optimizers, batch, obj, 0)
+        assert {t: float(losses[t]) for t in ("L_adv", "L_rec", "L_D")} == {"L_adv": 0, "L_rec": 0, "L_D": 0}
+        assert float(losses["L_cls"]) > 0
+        assert _changed(model.generator.decoder, g_before) == []
+        assert _changed(model.discriminators, d_before) == []
+        snapshots.append(_snapshot(model.generator))
+    assert all(torch.equal(snapshots[0][name], snapshots[1][name]) for name in snapshots[0])
+
+
+@pytest.mark.parametrize("levels", [(5,), (4, 5)])
+def test_same_seed_gives_bitwise_identical_weights_after_n_steps(levels: tuple[int, ...]) -> None:
+    obj = ObjectiveConfig(mining="sampled")  # sampled mining also draws from the seeded RNG
+    runs = []
+    for _ in range(2):
+        model = _model(levels, seed=7)
+        optimizers = make_optimizers(model, obj)
+        for step in range(3):
+            train_step(model.generator, model.discriminators, optimizers, _batch(step), obj, step)
+        runs.append(_snapshot(model))
+    assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
+
+
+def test_cuda_only_switches_change_nothing_on_cpu() -> None:
+    runs = []
+    for obj in (ObjectiveConfig(), ObjectiveConfig(bf16_autocast=True, channels_last=True)):
+        model = _model()
+        optimizers = make_optimizers(model, obj)
+        losses = train_step(model.generator, model.discriminators, optimizers, _batch(0), obj, 0)
+        assert all(v.dtype == torch.float32 for v in losses.values())
+        runs.append(_snapshot(model))
+    assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
+
+
+def test_non_finite_loss_raises_naming_step_and_term(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, obj = _model(), ObjectiveConfig()
+    optimizers = make_optimizers(model, obj)
+    monkeypatch.setattr(
+        objective, "reconstruction_loss", lambda x_rec, x_hr: (x_rec - x_hr).sum() * torch.nan
+    )
+    before = _snapshot(model.generator)
+    with pytest.raises(NonFiniteLossError, match=r"step 7: L_rec is not finite"):
+        train_step(model.generator, model.discriminators, optimizers, _batch(0), obj, step=7)
+    assert _changed(model.generator, before) == []
+
+
+def test_unlabelled_batch_trains_on_rec_and_adv_only() -> None:
+    model, obj = _model(), ObjectiveConfig()
+    optimizers = make_optimizers(model, obj)
+    batch = _batch(0, labels=[-1] * 6)
+    out = forward_generator(model.generator, batch, obj, levels=(4, 5))
+    losses = generator_step(model.generator, model.discriminators, optimizers.generator, out, batch, obj, 0)
+    assert float(losses["L_cls"]) == 0.0 and float(losses["L_tri"]) == 0.0
+    assert float(losses["L_rec"]) > 0 and float(losses["L_adv"]) > 0
+    assert all(p.grad is None or not torch.any(p.grad != 0) for p in model.generator.classifier.parameters())
+
+
+def test_losses_go_down_on_a_fixed_batch() -> None:
+    model, obj = _model(), ObjectiveConfig(lr=1e-3)
+    optimizers = make_optimizers(model, obj)
+    batch = _batch(0, size=(32, 32))
+    history = [train_step(model.generator, model.discriminators, optimizers, batch, obj, s) for s in range(8)]
+    for term in ("L_rec", "L_cls"):
+        assert float(history[-1][term]) < 0.9 * float(history[0][term]), term
+
+
+def _ddp_worker(rank: int, world_size: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        variants: list[tuple[dict[str, object], list[int]]] = [
+            ({}, [0, 0, 1, 1]),
+            ({"variant": "baseline_hr"}, [0, 0, 1, 1]),
+            ({"w_cls": 0.0, "w_rec": 0.0}, [0, 0, 1, 1]),
+            ({}, [-1, -1, -1, -1]),
+        ]
+        for kwargs, labels in variants:
+            model = _model()
+            obj = ObjectiveConfig(**kwargs)  # type: ignore[arg-type]
+            optimizers = make_optimizers(model, obj)
+            generator = DistributedDataParallel(model.generator)
+            discriminators = DistributedDataParallel(model.discriminators)
+            for step in range(3):  # an unused parameter would fail at the second step
+                batch = _batch(100 * rank + step, labels=labels, size=(32, 32))  # different data per rank
+                train_step(generator, discriminators, optimizers, batch, obj, step)
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+            gathered = [torch.empty_like(flat) for _ in range(world_size)]
+            dist.all_gather(gathered, flat)
+            assert torch.equal(gathered[0], gathered[1]), f"ranks diverged for {kwargs} {labels}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_wrapped_steps_stay_in_sync_without_unused_parameter_errors(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
