@@ -1,4 +1,5 @@
-"""The `rain` command: run the pipeline flow, or serve it as the Prefect deployment `rain/full`."""
+"""The `rain` command: run the pipeline flow, serve it as the Prefect deployment `rain/full`, promote a
+registered model version to `champion`, search a gallery with a registered model."""
 
 from __future__ import annotations
 
@@ -117,6 +118,144 @@ def serve(project: ProjectOption = Path("."),
             server.terminate()
             server.wait(timeout=30)
 
+
+def _tracking(project: Path) -> str:
+    """Point MLflow at the project's registry (or MLFLOW_TRACKING_URI) and return the URI."""
+    import mlflow
+
+    from tasks.tracking import tracking_uri
+
+    uri = tracking_uri(project)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str]]) -> None:
+    """Versions as a table; how each was measured (dataset, protocol, eval set) as a letter with a legend."""
+    from rich.table import Table
+
+    keys: dict[tuple[str, str, str], str] = {}
+    table = Table(title=f"{model} in {uri}")
+    for col in ("version", "aliases", "LR rank-1 %", "mAP %", "measured", "created (UTC)", "forced because"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        key = (r["dataset"], r["protocol"], r["eval_set"])
+        letter = keys.setdefault(key, chr(ord("A") + len(keys)))
+        rank1 = f"{100 * float(r['rank1']):.1f}" if r["rank1"] else "-"
+        if r["rank1"] and r["rank1_std"]:
+            rank1 += f" ± {100 * float(r['rank1_std']):.1f}"
+        table.add_row(r["version"], r["aliases"], rank1, f"{100 * float(r['mAP']):.1f}" if r["mAP"] else "-",
+                      letter, r["created"], r["promotion_force_reason"])
+    console.print(table)
+    for (dataset, protocol, eval_set), letter in keys.items():
+        console.print(f"{letter}: dataset {dataset or '?'}; {protocol or 'protocol ?'}; "
+                      f"eval set {eval_set[:12] or '?'}", highlight=False)
+    console.print("Only versions measured the same way (same letter) are compared by the promotion gate.")
+
+
+@app.command()
+def promote(
+    version: Annotated[str | None, typer.Argument(
+        help="Model version to promote; default: the version with alias `candidate`.")] = None,
+    model: Annotated[str, typer.Option(help="Registered model name.")] = "rain-reid",
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the gate refuses (needs --reason).")]
+    = False,
+    reason: Annotated[str | None, typer.Option(help="Why a forced promotion is right; recorded as a tag.")]
+    = None,
+    list_: Annotated[bool, typer.Option("--list", help="Show versions, aliases and metrics; change nothing.")]
+    = False,
+    break_lock: Annotated[bool, typer.Option(
+        "--break-lock", help="Remove a promotion lock left by a process that died; change nothing else.")]
+    = False,
+    lock_timeout: Annotated[float, typer.Option(help="Seconds to wait for another promotion.")] = 60.0,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Move alias `champion` to a version if its LR rank-1 (same dataset and protocol) is at least the champion's."""
+    from rich.console import Console
+
+    project = project.resolve()
+    configure_environment(project)
+    uri = _tracking(project)
+    from mlflow import MlflowClient
+
+    from tasks import promote as promotion
+
+    client = MlflowClient(uri)
+    console = Console(width=max(120, Console().width))
+    try:
+        if list_:
+            _print_versions(console, model, uri, promotion.list_versions(client, model))
+            return
+        if break_lock:
+            holder = promotion.break_lock(client, model)
+            typer.echo(f"removed the promotion lock held by {holder}" if holder else "no promotion lock held")
+            return
+        if force and not (reason and reason.strip()):
+            typer.echo("error: --force needs --reason TEXT (it is recorded on the version)", err=True)
+            raise typer.Exit(2)
+        if reason and not force:
+            typer.echo("error: --reason only goes with --force", err=True)
+            raise typer.Exit(2)
+        request = promotion.PromoteRequest(model_name=model, version=version, force_reason=reason if force else None,
+                                           lock_timeout_s=lock_timeout)
+        decision = promotion.promote(client, request, promotion.host_lock_path(uri, project))
+    except promotion.PromotionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3 if isinstance(exc, promotion.LockTimeout) else 2) from exc
+    if not decision.accepted:
+        typer.echo(f"refused: version {decision.version} stays off champion (champion: version "
+                   f"{decision.previous}): {decision.reason}. Use --force --reason TEXT to override.", err=True)
+        raise typer.Exit(1)
+    forced = " (forced)" if decision.forced else ""
+    typer.echo(f"{model} version {decision.version} is champion{forced} (was: {decision.previous or 'none'}): "
+               f"{decision.reason}")
+
+
+@app.command()
+def search(
+    gallery: Annotated[Path, typer.Option(help="Folder of gallery images (searched recursively).")],
+    query: Annotated[list[Path], typer.Option(
+        help="Query image(s): --query a.png b.png ... (a folder means every image in it).")],
+    more_queries: Annotated[list[Path] | None, typer.Argument(
+        help="More query images (what follows --query a.png).", show_default=False)] = None,
+    model: Annotated[str, typer.Option(help="Model URI.")] = "models:/rain-reid@champion",
+    top_k: Annotated[int, typer.Option(help="Gallery images shown per query.")] = 10,
+    out: Annotated[Path, typer.Option(help="HTML page to write; the contact sheet goes next to it (.png).")]
+    = Path("search.html"),
+    id_pattern: Annotated[str | None, typer.Option(
+        help=r"Regex whose first group is the identity in a file name (e.g. '^(\d+)_'): marks right/wrong.")]
+    = None,
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="Embedding cache; default <project>/.cache/embeddings.")] = None,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Rank a gallery folder for query images with a registered model; write an HTML page and a PNG sheet."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    project = project.resolve()
+    configure_environment(project)
+    _tracking(project)
+    from tasks.search import SearchConfig, SearchError, expand_queries
+    from tasks.search import run as run_search
+
+    try:
+        queries = expand_queries([*query, *(more_queries or [])])
+        cfg = SearchConfig(model_uri=model, gallery_dir=gallery, queries=queries, out_html=out, top_k=top_k,
+                           cache_dir=cache_dir or project / ".cache" / "embeddings",
+                           id_pattern=id_pattern)
+        with Progress(TextColumn("Embedding gallery"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      transient=False) as bar:
+            task = bar.add_task("gallery", total=None)
+            result = run_search(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except SearchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"{len(result.results)} queries, {result.gallery_images} gallery images "
+               f"({result.embedded} embedded, {result.cached} from the cache, {len(result.skipped)} skipped) "
+               f"with {result.model_uri}")
+    if result.rank1 is not None:
+        typer.echo(f"rank-1: {100 * result.rank1:.1f}%")
+    typer.echo(f"wrote {result.html} and {result.sheet}")
 
 if __name__ == "__main__":
     app()

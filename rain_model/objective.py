@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
@@ -118,12 +118,20 @@ def _autocast(obj: ObjectiveConfig, device: torch.device) -> contextlib.Abstract
 
 
 def _check_finite(losses: dict[str, Tensor], step: int) -> None:
+    """Raise NonFiniteLossError when a term is NaN/inf on this rank or on any other rank.
+
+    Under torch.distributed the verdict is all-reduced before anything else happens, so every rank
+    raises at the same step instead of one rank stopping while the others wait in DDP's all-reduce.
+    """
     values = torch.stack([value.detach().float() for value in losses.values()])  # (T,)
-    if bool(torch.isfinite(values).all()):
+    bad = (~torch.isfinite(values)).to(torch.float32)  # (T,)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if not bool(bad.any()):
         return
-    for name, value in zip(losses, values.tolist(), strict=True):
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"step {step}: {name} is not finite ({value})")
+    for name, value, flag in zip(losses, values.tolist(), bad.tolist(), strict=True):
+        if flag:
+            raise NonFiniteLossError(f"step {step}: {name} is not finite ({value} on this rank)")
 
 
 def forward_generator(
@@ -203,7 +211,7 @@ def generator_losses(
     if plan.classify:
         assert out.logits is not None
         losses["L_cls"] = sum((classification_loss(out.logits[half], labels) for half in halves), start=zero)
-    if obj.w_tri > 0:
+    if "L_tri" in obj.active_terms():
         losses["L_tri"] = sum(
             (triplet_loss(out.v[half], labels, obj.margin, obj.mining) for half in halves), start=zero
         )

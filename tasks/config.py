@@ -106,14 +106,17 @@ class TrainConfig:
     seed: int = 0
     label_fraction: float = 1.0
     checkpoint_every_epochs: int = 1
-    device: str = "cpu"  # cpu | cuda
+    lr_decay_epochs: tuple[int, ...] = ()  # multiply both learning rates by lr_decay at these epochs
+    lr_decay: float = 0.1
+    loader_workers: int = 0  # DataLoader processes per Ray worker (0: load in the training process)
 
     def __post_init__(self) -> None:
         _require(len(self.trials) > 0, "train.trials", self.trials, "at least one trial")
         _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
         _require(self.p >= 2 and self.k >= 2, "train.p/train.k", (self.p, self.k), "P >= 2 and K >= 2")
         _require(0.0 <= self.label_fraction <= 1.0, "train.label_fraction", self.label_fraction, "in [0, 1]")
-        _require(self.device in ("cpu", "cuda"), "train.device", self.device, "cpu or cuda")
+        _require(self.lr_decay > 0, "train.lr_decay", self.lr_decay, "> 0")
+        _require(self.loader_workers >= 0, "train.loader_workers", self.loader_workers, ">= 0")
         _require(self.height % 32 == 0 and self.width % 32 == 0, "train.height/width",
                  (self.height, self.width), "multiples of 32")
 

@@ -26,10 +26,12 @@ import hashlib
 import json
 from typing import Any
 
-import mlflow.pyfunc
+import mlflow.models
 import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
 
 # Images per forward pass: a large request is embedded in chunks rather than in one huge batch.
 CHUNK = 64
@@ -65,7 +67,7 @@ def fingerprint(weights_path: str, config_path: str) -> str:
     return digest.hexdigest()
 
 
-class RainEmbedder(mlflow.pyfunc.PythonModel):
+class RainEmbedder(PythonModel):
     def load_context(self, context: Any) -> None:
         from rain_model.config import ModelConfig
         from tasks.config import parse
@@ -79,9 +81,8 @@ class RainEmbedder(mlflow.pyfunc.PythonModel):
         self.model = load_model(context.artifacts["weights"], cfg, int(meta["num_classes"]))
         self.fingerprint = fingerprint(context.artifacts["weights"], context.artifacts["config"])
 
-    # No type hints on predict: MLflow would read them as a schema; the signature comes from the example.
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        import pandas as pd
+    # pd.DataFrame is a hint MLflow infers no schema from: the signature comes from the input example.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         import torch
 
         from tasks.embed import embed_batch

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from tasks.config import Params, parse
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for seconds per stage on 2 cores, big enough to exercise every code path
@@ -63,3 +65,19 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     return env
+
+
+def micro_params(overrides: dict[str, Any] | None = None) -> Params:
+    """The repository's params.yaml + MICRO + overrides, parsed like a stage would."""
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    return parse(Params, merge(merge(base, MICRO), overrides or {}), "")
+
+
+def prepare_data(root: Path, params: Params) -> Path:
+    """Run download -> manifest -> synthesize in `root` (the current folder must be `root`); returns the MLR manifest."""
+    from tasks import download, manifest, synthesize
+
+    download.run(params, params.raw_dir())
+    manifest.run(params, params.raw_dir(), params.manifest_path(), params.quarantine_path())
+    synthesize.run(params, params.raw_dir(), params.manifest_path(), params.lr_dir(), params.mlr_manifest_path())
+    return params.mlr_manifest_path()

@@ -28,7 +28,7 @@ from rain_model.objective import Batch, make_optimizers, train_step
 
 SEED = 1
 N_IDS, H, W = 8, 32, 32
-STEPS = 100
+STEPS = 60
 
 
 def _images(n_per_id: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,7 +57,7 @@ def _train_and_embed(variant: str) -> tuple[np.ndarray, np.ndarray]:
     x_test_hr, x_test_lr, _ = _images(16, seed=SEED + 2)
     torch.manual_seed(SEED)
     model = RAIN(ModelConfig(backbone="resnet18", levels=(4, 5), decoder_channels=(32, 16, 8)), N_IDS)
-    obj = ObjectiveConfig(variant=variant, lr_d=3e-3)
+    obj = ObjectiveConfig(variant=variant, lr=1e-3, lr_d=3e-3)  # higher rates than the defaults: few steps
     optimizers = make_optimizers(model, obj)
     g = torch.Generator().manual_seed(SEED + 3)
     model.train()
@@ -92,6 +92,8 @@ def test_adversarial_loss_brings_hr_and_lr_features_closer() -> None:
     without = _alignment(*_train_and_embed("baseline_hrlr"))
     with_adv = _alignment(*_train_and_embed("rain"))
     report = f"without L_adv {without}, with L_adv {with_adv}"
-    assert with_adv["gap"] < 0.8 * without["gap"], report
-    assert with_adv["centroid_gap"] < 0.8 * without["centroid_gap"], report
-    assert with_adv["probe_cross_entropy"] > without["probe_cross_entropy"], report
+    # measured here: gap 0.165 -> 0.065, centroid gap 0.098 -> 0.027, probe cross-entropy 0.50 -> 0.64
+    # (seeds 2 and 3 of this problem: gap ratio <= 0.58, centroid ratio <= 0.44, cross-entropy +0.09)
+    assert with_adv["gap"] < 0.75 * without["gap"], report
+    assert with_adv["centroid_gap"] < 0.7 * without["centroid_gap"], report
+    assert with_adv["probe_cross_entropy"] > without["probe_cross_entropy"] + 0.03, report

@@ -1,0 +1,279 @@
+"""Move the `champion` alias to a model version, only if it is at least as good as the current champion.
+
+The gate: a version may become champion when it was measured on the same dataset, with the same
+protocol and on the same evaluation images (tags `dataset`, `protocol`, `eval_set`, written by the
+register stage) as the current champion, and its LR rank-1 is at least the champion's. With no
+champion yet, any version that carries those tags and a rank-1 may become champion. `force_reason`
+overrides the gate; the reason is recorded on the version (tag `promotion_force_reason`, with the gate
+verdict it overrode in `promotion_gate_verdict`).
+
+Races. MLflow has no compare-and-set on aliases: two promoters that both read "champion = v1", then
+both set it, leave the alias wherever the slower one put it, whatever the gate said. So the whole
+read-check-write runs under two locks, taken in this order:
+
+1. a host lock: an OS advisory lock (``fcntl.flock``) on a file next to the sqlite database
+   (``mlflow.db.promote.lock``), or under the project's ``.cache/`` for a remote tracking server. The
+   kernel releases it when its holder exits, however it exits.
+2. a registry lock: a registered model named ``<model>.promotion-lock``, created to acquire and deleted
+   to release. Creating a registered model whose name exists fails (a unique key in the tracking
+   server's database), so among promoters on different machines sharing one tracking server exactly
+   one create succeeds: that is the compare-and-set the alias API lacks.
+
+Limits (remote tracking servers): the registry lock is only as strong as the server's uniqueness check
+(true of the SQL stores; a registry that allows duplicate names would not exclude). If a holder dies
+without releasing it (killed, machine lost), the lock stays: promoters on its own host remove it once
+its process is gone (safe, since they hold the host lock); promoters elsewhere wait `lock_timeout_s`,
+then fail naming the holder, and `rain promote --break-lock` removes it by hand (only when you know the
+holder is gone). Anyone who sets the alias without this module (the MLflow UI, another script) bypasses
+both locks and the gate. The host lock needs a local file system with working ``flock`` (not NFS
+without lock support; POSIX only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+GATE_TAGS = ("dataset", "protocol", "eval_set")
+LOCK_SUFFIX = ".promotion-lock"
+LIST_TAGS = ("rank1", "rank1_std", "mAP", "dataset", "protocol", "eval_set", "promotion_force_reason")
+
+
+class PromotionError(RuntimeError):
+    """The promotion could not be attempted (unknown version, lock not acquired); the message says why."""
+
+
+class LockTimeout(PromotionError):
+    """Another promotion holds the lock and did not release it in time."""
+
+
+@dataclass(frozen=True)
+class PromoteRequest:
+    model_name: str = "rain-reid"
+    version: str | None = None  # None: the version alias `from_alias` points at
+    from_alias: str = "candidate"
+    alias: str = CHAMPION
+    force_reason: str | None = None  # set: promote even if the gate refuses, recording why
+    lock_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.force_reason is not None and not self.force_reason.strip():
+            raise ValueError("a forced promotion needs a non-empty reason")
+        if self.lock_timeout_s < 0:
+            raise ValueError(f"lock_timeout_s must be >= 0, got {self.lock_timeout_s}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    accepted: bool
+    version: str
+    previous: str | None  # the champion before this call (None: there was none)
+    reason: str  # the gate's verdict, in words
+    forced: bool = False
+
+
+def gate(candidate: dict[str, str], champion: dict[str, str] | None) -> tuple[bool, str]:
+    """(passes, why) for tags of a candidate version against the current champion's (None: no champion)."""
+    missing = [k for k in (*GATE_TAGS, "rank1") if k not in candidate]
+    if missing:
+        return False, f"the version lacks the tags {missing} (not registered by the register stage?)"
+    rank1 = float(candidate["rank1"])
+    if champion is None:
+        return True, f"no champion yet; rank-1 {rank1:.4f}"
+    differ = [k for k in GATE_TAGS if champion.get(k) != candidate[k]]
+    if differ:
+        details = "; ".join(f"{k}: {candidate[k]!r} vs champion's {champion.get(k)!r}" for k in differ)
+        return False, f"not comparable with the champion, measured differently ({details})"
+    best = float(champion.get("rank1", "nan"))
+    if rank1 >= best:
+        return True, f"rank-1 {rank1:.4f} >= champion's {best:.4f}"
+    return False, f"rank-1 {rank1:.4f} < champion's {best:.4f}"
+
+
+def promote(client: Any, request: PromoteRequest, host_lock: Path) -> Decision:
+    """Gate and move `request.alias` under both locks (module docstring). Raises PromotionError."""
+    from mlflow.exceptions import MlflowException
+
+    with file_lock(host_lock, request.lock_timeout_s), \
+            registry_lock(client, request.model_name, request.lock_timeout_s):
+        try:
+            aliases = dict(client.get_registered_model(request.model_name).aliases)
+        except MlflowException as exc:
+            raise PromotionError(f"no registered model {request.model_name!r}: {exc.message}") from exc
+        version = request.version or _alias_version(aliases, request.from_alias, request.model_name)
+        try:
+            candidate = client.get_model_version(request.model_name, version)
+        except MlflowException as exc:
+            raise PromotionError(f"{request.model_name} has no version {version!r}") from exc
+        previous = str(aliases[request.alias]) if request.alias in aliases else None
+        if previous == str(candidate.version):
+            return Decision(True, previous, previous, f"version {previous} is already {request.alias}")
+        champion_tags = dict(client.get_model_version(request.model_name, previous).tags) if previous else None
+        passes, why = gate(dict(candidate.tags), champion_tags)
+        forced = not passes and request.force_reason is not None
+        if not passes and not forced:
+            return Decision(False, str(candidate.version), previous, why)
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        tags = {"promoted_at": stamp, "promoted_over": previous or "none"}
+        if forced:
+            assert request.force_reason is not None
+            tags |= {"promotion_force_reason": request.force_reason, "promotion_gate_verdict": why}
+        for key, value in tags.items():
+            client.set_model_version_tag(request.model_name, candidate.version, key, value)
+        client.set_registered_model_alias(request.model_name, request.alias, candidate.version)
+        # Read back: a writer that bypassed the locks (UI, another tool) would show up here.
+        now = client.get_registered_model(request.model_name).aliases.get(request.alias)
+        if str(now) != str(candidate.version):
+            raise PromotionError(f"{request.alias} points at version {now} right after being set to "
+                                 f"{candidate.version}: someone moved it without `rain promote`")
+        log.info("promote: %s version %s is %s (was %s)%s", request.model_name, candidate.version,
+                 request.alias, previous, " [forced]" if forced else "")
+        return Decision(True, str(candidate.version), previous, why, forced)
+
+
+def _alias_version(aliases: dict[str, Any], alias: str, name: str) -> str:
+    if alias not in aliases:
+        raise PromotionError(f"{name} has no version with alias {alias!r}; name a version")
+    return str(aliases[alias])
+
+
+def list_versions(client: Any, model_name: str) -> list[dict[str, str]]:
+    """One row per version, newest first: version, aliases, metrics and how they were measured."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = dict(client.get_registered_model(model_name).aliases)
+    except MlflowException as exc:
+        raise PromotionError(f"no registered model {model_name!r}: {exc.message}") from exc
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
+    # search_model_versions leaves `aliases` empty on the sqlite store; the registered model has them.
+    versions = client.search_model_versions(f"name='{model_name}'")
+    rows = []
+    for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        row = {"version": str(mv.version), "aliases": ", ".join(sorted(by_version.get(str(mv.version), []))),
+               "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M")}
+        rows.append(row | {k: mv.tags.get(k, "") for k in LIST_TAGS})
+    return rows
+
+
+def host_lock_path(tracking_uri: str, project_dir: Path) -> Path:
+    """Next to the sqlite database when there is one (every local user of it sees the same file)."""
+    if tracking_uri.startswith("sqlite:///") and ":memory:" not in tracking_uri:
+        db = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]).resolve()
+        return db.with_name(db.name + ".promote.lock")
+    return project_dir / ".cache" / "promote.lock"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float, poll_s: float = 0.1) -> Iterator[None]:
+    """Exclusive ``flock`` on `path`, waiting up to `timeout_s`; the kernel drops it if we die."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with path.open("a") as fh:
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(f"another promotion on this machine holds {path} "
+                                      f"(waited {timeout_s:.0f} s)") from None
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def registry_lock(client: Any, model_name: str, timeout_s: float, poll_s: float = 0.2) -> Iterator[str]:
+    """Hold the registered model `<model_name>.promotion-lock` (module docstring); yields its token.
+
+    Call it under the host lock: breaking the lock of a dead process on this host is then race-free.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name = model_name + LOCK_SUFFIX
+    token = uuid.uuid4().hex
+    holder = {"token": token, "host": socket.gethostname(), "pid": str(os.getpid()),
+              "acquired_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(name, tags=holder, description=(
+                f"Held by `rain promote` on {holder['host']} (pid {holder['pid']}) while it moves an alias "
+                f"of {model_name}; deleted when it is done."))
+            break
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                raise
+            # RESOURCE_DOES_NOT_EXIST: the holder released between our create and MLflow's re-read.
+        other = _lock_holder(client, name)
+        if other and other.get("host") == holder["host"] and not _pid_alive(int(other.get("pid", "0") or 0)):
+            log.warning("promote: removing the lock left by dead process %s on this host", other.get("pid"))
+            _delete_if_token(client, name, other.get("token"))
+            continue
+        if time.monotonic() >= deadline:
+            raise LockTimeout(f"registered model {name!r} is held by {other or 'someone'}; if that process is "
+                              f"gone, run `rain promote --break-lock`")
+        time.sleep(poll_s)
+    try:
+        yield token
+    finally:
+        _delete_if_token(client, name, token)
+
+
+def _lock_holder(client: Any, name: str) -> dict[str, str] | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(client.get_registered_model(name).tags)
+    except MlflowException:
+        return None
+
+
+def _delete_if_token(client: Any, name: str, token: str | None) -> bool:
+    """Delete the lock only if it is still the one with `token` (never a newer holder's)."""
+    from mlflow.exceptions import MlflowException
+
+    holder = _lock_holder(client, name)
+    if holder is None or holder.get("token") != token:
+        return False
+    try:
+        client.delete_registered_model(name)
+    except MlflowException:
+        return False
+    return True
+
+
+def break_lock(client: Any, model_name: str) -> dict[str, str] | None:
+    """Remove a promotion lock left behind (its holder's tags, or None if there was none)."""
+    holder = _lock_holder(client, model_name + LOCK_SUFFIX)
+    if holder is not None:
+        _delete_if_token(client, model_name + LOCK_SUFFIX, holder.get("token"))
+    return holder

@@ -1,0 +1,339 @@
+"""Rank a gallery folder for query images with a registered model; write an HTML page and a contact sheet.
+
+The model is any version of the registered pyfunc (tasks/pyfunc_model.py), loaded by URI
+(``models:/rain-reid@champion``); an alias is resolved to its version first, so the whole search uses
+one version even if the alias moves meanwhile. Every image goes through the model's own ``predict``,
+so a search ranks exactly as the served model would.
+
+Gallery embeddings are cached by content: ``<cache_dir>/<model key>/<sha256 of the file's bytes>.npy``,
+where the model key is the sha256 of the model's weights and settings (``RainEmbedder.fingerprint``).
+A second search over the same gallery with the same model embeds nothing; a renamed or copied file is
+not embedded again; a different model (even under the same alias) never reads another model's vectors.
+Cache files are written whole (temporary file + rename), so concurrent searches can share the folder.
+
+Ranking: embeddings are unit-norm, so the Euclidean distance is ``sqrt(2 - 2 q.g)`` and the order is
+the cosine order; ties keep the gallery's path order. With ``id_pattern`` (a regular expression whose
+first group is the identity in a file name, e.g. ``^(\\d+)_`` for ``0042_c1_00.png``) matches are
+marked right or wrong and the rank-1 rate is reported, over queries whose identity is in the gallery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")
+TILE = (64, 128)  # contact-sheet tile (width, height): a pedestrian crop's 1:2 aspect
+
+Progress = Callable[[int, int], None]  # (images embedded so far, images to embed)
+
+
+class SearchError(ValueError):
+    """The search cannot run (no gallery images, an unreadable query, a bad pattern); says why."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    model_uri: str
+    gallery_dir: Path
+    queries: tuple[Path, ...]
+    out_html: Path
+    top_k: int = 10
+    cache_dir: Path = Path(".cache/embeddings")
+    batch_size: int = 32
+    id_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise SearchError(f"top_k must be >= 1, got {self.top_k}")
+        if self.batch_size < 1:
+            raise SearchError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.queries:
+            raise SearchError("give at least one query image")
+        if self.id_pattern is not None:
+            try:
+                if re.compile(self.id_pattern).groups < 1:
+                    raise SearchError(f"id_pattern {self.id_pattern!r} needs a group: the identity")
+            except re.error as exc:
+                raise SearchError(f"id_pattern {self.id_pattern!r} is not a regular expression: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Match:
+    path: Path
+    distance: float
+    correct: bool | None  # None: identities unknown (no id_pattern)
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    query: Path
+    matches: tuple[Match, ...]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    html: Path
+    sheet: Path
+    model_uri: str  # with the alias resolved to a version
+    model_key: str
+    gallery_images: int
+    embedded: int  # distinct gallery images (by content) embedded by this search
+    cached: int  # distinct gallery images whose embedding came from the cache
+    skipped: tuple[tuple[Path, str], ...]  # gallery files that are not images, with the reason
+    results: tuple[QueryResult, ...]
+    rank1: float | None  # with id_pattern: share of queries (with a true match) right at rank 1
+
+
+class EmbeddingCache:
+    """One .npy per (model, image content): no index to corrupt, safe to share between processes."""
+
+    def __init__(self, root: Path, model_key: str) -> None:
+        self.dir = root / model_key
+
+    def _path(self, sha: str) -> Path:
+        return self.dir / sha[:2] / f"{sha}.npy"
+
+    def get(self, sha: str) -> np.ndarray | None:
+        path = self._path(sha)
+        if not path.exists():
+            return None
+        try:
+            return np.asarray(np.load(path, allow_pickle=False))
+        except (OSError, ValueError):  # a damaged entry is recomputed, not trusted
+            return None
+
+    def put(self, sha: str, vector: np.ndarray) -> None:
+        path = self._path(sha)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as fh:
+            np.save(fh, np.asarray(vector, dtype=np.float32), allow_pickle=False)
+        os.replace(fh.name, path)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursively, by suffix), in path order."""
+    if not folder.is_dir():
+        raise SearchError(f"gallery {folder} is not a folder")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def expand_queries(paths: Sequence[Path]) -> tuple[Path, ...]:
+    """Query files as given; a folder stands for every image in it."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out.extend(image_files(path))
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise SearchError(f"query {path} does not exist")
+    return tuple(out)
+
+
+def resolve_model_uri(model_uri: str) -> str:
+    """models:/name@alias -> models:/name/<version> (pins one version for the whole search)."""
+    m = re.fullmatch(r"models:/([^/@]+)@([^/@]+)", model_uri)
+    if not m:
+        return model_uri
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = MlflowClient().get_model_version_by_alias(m.group(1), m.group(2)).version
+    except MlflowException as exc:
+        raise SearchError(f"{model_uri}: {exc.message}") from exc
+    return f"models:/{m.group(1)}/{version}"
+
+
+def _embed(model: Any, blobs: Sequence[bytes]) -> list[np.ndarray | str]:
+    """Embeddings of encoded images; an image the model refuses yields its reason instead."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(np.asarray(model.predict(pd.DataFrame({"image": list(blobs)}))))
+    except MlflowException as exc:
+        if exc.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        if len(blobs) == 1:
+            return [exc.message]
+    # Rare: a bad file in the batch; find it one image at a time rather than failing the search.
+    return [item for blob in blobs for item in _embed(model, [blob])]
+
+
+def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
+    import mlflow.pyfunc
+
+    gallery = image_files(cfg.gallery_dir)
+    if not gallery:
+        raise SearchError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {cfg.gallery_dir}")
+    uri = resolve_model_uri(cfg.model_uri)
+    model = mlflow.pyfunc.load_model(uri)
+    model_key = str(getattr(model.unwrap_python_model(), "fingerprint", "")) or \
+        hashlib.sha256(f"{mlflow.get_tracking_uri()} {uri}".encode()).hexdigest()
+    cache = EmbeddingCache(cfg.cache_dir, model_key)
+
+    # Gallery: content hash per file, vectors from the cache, the rest embedded in batches.
+    shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in gallery]
+    vectors: dict[str, np.ndarray] = {}
+    for sha in set(shas):
+        if (hit := cache.get(sha)) is not None:
+            vectors[sha] = hit
+    n_cached = len(vectors)
+    todo = sorted({sha: p for p, sha in zip(gallery, shas, strict=True) if sha not in vectors}.items())
+    rejected: dict[str, str] = {}
+    if progress:
+        progress(0, len(todo))
+    for start in range(0, len(todo), cfg.batch_size):
+        chunk = todo[start:start + cfg.batch_size]
+        for (sha, _), out in zip(chunk, _embed(model, [p.read_bytes() for _, p in chunk]), strict=True):
+            if isinstance(out, str):
+                rejected[sha] = out
+            else:
+                cache.put(sha, out)
+                vectors[sha] = out
+        if progress:
+            progress(min(start + cfg.batch_size, len(todo)), len(todo))
+    kept = [(p, sha) for p, sha in zip(gallery, shas, strict=True) if sha in vectors]
+    if not kept:
+        raise SearchError(f"none of the {len(gallery)} files under {cfg.gallery_dir} is a usable image")
+    skipped = tuple((p, rejected[sha]) for p, sha in zip(gallery, shas, strict=True) if sha in rejected)
+    for path, reason in skipped:
+        log.warning("search: skipped gallery file %s: %s", path, reason)
+
+    # Queries: embedded every time (a few images), refused loudly if unreadable.
+    q_out = _embed(model, [p.read_bytes() for p in cfg.queries])
+    for path, out in zip(cfg.queries, q_out, strict=True):
+        if isinstance(out, str):
+            raise SearchError(f"query {path}: {out}")
+    q_feat = np.stack([np.asarray(v, dtype=np.float32) for v in q_out])  # (Q, d)
+    g_feat = np.stack([vectors[sha] for _, sha in kept]).astype(np.float32)  # (G, d)
+    dist = np.sqrt(np.clip(2.0 - 2.0 * (q_feat @ g_feat.T), 0.0, None))  # (Q, G), unit vectors
+
+    identity = _identity_fn(cfg.id_pattern)
+    results = []
+    hits = []
+    g_ids = [identity(p) for p, _ in kept]
+    for qi, query in enumerate(cfg.queries):
+        order = np.argsort(dist[qi], kind="stable")[: cfg.top_k]
+        q_id = identity(query)
+        matches = tuple(Match(kept[j][0], float(dist[qi, j]),
+                              None if q_id is None else g_ids[j] == q_id) for j in order)
+        results.append(QueryResult(query, matches))
+        if q_id is not None and q_id in g_ids:
+            hits.append(bool(matches[0].correct))
+    rank1 = float(np.mean(hits)) if hits else None
+
+    sheet = cfg.out_html.with_suffix(".png")
+    contact_sheet(results, sheet, cfg.top_k)
+    result = SearchResult(cfg.out_html, sheet, uri, model_key, len(gallery), len(todo) - len(rejected),
+                          n_cached, skipped, tuple(results), rank1)
+    write_html(result, cfg)
+    log.info("search: %d queries against %d gallery images (%d embedded, %d cached) -> %s",
+             len(cfg.queries), len(gallery), result.embedded, result.cached, cfg.out_html)
+    return result
+
+
+def _identity_fn(pattern: str | None) -> Callable[[Path], str | None]:
+    if pattern is None:
+        return lambda _: None
+    compiled = re.compile(pattern)
+
+    def identity(path: Path) -> str | None:
+        m = compiled.search(path.name)
+        return m.group(1) if m else None
+
+    return identity
+
+
+_GREY, _GREEN, _RED, _LIGHT = (128, 128, 128), (0, 170, 0), (210, 0, 0), (200, 200, 200)
+
+
+def contact_sheet(results: Sequence[QueryResult], path: Path, top_k: int) -> Path:
+    """One row per query: the query (grey frame), then its top-k, framed green/red when identities are known."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    pad, label_h = 4, 14
+    tile_w, tile_h = TILE
+    width = pad + (tile_w + pad) * (1 + top_k) + pad  # an extra gap after the query
+    height = pad + (tile_h + label_h + pad) * len(results)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+
+    def tile(img_path: Path, x: int, y: int, frame: tuple[int, int, int], label: str) -> None:
+        with Image.open(img_path) as img:
+            fitted = ImageOps.pad(img.convert("RGB"), (tile_w - 4, tile_h - 4), color=(255, 255, 255))
+        sheet.paste(fitted, (x + 2, y + 2))
+        draw.rectangle((x, y, x + tile_w - 1, y + tile_h - 1), outline=frame, width=2)
+        draw.text((x + 2, y + tile_h + 1), label, fill=(0, 0, 0))
+
+    for row, res in enumerate(results):
+        y = pad + row * (tile_h + label_h + pad)
+        tile(res.query, pad, y, _GREY, "query")
+        for k, match in enumerate(res.matches):
+            frame = _LIGHT if match.correct is None else (_GREEN if match.correct else _RED)
+            tile(match.path, pad + (tile_w + pad) * (k + 1) + pad, y, frame, f"{k + 1}: {match.distance:.3f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def _src(target: Path, page: Path) -> str:
+    """A link from the page to a local file, relative so the page and its images can move together."""
+    return quote(os.path.relpath(target.resolve(), page.resolve().parent))
+
+
+def write_html(result: SearchResult, cfg: SearchConfig) -> Path:
+    page = cfg.out_html
+    e = html.escape
+    parts = [
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>rain search: {len(result.results)} queries</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em}figure{display:inline-block;margin:4px;"
+        "text-align:center;font-size:12px}figure img{height:128px;border:3px solid #ccc}"
+        ".query img{border-color:#888}.right img{border-color:#0a0}.wrong img{border-color:#d00}"
+        "table{border-collapse:collapse}td,th{padding:2px 8px;text-align:left}</style></head><body>",
+        "<h1>Gallery search</h1><table>",
+        f"<tr><th>model</th><td>{e(cfg.model_uri)} &rarr; <code>{e(result.model_uri)}</code></td></tr>",
+        f"<tr><th>model key</th><td><code>{e(result.model_key[:16])}</code></td></tr>",
+        f"<tr><th>gallery</th><td>{e(str(cfg.gallery_dir))}: {result.gallery_images} images, "
+        f"{result.embedded} embedded now, {result.cached} from the cache, {len(result.skipped)} skipped</td></tr>",
+    ]
+    if result.rank1 is not None:
+        parts.append(f'<tr><th>rank-1</th><td id="rank1" data-rank1="{result.rank1:.6f}">'
+                     f"{100 * result.rank1:.1f}% (identities from <code>{e(cfg.id_pattern or '')}</code>)</td></tr>")
+    parts.append("</table>")
+    parts.append(f'<p><a href="{_src(result.sheet, page)}">Contact sheet</a> (PNG)</p>')
+    for res in result.results:
+        parts.append(f'<section class="query-result" data-query="{e(str(res.query))}">')
+        parts.append(f"<h2>{e(res.query.name)}</h2>")
+        parts.append(f'<figure class="query"><img src="{_src(res.query, page)}" alt="query">'
+                     f"<figcaption>query</figcaption></figure>")
+        for rank, m in enumerate(res.matches, start=1):
+            cls = "" if m.correct is None else (" right" if m.correct else " wrong")
+            parts.append(f'<figure class="match{cls}" data-rank="{rank}" data-path="{e(str(m.path))}" '
+                         f'data-distance="{m.distance:.6f}"><img src="{_src(m.path, page)}" alt="rank {rank}">'
+                         f"<figcaption>{rank}. {e(m.path.name)}<br>d = {m.distance:.3f}</figcaption></figure>")
+        parts.append("</section>")
+    if result.skipped:
+        parts.append("<h2>Skipped gallery files</h2><ul>")
+        parts.extend(f"<li>{e(str(p))}: {e(reason)}</li>" for p, reason in result.skipped)
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(parts) + "\n")
+    return page
