@@ -74,7 +74,7 @@ def micro_params(overrides: dict[str, Any] | None = None) -> Params:
 
 
 def prepare_data(root: Path, params: Params) -> Path:
-    """Run download -> manifest -> synthesize in `root` (the current folder must be `root`); returns the MLR manifest."""
+    """download -> manifest -> synthesize with `root` as the current folder; returns the MLR manifest."""
     from tasks import download, manifest, synthesize
 
     download.run(params, params.raw_dir())
