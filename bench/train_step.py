@@ -35,9 +35,7 @@ def _sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=64)

@@ -87,8 +87,7 @@ class ResNetBackbone(nn.Module):
         for key, value in state.items():
             if tuple(value.shape) != tuple(own[key].shape):
                 raise ValueError(
-                    f"{path}: shape of {key} is {tuple(value.shape)}, "
-                    f"this ResNet needs {tuple(own[key].shape)}"
+                    f"{path}: shape of {key} is {tuple(value.shape)}, this ResNet needs {tuple(own[key].shape)}"
                 )
         self.load_state_dict(state, strict=True)
 

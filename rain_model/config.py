@@ -65,9 +65,7 @@ class ModelConfig:
         _positive_ints("levels", self.levels)
         if any(j > 5 for j in self.levels) or list(self.levels) != sorted(set(self.levels)):
             raise _bad("levels", self.levels, "must be strictly increasing feature levels in 1..5")
-        if self.pretrained_path is not None and (
-            not isinstance(self.pretrained_path, str) or not self.pretrained_path
-        ):
+        if self.pretrained_path is not None and (not isinstance(self.pretrained_path, str) or not self.pretrained_path):
             raise _bad("pretrained_path", self.pretrained_path, "must be a non-empty path or None")
         _positive_ints("decoder_channels", self.decoder_channels)
         if len(self.decoder_channels) > 5:

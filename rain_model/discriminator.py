@@ -32,14 +32,10 @@ class ResolutionDiscriminator(nn.Module):
 class ResolutionDiscriminators(nn.Module):
     """All D_j, one per level in ``levels``; called on the feature maps of those levels, in order."""
 
-    def __init__(
-        self, levels: tuple[int, ...], level_channels: Sequence[int], hidden: tuple[int, ...]
-    ) -> None:
+    def __init__(self, levels: tuple[int, ...], level_channels: Sequence[int], hidden: tuple[int, ...]) -> None:
         super().__init__()
         self.levels = levels
-        self.by_level = nn.ModuleDict(
-            {f"f{j}": ResolutionDiscriminator(level_channels[j - 1], hidden) for j in levels}
-        )
+        self.by_level = nn.ModuleDict({f"f{j}": ResolutionDiscriminator(level_channels[j - 1], hidden) for j in levels})
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, ...]:
         """feats: f_j for j in ``levels`` -> one logit vector (B,) per level."""

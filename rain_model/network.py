@@ -90,9 +90,7 @@ class RAIN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.generator = Generator(cfg, num_classes)
-        self.discriminators = ResolutionDiscriminators(
-            cfg.levels, self.generator.backbone.channels, cfg.disc_channels
-        )
+        self.discriminators = ResolutionDiscriminators(cfg.levels, self.generator.backbone.channels, cfg.disc_channels)
 
     def embed(self, x: Tensor) -> Tensor:
         """v = GAP(f5) for retrieval: x (B, 3, H, W) in [0, 1] -> (B, d)."""

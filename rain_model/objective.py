@@ -64,9 +64,7 @@ def make_optimizers(model: RAIN, obj: ObjectiveConfig) -> Optimizers:
         generator=torch.optim.Adam(
             model.generator.parameters(), lr=obj.lr, betas=(obj.beta1, 0.999), weight_decay=obj.weight_decay
         ),
-        discriminator=torch.optim.Adam(
-            model.discriminators.parameters(), lr=obj.lr_d, betas=(obj.beta1_d, 0.999)
-        ),
+        discriminator=torch.optim.Adam(model.discriminators.parameters(), lr=obj.lr_d, betas=(obj.beta1_d, 0.999)),
     )
 
 
@@ -292,9 +290,7 @@ def train_step(
 
 def _check_batch(batch: Batch) -> None:
     if batch.x_hr.shape != batch.x_lr.shape or batch.x_hr.dim() != 4:
-        raise ValueError(
-            f"x_hr {tuple(batch.x_hr.shape)} and x_lr {tuple(batch.x_lr.shape)} must both be (B, 3, H, W)"
-        )
+        raise ValueError(f"x_hr {tuple(batch.x_hr.shape)} and x_lr {tuple(batch.x_lr.shape)} must both be (B, 3, H, W)")
     if batch.labels.shape != (batch.x_hr.shape[0],) or batch.labels.dtype != torch.long:
         raise ValueError(
             f"labels must be long of shape ({batch.x_hr.shape[0]},), got {batch.labels.dtype} "

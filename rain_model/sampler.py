@@ -97,9 +97,7 @@ class IdentityBalancedSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("seed", "p", "k"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(
-                    f"{key}={state[key]!r} in the state, but this sampler has {getattr(self, key)!r}"
-                )
+                raise ValueError(f"{key}={state[key]!r} in the state, but this sampler has {getattr(self, key)!r}")
         position = int(state["position"])
         if not 0 <= position <= self._len:
             raise ValueError(f"position={position!r}: must be in 0..{self._len}")

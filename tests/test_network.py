@@ -73,9 +73,7 @@ def test_imagenet_normalisation_happens_inside_the_model(model: RAIN) -> None:
                 reference.layer4(
                     reference.layer3(
                         reference.layer2(
-                            reference.layer1(
-                                reference.maxpool(reference.relu(reference.bn1(reference.conv1(x_norm))))
-                            )
+                            reference.layer1(reference.maxpool(reference.relu(reference.bn1(reference.conv1(x_norm)))))
                         )
                     )
                 )
@@ -90,9 +88,7 @@ def test_loads_an_imagenet_state_dict_and_names_the_file_on_mismatch(tmp_path: P
     good = tmp_path / "resnet18-imagenet.pth"
     torch.save(reference.state_dict(), good)
     model = RAIN(ModelConfig(backbone="resnet18", pretrained_path=str(good)), 2)
-    torch.testing.assert_close(
-        model.generator.backbone.layer3[0].conv1.weight, reference.layer3[0].conv1.weight
-    )
+    torch.testing.assert_close(model.generator.backbone.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
     torch.testing.assert_close(model.generator.backbone.bn1.running_var, reference.bn1.running_var)
 
     wrong_arch = tmp_path / "resnet34-imagenet.pth"

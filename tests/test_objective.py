@@ -38,9 +38,7 @@ def _batch(seed: int, labels: list[int] | None = None, size: tuple[int, int] = (
     grid = torch.rand(len(y), 3, 4, 2, generator=g)  # (B, 3, 4, 2)
     noise = 0.05 * torch.randn(len(y), 3, *size, generator=g)  # (B, 3, H, W)
     x_hr = (nn.functional.interpolate(grid, size=size, mode="bilinear") + noise).clamp(0, 1)  # (B, 3, H, W)
-    x_lr = nn.functional.interpolate(
-        nn.functional.avg_pool2d(x_hr, 4), size=size, mode="bilinear"
-    )  # (B, 3, H, W)
+    x_lr = nn.functional.interpolate(nn.functional.avg_pool2d(x_hr, 4), size=size, mode="bilinear")  # (B, 3, H, W)
     return Batch(x_hr, x_lr, y)
 
 
@@ -62,13 +60,9 @@ def test_fgc_step_gives_every_fgc_parameter_a_gradient_and_leaves_every_d_unchan
     optimizers = make_optimizers(model, obj)
     d_before = _snapshot(model.discriminators)
     out = forward_generator(model.generator, batch, obj, levels=(4, 5))
-    losses = generator_step(
-        model.generator, model.discriminators, optimizers.generator, out, batch, obj, step=0
-    )
+    losses = generator_step(model.generator, model.discriminators, optimizers.generator, out, batch, obj, step=0)
     assert all(float(losses[t]) > 0 for t in TERMS)
-    no_grad = [
-        n for n, p in model.generator.named_parameters() if p.grad is None or not torch.any(p.grad != 0)
-    ]
+    no_grad = [n for n, p in model.generator.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
     assert no_grad == []
     assert _changed(model.discriminators, d_before) == []
     assert all(p.grad is None for p in model.discriminators.parameters())
@@ -97,18 +91,14 @@ def test_a_term_with_weight_zero_contributes_exactly_zero_gradient(term: str) ->
 
     optimizers = make_optimizers(model, off)
     out = forward_generator(model.generator, batch, off, levels=(4, 5))
-    losses = generator_step(
-        model.generator, model.discriminators, optimizers.generator, out, batch, off, step=0
-    )
+    losses = generator_step(model.generator, model.discriminators, optimizers.generator, out, batch, off, step=0)
     assert float(losses[term]) == 0.0
 
     out_ref = forward_generator(reference.generator, batch, full, levels=(4, 5))
     terms_ref = generator_losses(reference.discriminators, out_ref, batch, full)
     sum(terms_ref[t] for t in TERMS if t != term).backward()  # type: ignore[union-attr]
 
-    for (name, p), p_ref in zip(
-        model.generator.named_parameters(), reference.generator.parameters(), strict=True
-    ):
+    for (name, p), p_ref in zip(model.generator.named_parameters(), reference.generator.parameters(), strict=True):
         if p_ref.grad is None or not torch.any(p_ref.grad != 0):
             assert p.grad is None or not torch.any(p.grad != 0), name
         else:
@@ -178,9 +168,7 @@ def test_cuda_only_switches_change_nothing_on_cpu() -> None:
 def test_non_finite_loss_raises_naming_step_and_term(monkeypatch: pytest.MonkeyPatch) -> None:
     model, obj = _model(), ObjectiveConfig()
     optimizers = make_optimizers(model, obj)
-    monkeypatch.setattr(
-        objective, "reconstruction_loss", lambda x_rec, x_hr: (x_rec - x_hr).sum() * torch.nan
-    )
+    monkeypatch.setattr(objective, "reconstruction_loss", lambda x_rec, x_hr: (x_rec - x_hr).sum() * torch.nan)
     before = _snapshot(model.generator)
     with pytest.raises(NonFiniteLossError, match=r"step 7: L_rec is not finite"):
         train_step(model.generator, model.discriminators, optimizers, _batch(0), obj, step=7)

@@ -1,0 +1,107 @@
+"""Ray Train overhead: the same training loop (tasks/train_loop.py) as a plain PyTorch process and
+through Ray Train with 1 and 2 workers, measured in one run on the same micro dataset.
+
+Throughput is identity images per second over epochs 2..N, timed from one epoch's end to the next
+(so it includes what Ray adds per epoch: the report barrier and checkpoint upload), summed over ranks.
+Worker-group start-up is printed separately. Target: Ray Train with 1 worker >= 0.95x the plain loop.
+
+    .venv/bin/python bench/ray_overhead.py [--identities 60 --epochs 4 --backbone resnet18]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks.config import Params, parse
+from tasks.loaders import read_rows
+from tasks.train_loop import TrainJob, WorkerContext, train_loop
+from tests.micro_project import REPO, merge, prepare_data
+
+
+def throughput(reports: list[dict[str, Any]], world: int) -> float:
+    """Images/s between the end of the first epoch and the end of the last, all ranks together."""
+    first, last = reports[0], reports[-1]
+    images = sum(r["images"] for r in reports[1:]) * world  # every rank gets an equal share
+    return images / (last["epoch_end_time"] - first["epoch_end_time"])
+
+
+def plain(job: TrainJob) -> tuple[float, float]:
+    reports: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    train_loop(job, WorkerContext(report=lambda metrics, state: reports.append(metrics)))
+    return throughput(reports, 1), time.perf_counter() - started
+
+
+def with_ray(job: TrainJob, workers: int, storage: Path) -> tuple[float, float]:
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tasks.train import train_worker
+
+    cpus = max(1, (os.cpu_count() or 2) // workers)
+    trainer = TorchTrainer(
+        train_worker, train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=f"bench-{workers}w-{time.time_ns()}", storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)))  # keep every report
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - started
+    assert result.metrics_dataframe is not None
+    reports = result.metrics_dataframe.sort_values("epoch").to_dict("records")
+    return throughput(reports, workers), wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--identities", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--height", type=int, default=128)
+    ap.add_argument("--width", type=int, default=64)
+    args = ap.parse_args()
+
+    import yaml
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = parse(Params, merge(base, {
+        "synthetic": {"identities": args.identities, "height": args.height, "width": args.width},
+        "protocol": {"trials": 1},
+        "model": {"backbone": args.backbone},
+        "train": {"epochs": args.epochs, "height": args.height, "width": args.width, "checkpoint_every_epochs": 1},
+    }), "")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        mlr = prepare_data(Path(tmp), params)
+        rows = [r | {"hr_path": str(Path(r["hr_path"]).resolve()), "lr_path": str(Path(r["lr_path"]).resolve())}
+                for r in read_rows(str(mlr), 0, ["train"])]
+        job = TrainJob(params=params, rows=rows)
+        print(f"{len(rows)} training images, {args.backbone} {args.height}x{args.width}, P={params.train.p} "
+              f"K={params.train.k}, {args.epochs} epochs (throughput over epochs 2..{args.epochs})")
+        results = {"plain PyTorch": plain(job)}
+        from tasks.raycluster import connect
+
+        started = time.perf_counter()
+        connect(None)
+        print(f"ray.init: {time.perf_counter() - started:.1f} s")
+        for workers in (1, 2):
+            results[f"Ray Train, {workers} worker{'s' * (workers > 1)}"] = with_ray(job, workers, Path(tmp) / "ray")
+        # The baseline again: if the two plain figures differ, the machine was busy and the ratios are noise.
+        results["plain PyTorch (again)"] = plain(job)
+    base_ips = (results["plain PyTorch"][0] + results["plain PyTorch (again)"][0]) / 2
+    print(f"baseline = mean of the two plain runs: {base_ips:.1f} images/s")
+    print(f"\n{'loop':<24}{'images/s':>10}{'ratio':>8}{'wall s':>9}")
+    for name, (ips, wall) in results.items():
+        print(f"{name:<24}{ips:>10.1f}{ips / base_ips:>7.2f}x{wall:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""The registered model and `rain promote`, against the real sqlite registry of a trained micro project.
+
+Registration: lineage tags agree with dvc.lock and the files, nothing in the model is pickled, a fresh
+process loads it by alias with pickle refused and returns the training code's features, normalised.
+Promotion: the gate accepts a first champion and an equal or better version, refuses a worse one or
+one measured differently, a forced promotion records its reason; two processes promoting at once
+leave one champion and respect the gate, with the locks serialising their read-check-write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tasks.promote import (
+    LOCK_SUFFIX,
+    LockTimeout,
+    PromoteRequest,
+    PromotionError,
+    break_lock,
+    file_lock,
+    gate,
+    host_lock_path,
+    promote,
+    registry_lock,
+)
+from tests.trained_project import MODEL, tracking, trained_project
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_project(tmp_path_factory)
+
+
+@pytest.fixture
+def mlflow_global(project: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at the project for one test, then put it back.
+
+    Some client calls resolve `models:/m-...` sources through the global URI, not the client's.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking(project))
+    mlflow.set_tracking_uri(tracking(project))
+    yield
+
+
+@pytest.fixture
+def client(project: Path, mlflow_global: None) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking(project))
+
+
+def _lock_stage_md5(project: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)
+
+
+def test_registered_version_carries_lineage_and_the_candidate_alias(project: Path, client: Any) -> None:
+    from tasks.register import eval_set_hash
+    from tasks.tracking import file_hash
+
+    registration = json.loads((project / "reports/synthetic/registration.json").read_text())
+    version = client.get_model_version(MODEL, str(registration["version"]))
+    tags = version.tags
+    metrics = json.loads((project / "reports/synthetic/metrics.json").read_text())
+    # Lineage: the hashes DVC recorded for the data, the MLR manifest and the weights of this run.
+    assert tags["dvc_data_md5"] == _lock_stage_md5(project, "download", "data/raw/synthetic")
+    assert tags["dvc_mlr_manifest_md5"] == _lock_stage_md5(project, "synthesize",
+                                                           "data/manifests/synthetic-mlr.parquet")
+    assert tags["dvc_models_md5"] == _lock_stage_md5(project, "train", "models/synthetic")
+    assert len(tags["dvc_params_sha256"]) == 64
+    assert tags["mlr_manifest_sha256"] == file_hash(project / "data/manifests/synthetic-mlr.parquet")
+    assert tags["weights_sha256"] == file_hash(project / "models/synthetic/trial-0.safetensors")
+    assert tags["eval_set"] == eval_set_hash(project / "data/manifests/synthetic.parquet",
+                                             project / "data/manifests/synthetic-mlr.parquet")
+    assert tags["dataset"] == "synthetic" and "train_rates=[2, 3, 4]" in tags["protocol"]
+    assert "distance=cosine" in tags["protocol"] and "gallery_draws=1" in tags["protocol"]
+    for key in ("rank1", "rank5", "rank10", "rank20", "mAP"):
+        assert float(tags[key]) == pytest.approx(metrics[key], abs=1e-6)
+    assert tags["git_commit"]  # "unknown" here: the micro project is not a git repository
+    assert str(client.get_registered_model(MODEL).aliases["candidate"]) == str(registration["version"])
+
+
+def test_the_model_holds_no_pickle_and_its_weights_are_safetensors(project: Path, mlflow_global: None) -> None:
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1"))
+    files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".joblib"))], files
+    assert any(f.endswith(".safetensors") for f in files), files
+    pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert "model_code_path" in pyfunc and "python_model" not in pyfunc  # from code, not cloudpickle
+    signature = yaml.safe_load((local / "MLmodel").read_text())["signature"]
+    assert json.loads(signature["inputs"])[0]["name"] == "image"
+    assert (local / "input_example.json").exists()
+
+
+# Loads the model by alias in a fresh interpreter with pickle refused twice over: MLflow's own switch,
+# and an audit hook that fails on any class an unpickler would resolve.
+FRESH_LOAD = r"""
+import sys
+def no_pickle(event, args):
+    if event == "pickle.find_class":
+        raise RuntimeError(f"unpickling {args} while loading the model")
+sys.addaudithook(no_pickle)
+import numpy as np, pandas as pd, mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1])
+paths = sys.argv[3:]
+out = model.predict(pd.DataFrame({"image": [open(p, "rb").read() for p in paths]}))
+np.save(sys.argv[2], out, allow_pickle=False)
+"""
+
+
+def test_a_fresh_process_loads_by_alias_and_matches_the_training_features(project: Path, client: Any,
+                                                                           tmp_path: Path) -> None:
+    import torch
+
+    from tasks.config import load_params
+    from tasks.embed import embed_paths, load_model
+    from tasks.loaders import read_rows
+
+    params = load_params(project / "params.yaml")
+    rows = read_rows(str(project / params.mlr_manifest_path()), 0, ["query", "gallery"])
+    paths = [str(project / r["path"]) for r in rows[:: max(1, len(rows) // 8)]]  # LR, HR, unseen-rate images
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking(project), MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    out = tmp_path / "served.npy"
+    proc = subprocess.run([sys.executable, "-c", FRESH_LOAD, f"models:/{MODEL}@candidate", str(out), *paths],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = np.load(out)
+
+    summary = json.loads((project / "models/synthetic/train.json").read_text())["trials"]["0"]
+    model = load_model(project / "models/synthetic" / summary["weights"], params.model, summary["num_classes"])
+    expected = torch.nn.functional.normalize(torch.from_numpy(
+        embed_paths(model, paths, (params.train.height, params.train.width), flip=params.evaluate.flip)), dim=1)
+    assert served.shape == tuple(expected.shape) and served.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(served, expected.numpy(), atol=1e-5)
+
+
+def test_each_new_version_gets_the_candidate_alias(project: Path, client: Any, mlflow_global: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks import register
+    from tasks.config import load_params
+
+    monkeypatch.chdir(project)
+    params = load_params("params.yaml")
+    before = client.get_registered_model(MODEL).aliases.get("champion")
+    reg = register.run(params, params.model_dir(), params.report_dir(), params.mlr_manifest_path(),
+                       Path("params.yaml"))
+    aliases = client.get_registered_model(MODEL).aliases
+    assert str(aliases["candidate"]) == str(reg["version"]) and int(reg["version"]) >= 2
+    assert aliases.get("champion") == before  # registering never touches the champion
+    assert client.get_model_version(MODEL, str(reg["version"])).tags["eval_set"] == reg["tags"]["eval_set"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The gate, on versions of a model of their own (same artifacts as version 1, tags set per test).
+
+
+def _versions(client: Any, rank1s: list[float]) -> tuple[str, list[str]]:
+    """A fresh registered model with one version per rank-1 (tags copied from rain-reid v1)."""
+    base = client.get_model_version(MODEL, "1")
+    name = f"gate-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    versions = []
+    for r in rank1s:
+        tags = dict(base.tags) | {"rank1": f"{r:.6f}"}
+        mv = client.create_model_version(name, base.source, run_id=base.run_id, tags=tags)
+        versions.append(str(mv.version))
+    return name, versions
+
+
+def _promote(project: Path, client: Any, name: str, version: str, reason: str | None = None) -> Any:
+    request = PromoteRequest(model_name=name, version=version, force_reason=reason, lock_timeout_s=30)
+    return promote(client, request, host_lock_path(tracking(project), project))
+
+
+def test_gate_accepts_a_first_champion_and_at_least_as_good_versions_and_refuses_worse(project: Path,
+                                                                                       client: Any) -> None:
+    name, (v1, v2, v3, v4) = _versions(client, [0.50, 0.40, 0.50, 0.70])
+    first = _promote(project, client, name, v1)
+    assert first.accepted and first.previous is None
+    worse = _promote(project, client, name, v2)
+    assert not worse.accepted and "0.4000 < champion's 0.5000" in worse.reason
+    assert str(client.get_registered_model(name).aliases["champion"]) == v1
+    assert _promote(project, client, name, v3).accepted  # equal rank-1 is enough
+    better = _promote(project, client, name, v4)
+    assert better.accepted and better.previous == v3
+    tags = client.get_model_version(name, v4).tags
+    assert tags["promoted_over"] == v3 and "promotion_force_reason" not in tags
+    assert client.get_registered_model(name).aliases == {"champion": int(v4)}
+    assert not client.search_registered_models(f"name='{name}{LOCK_SUFFIX}'")  # lock released
+
+
+def test_gate_refuses_a_version_measured_differently_unless_forced_with_a_reason(project: Path,
+                                                                                 client: Any) -> None:
+    from flows.cli import app
+
+    name, (v1, v2) = _versions(client, [0.30, 0.90])
+    client.set_model_version_tag(name, v2, "protocol", "MLR train_rates=[2] something else")
+    assert _promote(project, client, name, v1).accepted
+
+    runner = CliRunner()
+    cli = ["promote", "--project", str(project), "--model", name]
+    refused = runner.invoke(app, [*cli, v2])
+    assert refused.exit_code == 1 and "measured differently" in refused.output and "protocol" in refused.output
+    no_reason = runner.invoke(app, [*cli, v2, "--force"])
+    assert no_reason.exit_code == 2 and "--reason" in no_reason.output
+    forced = runner.invoke(app, [*cli, v2, "--force", "--reason", "new protocol adopted by the team"])
+    assert forced.exit_code == 0, forced.output
+    tags = client.get_model_version(name, v2).tags
+    assert tags["promotion_force_reason"] == "new protocol adopted by the team"
+    assert "measured differently" in tags["promotion_gate_verdict"]
+    assert str(client.get_registered_model(name).aliases["champion"]) == v2
+
+    listing = runner.invoke(app, [*cli, "--list"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0, listing.output
+    lines = {line.split("│")[1].strip(): line for line in listing.output.splitlines() if line.count("│") > 3}
+    assert "champion" in lines[v2] and "30.0" in lines[v1] and "90.0" in lines[v2]
+    assert "new protocol adopted" in listing.output and "something else" in listing.output
+
+
+def test_gate_on_tags() -> None:
+    tags = {"dataset": "d", "protocol": "p", "eval_set": "e", "rank1": "0.5"}
+    assert gate(tags, None)[0]
+    assert gate(tags, tags | {"rank1": "0.5"})[0]
+    assert not gate(tags, tags | {"rank1": "0.51"})[0]
+    assert not gate(tags | {"rank1": "0.9"}, tags | {"eval_set": "other"})[0]
+    assert not gate({"rank1": "0.9"}, None)[0]  # unknown provenance never becomes champion unforced
+
+
+def test_promote_refuses_an_unknown_version_or_a_blank_force_reason(project: Path, client: Any) -> None:
+    with pytest.raises(PromotionError, match="no version"):
+        _promote(project, client, MODEL, "999")
+    with pytest.raises(ValueError, match="non-empty reason"):
+        PromoteRequest(force_reason="  ")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Races: two processes promote at once.
+
+RACE_WORKER = r"""
+import json, sys, time
+from pathlib import Path
+from mlflow import MlflowClient
+from tasks import promote as p
+
+uri, name, version, host_lock, barrier, out = sys.argv[1:7]
+events = []
+real_gate, real_set = p.gate, MlflowClient.set_registered_model_alias
+
+def slow_gate(candidate, champion):
+    events.append(["read", time.time(), None if champion is None else champion.get("rank1")])
+    time.sleep(0.5)  # widen the window between reading the champion and moving the alias
+    return real_gate(candidate, champion)
+
+def timed_set(self, *args, **kwargs):
+    result = real_set(self, *args, **kwargs)
+    events.append(["write", time.time(), None])
+    return result
+
+p.gate, MlflowClient.set_registered_model_alias = slow_gate, timed_set
+client = MlflowClient(uri)
+client.get_registered_model(name)  # connect before the start line
+Path(out + ".ready").touch()
+while not Path(barrier).exists():
+    time.sleep(0.005)
+d = p.promote(client, p.PromoteRequest(model_name=name, version=version, lock_timeout_s=120), Path(host_lock))
+events.append(["done", time.time(), None])
+Path(out).write_text(json.dumps({"accepted": d.accepted, "version": d.version, "reason": d.reason,
+                                 "events": events}))
+"""
+
+
+@pytest.mark.parametrize("hosts", ["same-host", "two-hosts"])
+def test_two_racing_promotions_leave_one_champion_and_respect_the_gate(project: Path, client: Any,
+                                                                       tmp_path: Path, hosts: str) -> None:
+    """Both candidates beat the current champion; the worse one must not end up champion.
+
+    `two-hosts` gives each process its own host lock file, as on two machines: only the registry lock
+    (the atomically created lock model) keeps them apart.
+    """
+    name, (v0, low, high) = _versions(client, [0.20, 0.40, 0.60])
+    assert _promote(project, client, name, v0).accepted
+    uri = tracking(project)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    barrier = tmp_path / "go"
+    procs, outs = [], []
+    for i, version in enumerate((low, high)):
+        lock = tmp_path / (f"host{i}.lock" if hosts == "two-hosts" else "shared.lock")
+        out = tmp_path / f"worker{i}.json"
+        outs.append(out)
+        procs.append(subprocess.Popen([sys.executable, "-c", RACE_WORKER, uri, name, version, str(lock),
+                                       str(barrier), str(out)], env=env, cwd=tmp_path,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        deadline = time.monotonic() + 180
+        while not all(Path(str(o) + ".ready").exists() for o in outs):
+            assert all(p.poll() is None for p in procs), [p.communicate()[0][-2000:] for p in procs]
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.05)
+        barrier.touch()
+        for p in procs:
+            assert p.wait(timeout=180) == 0, p.communicate()[0][-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    low_res, high_res = (json.loads(o.read_text()) for o in outs)
+
+    champions = [v for v in (v0, low, high) if "champion" in client.get_model_version(name, v).aliases]
+    assert champions == [high], champions  # exactly one champion, and the better one
+    assert high_res["accepted"]
+    # Serialised: one read-check-write finished before the other read the champion.
+    first, second = sorted((low_res, high_res), key=lambda r: r["events"][0][1])
+    assert first["events"][-1][1] <= second["events"][0][1], (first["events"], second["events"])
+    if first is high_res:  # the better one won the race: the worse one saw it and was refused
+        assert not low_res["accepted"] and "< champion's 0.6000" in low_res["reason"]
+    else:  # the worse one went first; the better one then replaced it
+        assert low_res["accepted"] and second["events"][0][2] == "0.400000"
+    assert not client.search_registered_models(f"name='{name}{LOCK_SUFFIX}'")
+
+
+def test_registry_lock_excludes_a_second_holder_and_recovers_from_a_dead_one(client: Any) -> None:
+    name = f"lock-{uuid.uuid4().hex[:8]}"
+    with (registry_lock(client, name, timeout_s=5), pytest.raises(LockTimeout, match="promotion-lock"),
+          registry_lock(client, name, timeout_s=0.5)):
+        pass
+    assert not client.search_registered_models(f"name='{name}{LOCK_SUFFIX}'")
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    client.create_registered_model(name + LOCK_SUFFIX, tags={"token": "t", "host": socket.gethostname(),
+                                                             "pid": str(dead.pid)})
+    with registry_lock(client, name, timeout_s=5):  # its holder is gone: taken over
+        pass
+
+    client.create_registered_model(name + LOCK_SUFFIX, tags={"token": "t", "host": "elsewhere", "pid": "1"})
+    with pytest.raises(LockTimeout, match="--break-lock"), registry_lock(client, name, timeout_s=0.3):
+        pass
+    assert break_lock(client, name) == {"token": "t", "host": "elsewhere", "pid": "1"}
+    with registry_lock(client, name, timeout_s=1):
+        pass
+
+
+def test_host_lock_excludes_a_second_holder(tmp_path: Path) -> None:
+    lock = host_lock_path(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    assert lock == tmp_path / "mlflow.db.promote.lock"
+    assert host_lock_path("http://tracking:5000", tmp_path) == tmp_path / ".cache" / "promote.lock"
+    with file_lock(lock, timeout_s=1), pytest.raises(LockTimeout), file_lock(lock, timeout_s=0.2):
+        pass
+    with file_lock(lock, timeout_s=0.2):  # released
+        pass
