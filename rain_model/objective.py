@@ -165,15 +165,31 @@ def discriminator_step(
     ``feats``: f_j for j in the discriminators' levels, each (2B, d_j, h, w), HR rows first (n_hr of
     them) then LR rows. The features are detached here, so F, G and C get no gradient from this step.
     """
-    feats_det = tuple(f.detach() for f in feats)
-    with _autocast(obj, feats_det[0].device):
-        logits = discriminators(feats_det)  # per level (2B,)
-    l_d = discriminator_loss([lg[:n_hr].float() for lg in logits], [lg[n_hr:].float() for lg in logits])
-    _check_finite({"L_D": l_d}, step)
+    return _discriminator_update(discriminators, optimizer, [(feats, n_hr)], obj, step)
+
+
+def _discriminator_update(
+    discriminators: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    parts: Sequence[tuple[Sequence[Tensor], int]],
+    obj: ObjectiveConfig,
+    step: int,
+) -> Tensor:
+    """One D update whose gradient is the mean over `parts` (micro-batches) of each part's L_D gradient."""
     optimizer.zero_grad(set_to_none=True)
-    l_d.backward()
+    total = None
+    for feats, n_hr in parts:
+        feats_det = tuple(f.detach() for f in feats)
+        with _autocast(obj, feats_det[0].device):
+            logits = discriminators(feats_det)  # per level (2B,)
+        l_d = discriminator_loss([lg[:n_hr].float() for lg in logits], [lg[n_hr:].float() for lg in logits])
+        _check_finite({"L_D": l_d}, step)
+        l_d.backward()
+        total = l_d.detach() / len(parts) if total is None else total + l_d.detach() / len(parts)
+    _average_grads(optimizer, len(parts))
     optimizer.step()
-    return l_d.detach()
+    assert total is not None
+    return total
 
 
 def generator_losses(
@@ -232,22 +248,51 @@ def generator_step(
     head that was not run (G or C) end the step with ``grad = None`` and are skipped by the optimizer.
     Returns the detached terms and ``L_total``.
     """
+    return _generator_update(generator, discriminators, optimizer, [(out, batch)], obj, step)
+
+
+def _average_grads(optimizer: torch.optim.Optimizer, parts: int) -> None:
+    """Sum of the parts' gradients, then one division: the order DDP's all-reduce averages in, so a
+    single worker with micro-batches reproduces several workers' steps to the last bit where it can."""
+    if parts == 1:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.div_(parts)
+
+
+def _generator_update(
+    generator: nn.Module,
+    discriminators: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    parts: Sequence[tuple[GeneratorOutput, Batch]],
+    obj: ObjectiveConfig,
+    step: int,
+) -> dict[str, Tensor]:
+    """One F/G/C update whose gradient is the mean over `parts` (micro-batches); returns mean terms."""
     plan = StepPlan.of(obj)
-    losses = generator_losses(discriminators, out, batch, obj)
     weights = {"L_adv": obj.w_adv, "L_rec": obj.w_rec, "L_cls": obj.w_cls, "L_tri": obj.w_tri}
-    zero = out.v.new_zeros((), dtype=torch.float32)
-    l_total = sum((weights[name] * losses[name] for name in obj.active_terms()), start=zero)
-    losses["L_total"] = l_total
-    _check_finite(losses, step)
     optimizer.zero_grad(set_to_none=True)
-    (l_total + out.touch).backward()
+    mean: dict[str, Tensor] = {}
+    for out, batch in parts:
+        losses = generator_losses(discriminators, out, batch, obj)
+        zero = out.v.new_zeros((), dtype=torch.float32)
+        l_total = sum((weights[name] * losses[name] for name in obj.active_terms()), start=zero)
+        losses["L_total"] = l_total
+        _check_finite(losses, step)
+        (l_total + out.touch).backward()
+        for name, value in losses.items():
+            term = value.detach().float() / len(parts)
+            mean[name] = term if name not in mean else mean[name] + term
     g_net = _unwrap(generator)
     if not isinstance(g_net, Generator):
         raise TypeError(f"generator must be a rain_model.network.Generator, got {type(g_net).__name__}")
     for p in g_net.skipped_parameters(plan.decode, plan.classify):
         p.grad = None
+    _average_grads(optimizer, len(parts))
     optimizer.step()
-    return {name: value.detach().float() for name, value in losses.items()}
+    return mean
 
 
 def train_step(
@@ -257,6 +302,7 @@ def train_step(
     batch: Batch,
     obj: ObjectiveConfig,
     step: int,
+    micro_batches: int = 1,
 ) -> dict[str, Tensor]:
     """One RAIN training step (Eq. 8): first the D step, then the F/G/C step.
 
@@ -273,17 +319,27 @@ def train_step(
     must be in train mode. Raises NonFiniteLossError naming the step and the term if any loss is NaN or
     infinite. Returns detached 0-dim float32 tensors keyed ``L_adv, L_rec, L_cls, L_tri, L_total, L_D``
     (0 for terms that are off).
+
+    ``micro_batches`` > 1 splits the batch into that many consecutive equal parts, runs F on each part
+    separately (so BatchNorm normalises with each part's statistics) and averages the parts' gradients
+    before each update: on one device, the same update as that many DDP workers each given one part.
     """
     _check_batch(batch)
+    n = batch.x_hr.shape[0]
+    if micro_batches < 1 or n % micro_batches:
+        raise ValueError(f"micro_batches={micro_batches}: must divide the batch size {n}")
     plan = StepPlan.of(obj)
     d_net = _unwrap(discriminators)
     levels: tuple[int, ...] = tuple(getattr(d_net, "levels", ()))
-    out = forward_generator(generator, batch, obj, levels)
-    l_d = out.v.new_zeros((), dtype=torch.float32)
+    size = n // micro_batches
+    chunks = [Batch(x_hr=batch.x_hr[i:i + size], x_lr=batch.x_lr[i:i + size], labels=batch.labels[i:i + size])
+              for i in range(0, n, size)]
+    parts = [(forward_generator(generator, chunk, obj, levels), chunk) for chunk in chunks]
+    l_d = parts[0][0].v.new_zeros((), dtype=torch.float32)
     if plan.adversarial:
-        n_hr = batch.x_hr.shape[0]
-        l_d = discriminator_step(discriminators, optimizers.discriminator, out.feats, n_hr, obj, step)
-    losses = generator_step(generator, discriminators, optimizers.generator, out, batch, obj, step)
+        l_d = _discriminator_update(discriminators, optimizers.discriminator,
+                                    [(out.feats, chunk.x_hr.shape[0]) for out, chunk in parts], obj, step)
+    losses = _generator_update(generator, discriminators, optimizers.generator, parts, obj, step)
     losses["L_D"] = l_d
     return {name: losses[name] for name in LOSS_NAMES}
 

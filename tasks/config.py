@@ -109,6 +109,7 @@ class TrainConfig:
     lr_decay_epochs: tuple[int, ...] = ()  # multiply both learning rates by lr_decay at these epochs
     lr_decay: float = 0.1
     loader_workers: int = 0  # DataLoader processes per Ray worker (0: load in the training process)
+    micro_batches: int = 1  # split each worker's batch, BN per part, gradients averaged (see objective.train_step)
 
     def __post_init__(self) -> None:
         _require(len(self.trials) > 0, "train.trials", self.trials, "at least one trial")
@@ -117,6 +118,8 @@ class TrainConfig:
         _require(0.0 <= self.label_fraction <= 1.0, "train.label_fraction", self.label_fraction, "in [0, 1]")
         _require(self.lr_decay > 0, "train.lr_decay", self.lr_decay, "> 0")
         _require(self.loader_workers >= 0, "train.loader_workers", self.loader_workers, ">= 0")
+        _require(self.micro_batches >= 1 and (self.p * self.k) % self.micro_batches == 0, "train.micro_batches",
+                 self.micro_batches, "a divisor of P x K")
         _require(self.height % 32 == 0 and self.width % 32 == 0, "train.height/width",
                  (self.height, self.width), "multiples of 32")
 

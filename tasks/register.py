@@ -5,10 +5,11 @@ code with safetensors weights: nothing in it is pickled. The version carries its
 a person browsing the registry can tell where it came from and how good it is, and `rain promote` can
 tell whether two versions were measured the same way:
 
-- where it came from: `git_commit`, `mlflow_run_id`, `weights_sha256`, `params_sha256` (params.yaml),
-  `mlr_manifest_sha256`, and from dvc.lock (when the stage runs under DVC) the hashes DVC recorded:
-  `dvc_data_md5` (the raw dataset folder), `dvc_mlr_manifest_md5`, `dvc_models_md5` and
-  `dvc_params_sha256` (the parameter values every upstream stage ran with, canonical JSON);
+- where it came from: `git_commit` (with `git_dirty`: uncommitted changes to tracked files),
+  `mlflow_run_id`, `weights_sha256`, `params_sha256` (params.yaml), `mlr_manifest_sha256`, and from
+  dvc.lock (when the stage runs under DVC) the hashes DVC recorded: `dvc_data_md5` (the raw dataset
+  folder), `dvc_mlr_manifest_md5`, `dvc_models_md5` and `dvc_params_sha256` (the parameter values
+  every upstream stage ran with, canonical JSON);
 - how it was measured: `dataset`, `protocol` (MLR split and evaluation settings as one string) and
   `eval_set` (sha256 of the HR and MLR manifests: the exact images and splits it was scored on);
 - how good it is: `rank1`, `rank1_std`, `rank5`, `rank10`, `rank20`, `mAP` (LR queries, fractions).
@@ -51,6 +52,18 @@ def _example_image(params: Params) -> str:
     buf = io.BytesIO()
     Image.new("RGB", (params.train.width, params.train.height), (128, 128, 128)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def git_dirty() -> str:
+    """"true" when tracked files differ from the commit: then `git_commit` alone does not pin the code."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return "true" if out.stdout.strip() else "false"
 
 
 def protocol_tag(params: Params) -> str:
@@ -135,7 +148,7 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
                 pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS],
             )
     tags = {
-        "git_commit": git_commit(), "dataset": params.dataset.name, "trial": trial,
+        "git_commit": git_commit(), "git_dirty": git_dirty(), "dataset": params.dataset.name, "trial": trial,
         "protocol": protocol_tag(params), "eval_set": eval_set_hash(manifest_path, mlr_path),
         "variant": params.objective.variant, "backbone": params.model.backbone,
         "mlr_manifest_sha256": file_hash(mlr_path), "params_sha256": file_hash(params_file),

@@ -267,6 +267,9 @@ def contact_sheet(results: Sequence[QueryResult], path: Path, top_k: int) -> Pat
     """One row per query: the query (grey frame), then its top-k, framed green/red when identities are known."""
     from PIL import Image, ImageDraw, ImageOps
 
+    from tasks.imageio import load_rgb
+    from tasks.loaders import LOAD_FORMATS
+
     pad, label_h = 4, 14
     tile_w, tile_h = TILE
     width = pad + (tile_w + pad) * (1 + top_k) + pad  # an extra gap after the query
@@ -275,8 +278,8 @@ def contact_sheet(results: Sequence[QueryResult], path: Path, top_k: int) -> Pat
     draw = ImageDraw.Draw(sheet)
 
     def tile(img_path: Path, x: int, y: int, frame: tuple[int, int, int], label: str) -> None:
-        with Image.open(img_path) as img:
-            fitted = ImageOps.pad(img.convert("RGB"), (tile_w - 4, tile_h - 4), color=(255, 255, 255))
+        # Decoded as strictly as the model did (every file shown here was accepted by it).
+        fitted = ImageOps.pad(load_rgb(img_path, LOAD_FORMATS), (tile_w - 4, tile_h - 4), color=(255, 255, 255))
         sheet.paste(fitted, (x + 2, y + 2))
         draw.rectangle((x, y, x + tile_w - 1, y + tile_h - 1), outline=frame, width=2)
         draw.text((x + 2, y + tile_h + 1), label, fill=(0, 0, 0))

@@ -111,7 +111,8 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
                     _maybe_fail(job.fault, ctx.rank, step)
                     batch = Batch(x_hr=x_hr.to(device).float().div_(255), x_lr=x_lr.to(device).float().div_(255),
                                   labels=y.to(device))
-                    losses = train_step(generator, discriminators, optimizers, batch, params.objective, step)
+                    losses = train_step(generator, discriminators, optimizers, batch, params.objective, step,
+                                        micro_batches=cfg.micro_batches)
                     values = {k: float(v) for k, v in losses.items()}
                     for k, v in values.items():
                         sums[k] = sums.get(k, 0.0) + v

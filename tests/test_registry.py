@@ -373,3 +373,10 @@ def test_host_lock_excludes_a_second_holder(tmp_path: Path) -> None:
         pass
     with file_lock(lock, timeout_s=0.2):  # released
         pass
+
+
+def test_promote_has_help() -> None:
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["promote", "--help"])
+    assert result.exit_code == 0 and "--force" in result.output and "--list" in result.output

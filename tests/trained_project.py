@@ -23,9 +23,6 @@ _projects: dict[str, Path] = {}
 
 def trained_project(factory: pytest.TempPathFactory) -> Path:
     """The session's trained project (built by the first caller, ~1 minute on 2 cores)."""
-    import os
-    if os.environ.get("DEVREUSE"):
-        return Path(os.environ["DEVREUSE"])
     if "project" not in _projects:
         project = make_project(factory.mktemp("trained"), OVERRIDES)
         dvc(project, "repro")
