@@ -62,14 +62,15 @@ def run(project: ProjectOption = Path(".")) -> None:
     """Run the whole pipeline (flow `rain`) in this process; DVC skips stages that are up to date."""
     project = project.resolve()
     configure_environment(project)
-    from flows.pipeline import rain
     from tasks.config import ParamsError, load_params
 
-    try:
+    try:  # before Prefect is even imported: a bad params.yaml fails in a second, naming the key
         load_params(project / "params.yaml")
     except ParamsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    from flows.pipeline import rain
+
     print_results(rain(project_dir=str(project)))
 
 

@@ -48,7 +48,6 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "trial-0.safetensors"))
 
 
-@pytest.mark.slow
 def test_lost_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(ray_local: None, workdir: Path) -> None:
     params = micro_params({"train": {"epochs": 3}, "ray": {"max_failures": 1}})
     mlr = prepare_data(workdir, params)
