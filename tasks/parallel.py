@@ -17,11 +17,19 @@ def worker_count(requested: int) -> int:
 
 
 def map_chunks(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], workers: int,
-               chunk_size: int = 64) -> list[R]:
-    """Apply `fn` to consecutive chunks of `items` in `workers` processes; results keep input order."""
+               chunk_size: int = 64, meanwhile: Callable[[], None] | None = None) -> list[R]:
+    """Apply `fn` to consecutive chunks of `items` in `workers` processes; results keep input order.
+
+    `meanwhile` runs in this process once every chunk is submitted, so serial work overlaps the pool.
+    """
     chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
     if workers <= 1 or len(chunks) <= 1:
-        return [r for chunk in chunks for r in fn(chunk)]
+        out = [r for chunk in chunks for r in fn(chunk)]
+        if meanwhile is not None:
+            meanwhile()
+        return out
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        results: Iterable[list[R]] = pool.map(fn, chunks)
+        results: Iterable[list[R]] = pool.map(fn, chunks)  # submits every chunk now
+        if meanwhile is not None:
+            meanwhile()
         return [r for part in results for r in part]

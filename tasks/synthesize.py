@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,10 +70,6 @@ def lr_stem(path: str) -> str:
     return Path(path).with_suffix("").as_posix()
 
 
-def lr_name(path: str, rate: int) -> str:
-    return f"{lr_stem(path)}_r{rate}.png"
-
-
 def degrade(img: Image.Image, rate: int) -> Image.Image:
     """Shrink by `rate`, then bilinear back to the original size (the paper's synthetic LR image)."""
     small = img.resize((max(1, round(img.width / rate)), max(1, round(img.height / rate))),
@@ -82,12 +79,15 @@ def degrade(img: Image.Image, rate: int) -> Image.Image:
 
 def _degrade_chunk(jobs: Sequence[tuple[str, str, tuple[int, ...]]], formats: tuple[str, ...]) -> list[int]:
     written = []
+    made: set[str] = set()  # one mkdir per folder, not per file
     for src, dst_stem, rates in jobs:
         hr = load_rgb(src, formats, verify=False)  # checked at ingest (manifest stage)
+        folder = os.path.dirname(dst_stem)
+        if folder not in made:
+            os.makedirs(folder, exist_ok=True)
+            made.add(folder)
         for rate in rates:
-            dst = Path(f"{dst_stem}_r{rate}.png")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            degrade(hr, rate).save(dst, compress_level=1)
+            degrade(hr, rate).save(f"{dst_stem}_r{rate}.png", compress_level=1)
         written.append(len(rates))
     return written
 
@@ -109,10 +109,12 @@ def run(params: Params, raw_dir: Path, manifest_path: Path, lr_dir: Path, mlr_pa
     images = pq.read_table(manifest_path).to_pylist()
     if not images:
         raise ValueError(f"{manifest_path}: the manifest has no images")
-    for img in images:
+    for img in images:  # every path derived once here; trial rows only copy them
         img["rate"] = draw_rate(img["path"], cfg)
         img["hr_path"] = (raw_dir / img["path"]).as_posix()
-        img["lr_path"] = img["hr_path"] if img["rate"] == 1 else (lr_dir / lr_name(img["path"], img["rate"])).as_posix()
+        stem = (lr_dir / lr_stem(img["path"])).as_posix()
+        img["lr_stem"] = stem
+        img["lr_path"] = img["hr_path"] if img["rate"] == 1 else f"{stem}_r{img['rate']}.png"
 
     jobs = []
     for img in images:
@@ -120,32 +122,34 @@ def run(params: Params, raw_dir: Path, manifest_path: Path, lr_dir: Path, mlr_pa
         if img["view"] == 1:
             rates |= set(cfg.unseen_rates)
         if rates:
-            stem = (lr_dir / lr_stem(img["path"])).as_posix()
-            jobs.append((img["hr_path"], stem, tuple(sorted(rates))))
+            jobs.append((img["hr_path"], img["lr_stem"], tuple(sorted(rates))))
+
+    summary: dict[str, int] = {}
+
+    def write_manifest() -> None:  # runs while the pool writes LR images
+        views: dict[int, set[int]] = {}
+        for img in images:
+            views.setdefault(img["person_id"], set()).add(img["view"])
+        both = [pid for pid, v in views.items() if v == {0, 1}]
+        rows: list[dict] = []
+        for trial in range(cfg.trials):
+            train_ids, test_ids = split_identities(both, trial, cfg)
+            train_ids |= {pid for pid, v in views.items() if v != {0, 1}}  # one-view identities: train only
+            labels = {pid: i for i, pid in enumerate(sorted(train_ids))}
+            rows += _trial_rows(trial, images, labels, test_ids, cfg)
+            summary["test_identities"] = len(test_ids)
+        mlr_path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=MLR_SCHEMA), mlr_path)
+
     written = map_chunks(functools.partial(_degrade_chunk, formats=tuple(adapter.image_formats)), jobs,
-                         worker_count(cfg.workers), chunk_size=32)
-
-    views: dict[int, set[int]] = {}
-    for img in images:
-        views.setdefault(img["person_id"], set()).add(img["view"])
-    both = [pid for pid, v in views.items() if v == {0, 1}]
-    rows: list[dict] = []
-    for trial in range(cfg.trials):
-        train_ids, test_ids = split_identities(both, trial, cfg)
-        train_ids |= {pid for pid, v in views.items() if v != {0, 1}}  # one-view identities: train only
-        labels = {pid: i for i, pid in enumerate(sorted(train_ids))}
-        rows += _trial_rows(trial, images, labels, test_ids, lr_dir, cfg)
-
-    mlr_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=MLR_SCHEMA), mlr_path)
-    summary = {"images": len(images), "lr_images": int(sum(written)), "trials": cfg.trials,
-               "test_identities": len(split_identities(both, 0, cfg)[1])}
+                         worker_count(cfg.workers), chunk_size=32, meanwhile=write_manifest)
+    summary |= {"images": len(images), "lr_images": int(sum(written)), "trials": cfg.trials}
     log.info("synthesize: %(lr_images)d LR images from %(images)d HR images, %(trials)d trials, "
              "%(test_identities)d test identities per trial", summary)
     return summary
 
 
-def _trial_rows(trial: int, images: list[dict], labels: dict[int, int], test_ids: set[int], lr_dir: Path,
+def _trial_rows(trial: int, images: list[dict], labels: dict[int, int], test_ids: set[int],
                 cfg: ProtocolConfig) -> list[dict]:
     rng = np.random.default_rng([cfg.seed, trial, 1])
     rows: list[dict] = []
@@ -164,7 +168,7 @@ def _trial_rows(trial: int, images: list[dict], labels: dict[int, int], test_ids
             rows.append(row(img, "query", "mlr", img["rate"], img["lr_path"], img["lr_path"], -1))
             rows.append(row(img, "query", "hr", 1, img["hr_path"], img["hr_path"], -1))
             for rate in cfg.unseen_rates:
-                unseen = (lr_dir / lr_name(img["path"], rate)).as_posix()
+                unseen = f"{img['lr_stem']}_r{rate}.png"
                 rows.append(row(img, "query", f"r{rate}", rate, unseen, unseen, -1))
         elif pid in test_ids:
             galleries.setdefault(pid, []).append(img)
