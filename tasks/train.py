@@ -162,9 +162,12 @@ def train_worker(config: dict[str, Any]) -> None:
         if state is None:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state, Path(tmp) / STATE_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # Uploaded in the background (training goes on); Ray deletes the local copy once stored. A worker
+        # lost mid-upload resumes from the previous committed checkpoint, which is just as exact.
+        local = Path(tempfile.mkdtemp(prefix="rain-checkpoint-"))
+        torch.save(state, local / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
     train_loop(job, WorkerContext(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
                                   node=ray.get_runtime_context().get_node_id(), resume=resume, report=report))
