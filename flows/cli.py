@@ -45,7 +45,7 @@ def print_results(result: dict[str, Any]) -> None:
     for s in result["stages"]:
         stages.add_row(s["stage"], s["status"], f"{s['seconds']:.1f}")
     console.print(stages)
-    metrics = Table(title="Cross-resolution re-ID (%), mean ± std over evaluations")
+    metrics = Table(title=f"Cross-resolution re-ID (%), mean ± std over {result['metrics']['std_over']}")
     for col in ("query set", "rank 1", "rank 5", "rank 10", "rank 20", "mAP"):
         metrics.add_column(col, justify="right" if col != "query set" else "left")
     for name, row in result["metrics"]["rows"].items():

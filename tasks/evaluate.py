@@ -57,7 +57,7 @@ def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> di
     train_summary = json.loads(summary_path(model_dir).read_text())
     size = (params.train.height, params.train.width)
     report_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[tuple[np.ndarray, float]]] = defaultdict(list)
+    results: dict[str, list[tuple[int, np.ndarray, float]]] = defaultdict(list)  # (trial, cmc, AP)
     pictures: dict[str, Any] = {}
     for trial in params.train.trials:
         info = train_summary["trials"][str(trial)]
@@ -84,14 +84,16 @@ def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> di
             for g_idx in draws:
                 cmc, mean_ap = evaluate_rank(dist[np.ix_(idx, g_idx)], q_pids[idx], g_pids[g_idx],
                                              q_cams[idx], g_cams[g_idx], max_rank=max(RANKS))
-                results[name].append((cmc, mean_ap))
+                results[name].append((trial, cmc, mean_ap))
         if trial == params.train.trials[0]:
             pictures = {"queries": queries, "gallery": [gallery_rows[i] for i in first], "q_feat": q_feat,
                         "g_feat": g_feat[first], "dist": dist[:, first]}
 
     rows = {name: _summarise(name, evals) for name, evals in results.items()}
-    metrics = {k: rows["lr"][k] for k in METRIC_KEYS} | {"rows": rows,
-                                                          "evaluations_per_row": len(results["lr"])}
+    spread = "trials" if len(params.train.trials) > 1 else "gallery draws"
+    metrics = {k: rows["lr"][k] for k in METRIC_KEYS} | {
+        "rows": rows, "trials": len(params.train.trials), "gallery_draws": cfg.gallery_repeats,
+        "evaluations_per_row": len(results["lr"]), "std_over": spread}
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     _write_pictures(params, report_dir, rows, results, pictures)
     _log_to_mlflow(train_summary, metrics, report_dir)
@@ -100,9 +102,15 @@ def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> di
     return metrics
 
 
-def _summarise(name: str, evals: list[tuple[np.ndarray, float]]) -> dict[str, Any]:
-    cmcs = np.stack([c for c, _ in evals])  # (E, max_rank)
-    maps = np.array([m for _, m in evals])
+def _summarise(name: str, evals: list[tuple[int, np.ndarray, float]]) -> dict[str, Any]:
+    """Mean over gallery draws within each trial, then mean and std over trials; with one trial the
+    std is over its gallery draws (metrics.json says which in `std_over`)."""
+    trials = sorted({t for t, _, _ in evals})
+    cmcs = np.stack([c for _, c, _ in evals])  # (E, max_rank)
+    maps = np.array([m for _, _, m in evals])  # (E,)
+    if len(trials) > 1:
+        cmcs = np.stack([np.mean([c for t, c, _ in evals if t == k], axis=0) for k in trials])  # (T, max_rank)
+        maps = np.array([np.mean([m for t, _, m in evals if t == k]) for k in trials])  # (T,)
     out: dict[str, Any] = {"row": name}
     for r in RANKS:
         out[f"rank{r}"] = round(float(cmcs[:, r - 1].mean()), 6)
@@ -130,7 +138,7 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], res
 
     unseen = params.protocol.unseen_rates
     cfg = params.evaluate
-    curves = {row_label(n, unseen): np.stack([c for c, _ in evals]).mean(axis=0).tolist()
+    curves = {row_label(n, unseen): np.stack([c for _, c, _ in evals]).mean(axis=0).tolist()
               for n, evals in results.items()}
     plot_cmc(curves, report_dir / "cmc.png", title=f"CMC on {params.dataset.name}")
     import csv

@@ -1,0 +1,36 @@
+"""The evaluate stage's bookkeeping: which queries form each row, and how trials and draws combine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.evaluate import _row_names, _summarise, row_label
+
+
+def test_rows_split_mlr_queries_by_rate_and_keep_unseen_and_hr_sets() -> None:
+    queries = [{"query_set": "mlr", "rate": 2}, {"query_set": "mlr", "rate": 4}, {"query_set": "hr", "rate": 1},
+               {"query_set": "r8", "rate": 8}, {"query_set": "mlr", "rate": 2}]
+    rows = _row_names(queries, unseen=(8,))
+    assert list(rows) == ["lr", "r2", "r4", "r8", "hr"]
+    assert rows["lr"] == [0, 1, 4] and rows["r2"] == [0, 4] and rows["r8"] == [3] and rows["hr"] == [2]
+    assert row_label("r8", (8,)) == "LR r=8 (unseen)" and row_label("r2", (8,)) == "LR r=2"
+
+
+def cmc(rank1: float) -> np.ndarray:
+    return np.array([rank1] + [1.0] * 19)
+
+
+def test_several_trials_average_draws_first_then_spread_over_trials() -> None:
+    # trial 0: draws with rank-1 0.2 and 0.4 (mean 0.3); trial 1: one draw with 0.7
+    evals = [(0, cmc(0.2), 0.1), (0, cmc(0.4), 0.3), (1, cmc(0.7), 0.6)]
+    row = _summarise("lr", evals)
+    assert row["rank1"] == pytest.approx(0.5)  # mean of 0.3 and 0.7, not of the three draws
+    assert row["rank1_std"] == pytest.approx(0.2)
+    assert row["mAP"] == pytest.approx(0.4) and row["mAP_std"] == pytest.approx(0.2)
+    assert row["rank20"] == 1.0 and row["rank20_std"] == 0.0
+
+
+def test_one_trial_spreads_over_gallery_draws() -> None:
+    row = _summarise("lr", [(0, cmc(0.2), 0.1), (0, cmc(0.4), 0.3)])
+    assert row["rank1"] == pytest.approx(0.3) and row["rank1_std"] == pytest.approx(0.1)
