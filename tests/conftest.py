@@ -34,3 +34,13 @@ def prefect_server(prefect_home: Path) -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def champion_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's trained micro project (tests/trained_project.py) with a `champion` version."""
+    from tests.trained_project import ensure_champion, trained_project
+
+    project = trained_project(tmp_path_factory)
+    ensure_champion(project)
+    return project

@@ -22,16 +22,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.trained_project import MODEL, ensure_champion, tracking, trained_project
+from tests.trained_project import MODEL, tracking
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = trained_project(tmp_path_factory)
-    ensure_champion(project)
-    return project
+def project(champion_project: Path) -> Path:
+    return champion_project
 
 
 @pytest.fixture(scope="module")

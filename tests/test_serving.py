@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.trained_project import MODEL, ensure_champion, tracking, trained_project
+from tests.trained_project import MODEL, tracking
 
 pytestmark = pytest.mark.e2e
 
@@ -40,10 +40,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = trained_project(tmp_path_factory)
-    ensure_champion(project)
-    return project
+def project(champion_project: Path) -> Path:
+    return champion_project
 
 
 @pytest.fixture(scope="module")
