@@ -8,7 +8,8 @@ paper's headline protocol), `r2`, `r3`, `r4` (those queries by rate), `r8` (ever
 rate), and `hr` (the same queries at full resolution, which shows the resolution gap).
 
 Outputs in reports/<dataset>/: metrics.json (DVC metrics; top-level figures are the `lr` row),
-cmc.csv (DVC plot), cmc.png, tsne_identity.png, tsne_resolution.png, ranked_gallery.png, table.md.
+cmc.csv (a column per row name; the `cmc` plot in dvc.yaml), cmc.png, tsne_identity.png,
+tsne_resolution.png, ranked_gallery.png, table.md.
 """
 
 from __future__ import annotations
@@ -143,7 +144,9 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], res
     plot_cmc(curves, report_dir / "cmc.png", title=f"CMC on {params.dataset.name}")
     import csv
 
-    plot_rows = cmc_plot_rows(curves)
+    # Columns keyed by row name (lr, r2, ..., hr): stable names dvc.yaml's plot definition can name.
+    plot_rows = cmc_plot_rows({n: np.stack([c for _, c, _ in evals]).mean(axis=0).tolist()
+                               for n, evals in results.items()})
     with (report_dir / "cmc.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(plot_rows[0]))
         writer.writeheader()
