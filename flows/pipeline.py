@@ -106,8 +106,10 @@ def rain(project_dir: str = ".") -> dict[str, Any]:
     create_table_artifact(key="rain-stages", table=[r.__dict__ for r in results],
                           description="What DVC ran or skipped in this flow run")
     table = (report_dir / "table.md").read_text() if (report_dir / "table.md").exists() else ""
+    pictures = "\n".join(f"- {p.stem.replace('_', ' ')}: `{p}`" for p in sorted(report_dir.glob("*.png")))
     create_markdown_artifact(
         key=f"rain-results-{re.sub(r'[^a-z0-9-]', '-', params.dataset.name.lower())}",
         markdown=f"# {params.dataset.name}\n\n{table}\n\nModel: `{registration['model_uri']}` "
-                 f"(alias `{registration['alias']}`)\n")
+                 f"(alias `{registration['alias']}`; pictures also in its MLflow run under `evaluation/`)"
+                 f"\n\n{pictures}\n")
     return {"stages": [r.__dict__ for r in results], "metrics": metrics, "registration": registration}
