@@ -39,14 +39,17 @@ def write_params(project: Path, overrides: dict[str, Any]) -> None:
 
 
 def make_project(root: Path, overrides: dict[str, Any] | None = None) -> Path:
-    """A DVC project (no git) with this repo's stages and code, and params.yaml = defaults + MICRO + overrides."""
+    """A git + DVC project with this repo's stages and code, and params.yaml = defaults + MICRO + overrides."""
     project = root / "project"
     project.mkdir()
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
     for pkg in ("tasks", "rain_model"):
         shutil.copytree(REPO / pkg, project / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / ".gitignore", project / ".gitignore")
     write_params(project, merge(MICRO, overrides or {}))
-    dvc(project, "init", "--no-scm", "-q")
+    # A git repository, as a user's clone is: DVC behaves differently with an SCM (ignored files, lock).
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    dvc(project, "init", "-q")
     dvc(project, "config", "core.analytics", "false")
     return project
 
