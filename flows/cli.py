@@ -36,8 +36,6 @@ def print_results(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tasks.evaluate import row_label
-
     console = Console(width=max(110, Console().width))
     stages = Table(title="Stages")
     for col in ("stage", "status", "seconds"):
@@ -48,10 +46,10 @@ def print_results(result: dict[str, Any]) -> None:
     metrics = Table(title=f"Cross-resolution re-ID (%), mean ± std over {result['metrics']['std_over']}")
     for col in ("query set", "rank 1", "rank 5", "rank 10", "rank 20", "mAP"):
         metrics.add_column(col, justify="right" if col != "query set" else "left")
-    for name, row in result["metrics"]["rows"].items():
+    for row in result["metrics"]["rows"].values():
         cells = [f"{100 * row[k]:.1f} ± {100 * row[k + '_std']:.1f}"
                  for k in ("rank1", "rank5", "rank10", "rank20", "mAP")]
-        metrics.add_row(row_label(name, ()), *cells)
+        metrics.add_row(row["label"], *cells)
     console.print(metrics)
     reg = result["registration"]
     console.print(f"Registered [bold]{reg['model_uri']}[/bold] with alias [bold]{reg['alias']}[/bold].")

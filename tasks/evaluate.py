@@ -90,12 +90,13 @@ def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> di
             pictures = {"queries": queries, "gallery": [gallery_rows[i] for i in first], "q_feat": q_feat,
                         "g_feat": g_feat[first], "dist": dist[:, first]}
 
-    rows = {name: _summarise(name, evals) for name, evals in results.items()}
+    unseen = params.protocol.unseen_rates
+    rows = {name: _summarise(name, evals) | {"label": row_label(name, unseen)} for name, evals in results.items()}
     spread = "trials" if len(params.train.trials) > 1 else "gallery draws"
     metrics = {k: rows["lr"][k] for k in METRIC_KEYS} | {
         "rows": rows, "trials": len(params.train.trials), "gallery_draws": cfg.gallery_repeats,
         "evaluations_per_row": len(results["lr"]), "std_over": spread}
-    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))  # rows in table order
     _write_pictures(params, report_dir, rows, results, pictures)
     _log_to_mlflow(train_summary, metrics, report_dir)
     log.info("evaluate: LR rank-1 %.1f%%, HR rank-1 %.1f%%, mAP %.1f%%", 100 * rows["lr"]["rank1"],
@@ -151,7 +152,7 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], res
         writer = csv.DictWriter(fh, fieldnames=list(plot_rows[0]))
         writer.writeheader()
         writer.writerows(plot_rows)
-    table_rows = [dict(r, row=row_label(n, unseen)) for n, r in rows.items()]
+    table_rows = [{k: v for k, v in r.items() if k != "label"} | {"row": r["label"]} for r in rows.values()]
     (report_dir / "table.md").write_text(table1_markdown(table_rows) + "\n")
 
     # Figure 3: test features of a few identities, HR gallery plus every query variant.
@@ -190,7 +191,7 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
 
     client = MlflowClient(tracking_uri())
     flat = {f"{row}_{k}": float(v) for row, values in metrics["rows"].items()
-            for k, v in values.items() if k != "row"}
+            for k, v in values.items() if k not in ("row", "label")}
     for info in train_summary["trials"].values():
         for key, value in flat.items():
             client.log_metric(info["mlflow_run_id"], key, value)
