@@ -65,7 +65,7 @@ def test_served_deployment_runs_from_a_second_terminal(tmp_path: Path) -> None:
         run = subprocess.run([str(bin_dir / "prefect"), "deployment", "run", "rain/full", "--watch",
                               "--watch-timeout", "600"], env=client_env, capture_output=True, text=True,
                              timeout=660)
-        assert run.returncode == 0, run.stdout + run.stderr
+        assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "serve.log").read_text()[-6000:]
         runs = subprocess.run([str(bin_dir / "prefect"), "flow-run", "ls"], env=client_env, capture_output=True,
                               text=True)
         assert "COMPLETED" in runs.stdout.upper(), runs.stdout
