@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.config import load_params
+from tasks.download import TRANSIENT_MARKER
 
 STAGES = ("download", "manifest", "synthesize", "train", "evaluate", "register")
 
@@ -71,12 +72,12 @@ def dvc_repro(stage: str, project_dir: Path) -> StageResult:
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry the download on I/O trouble, never on a failure DVC or the adapter calls permanent."""
+    """Retry the download only when its own retries ran out on transient errors (the stage says so);
+    a checksum mismatch, a 404, a missing sign-up archive or a bad params.yaml fail at once."""
     try:
         state.result()
     except StageFailed as exc:
-        permanent = ("checksum", "md5", "404", "403", "Not Found", "put the file", "unknown dataset")
-        return not any(word in exc.tail for word in permanent)
+        return TRANSIENT_MARKER in exc.tail
     except Exception:
         return False
     return False

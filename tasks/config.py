@@ -175,6 +175,8 @@ class Params:
 
     # Derived paths: written here once so every stage and dvc.yaml agree.
     def downloads_dir(self) -> Path:
+        """Archives as downloaded. Not inside the raw folder: the download stage empties that before
+        each run, and an archive a user had to fetch by hand (sign-up datasets) must survive it."""
         return Path(self.paths.downloads)
 
     def raw_dir(self) -> Path:
@@ -197,9 +199,6 @@ class Params:
 
     def report_dir(self) -> Path:
         return Path(self.paths.reports) / self.dataset.name
-
-    def source(self) -> SourceConfig:
-        return self.sources.get(self.dataset.name, SourceConfig())
 
 
 def _require(ok: bool, key: str, value: object, expected: str) -> None:

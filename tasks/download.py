@@ -11,9 +11,14 @@ from pathlib import Path
 
 from tasks.config import Params, load_params
 from tasks.datasets import get_adapter
+from tasks.datasets.acquire import RetriesExhausted
 from tasks.logs import setup_logging
 
 log = logging.getLogger(__name__)
+
+# The one failure worth retrying later; the Prefect flow looks for this line in the stage's output
+# (DVC does not pass a command's exit code on, so the verdict travels as text).
+TRANSIENT_MARKER = "rain-download: transient failure, retry later"
 
 
 def run(params: Params, raw_dir: Path) -> None:
@@ -29,7 +34,11 @@ def run(params: Params, raw_dir: Path) -> None:
 def main() -> None:
     setup_logging()
     params = load_params()
-    run(params, params.raw_dir())
+    try:
+        run(params, params.raw_dir())
+    except RetriesExhausted as exc:
+        log.error("%s: %s", TRANSIENT_MARKER, exc)
+        raise SystemExit(1) from exc
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ tsne_resolution.png, ranked_gallery.png, table.md.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections import defaultdict
@@ -46,14 +47,12 @@ def _row_names(rows: list[dict], unseen: tuple[int, ...]) -> dict[str, list[int]
 
 
 def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
-    import torch
 
     from rain_model.metrics import evaluate_rank, pairwise_distance, single_shot_gallery
     from tasks.embed import embed_paths, load_model
     from tasks.loaders import read_rows
     from tasks.train import summary_path
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = params.evaluate
     train_summary = json.loads(summary_path(model_dir).read_text())
     size = (params.train.height, params.train.width)
@@ -143,8 +142,6 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], res
     curves = {row_label(n, unseen): np.stack([c for _, c, _ in evals]).mean(axis=0).tolist()
               for n, evals in results.items()}
     plot_cmc(curves, report_dir / "cmc.png", title=f"CMC on {params.dataset.name}")
-    import csv
-
     # Columns keyed by row name (lr, r2, ..., hr): stable names dvc.yaml's plot definition can name.
     plot_rows = cmc_plot_rows({n: np.stack([c for _, c, _ in evals]).mean(axis=0).tolist()
                                for n, evals in results.items()})

@@ -24,12 +24,16 @@ def read_rows(mlr_path: str, trial: int, roles: Sequence[str]) -> list[dict]:
     return table.to_pylist()
 
 
-def load_tensor(path: str, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (3, H, W) at the model's input size (bilinear)."""
-    img = load_rgb(path, LOAD_FORMATS)
+def to_tensor(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """An RGB image as uint8 (3, H, W) at the model's input size (bilinear): training, evaluation and
+    the served model all go through here, so their features agree."""
     if (img.height, img.width) != size:
         img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def load_tensor(path: str, size: tuple[int, int]) -> torch.Tensor:
+    return to_tensor(load_rgb(path, LOAD_FORMATS), size)
 
 
 class PairDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):

@@ -103,20 +103,14 @@ class RainEmbedder(PythonModel):
         return torch.cat(out).numpy().astype(np.float32)  # (N, d)
 
     def _tensor(self, value: object, row: int) -> Any:
-        import torch
-        from PIL import Image
-
         from tasks.imageio import ImageRejected, decode_rgb
-        from tasks.loaders import LOAD_FORMATS
+        from tasks.loaders import LOAD_FORMATS, to_tensor
 
         try:
             img = decode_rgb(image_bytes(value, row), LOAD_FORMATS, name=f"row {row}")
         except ImageRejected as exc:
             raise InvalidInput(f"`image` is not a usable image: {exc}") from exc
-        # Exactly tasks.loaders.load_tensor's resizing, so served and evaluated features agree.
-        if (img.height, img.width) != self.size:
-            img = img.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        return to_tensor(img, self.size)  # (3, H, W) uint8
 
 
 mlflow.models.set_model(RainEmbedder())

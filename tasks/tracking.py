@@ -6,6 +6,10 @@ import hashlib
 import os
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # mlflow is slow to import; only the stages that log need it at run time
+    from mlflow import MlflowClient
 
 DEFAULT_DB = "mlflow.db"
 
@@ -17,11 +21,8 @@ def tracking_uri(project_dir: Path | None = None) -> str:
     return f"sqlite:///{((project_dir or Path.cwd()) / DEFAULT_DB).resolve()}"
 
 
-def experiment(client: object, name: str, project_dir: Path | None = None) -> str:
+def experiment(client: MlflowClient, name: str, project_dir: Path | None = None) -> str:
     """Id of experiment `name`, created with its artifacts under <project>/mlartifacts when new."""
-    from mlflow.tracking import MlflowClient
-
-    assert isinstance(client, MlflowClient)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return str(found.experiment_id)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from dataset_fixtures import LocalServer, http_server, md5
 
-from tasks.datasets.acquire import ChecksumError, DownloadError, fetch
+from tasks.datasets.acquire import ChecksumError, DownloadError, RetriesExhausted, fetch
 
 __all__ = ["http_server"]
 
@@ -67,7 +67,7 @@ def test_wrong_checksum_names_file_and_both_hashes_and_leaves_nothing(http_serve
 def test_interrupted_download_leaves_no_partial_file(http_server: LocalServer, tmp_path: Path) -> None:
     url = http_server.serve("/a.zip", PAYLOAD, truncate=100)  # the server always closes mid-body
     dest = tmp_path / "a.zip"
-    with pytest.raises(DownloadError, match="giving up after 3 attempts"):
+    with pytest.raises(RetriesExhausted, match="giving up after 3 attempts"):
         fetch_fast(url, dest, md5(PAYLOAD), retries=2)
     assert not dest.exists() and list(tmp_path.iterdir()) == []
     assert http_server.hits["/a.zip"] == 3
@@ -124,7 +124,7 @@ def test_connection_refused_is_retried(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     sleeps = Sleeps()
-    with pytest.raises(DownloadError, match="giving up after 3 attempts"):
+    with pytest.raises(RetriesExhausted, match="giving up after 3 attempts"):
         fetch_fast(f"http://127.0.0.1:{port}/a.zip", tmp_path / "a.zip", md5(PAYLOAD), sleeps, retries=2)
     assert len(sleeps) == 2 and list(tmp_path.iterdir()) == []
 

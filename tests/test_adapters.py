@@ -25,7 +25,7 @@ from PIL import Image
 from tasks import download, manifest, synthesize
 from tasks.config import Params, SourceConfig
 from tasks.datasets import RawImage, get_adapter
-from tasks.datasets.acquire import ChecksumError, DownloadError, downloads_dir
+from tasks.datasets.acquire import ChecksumError, DownloadError
 from tasks.datasets.base import DatasetError
 
 __all__ = ["http_server"]
@@ -110,7 +110,7 @@ def test_caviar_without_md5_is_not_downloaded_but_a_placed_file_is_used(http_ser
     with pytest.raises(DownloadError, match="md5 is empty"):
         download.run(params, params.raw_dir())
     assert http_server.hits["/CAVIAR4REID.zip"] == 0
-    placed = downloads_dir(params) / "CAVIAR4REID.zip"
+    placed = params.downloads_dir() / "CAVIAR4REID.zip"
     placed.write_bytes(built.data)
     assert len(acquire_and_scan(params)) == built.images
 
@@ -136,7 +136,7 @@ def test_cuhk03_needs_the_zip_put_in_place_then_extracts_the_mat(tmp_path: Path)
     params = make_params(tmp_path, "cuhk03", {"cuhk03": SourceConfig(url="", md5=built.md5,
                                                                      filename="cuhk03_release.zip")},
                          test_identities=3)
-    expected = (downloads_dir(params) / "cuhk03_release.zip").resolve()
+    expected = (params.downloads_dir() / "cuhk03_release.zip").resolve()
     with pytest.raises(DownloadError) as info:
         download.run(params, params.raw_dir())
     assert str(expected) in str(info.value)
@@ -162,7 +162,7 @@ def test_cuhk03_needs_the_zip_put_in_place_then_extracts_the_mat(tmp_path: Path)
         assert img.view == (0 if column < 5 else 1)
         on_disk = np.asarray(Image.open(params.raw_dir() / img.path))
         assert np.array_equal(on_disk, stored[(pair, person, column)])  # (3, W, H) -> (H, W, 3) undone right
-    assert not list(downloads_dir(params).glob(".cuhk03-*"))  # the extracted .mat is not kept
+    assert not list(params.downloads_dir().glob(".cuhk03-*"))  # the extracted .mat is not kept
     counts, summary, rows = run_stages(params)
     assert counts["images"] == built.images and counts["quarantined"] == 0
     assert summary["test_identities"] == 3

@@ -48,21 +48,16 @@ class DownloadError(DatasetError):
     """The archive could not be obtained; retrying will not help (or retries are exhausted)."""
 
 
+class RetriesExhausted(DownloadError):
+    """Transient errors (connection, timeout, 5xx) outlasted every retry: trying later may succeed."""
+
+
 class ChecksumError(DownloadError):
     """The bytes do not have the expected md5."""
 
 
 class _Transient(Exception):
     """A failure worth retrying (wrapped so the retry loop has one thing to catch)."""
-
-
-def downloads_dir(params: Params) -> Path:
-    """Where archives are kept: ``paths.downloads`` (``data/downloads`` by default).
-
-    Not inside ``data/raw/<dataset>``: the download stage empties that folder before each run, and
-    an archive the user had to fetch by hand (sign-up datasets) must survive it.
-    """
-    return params.downloads_dir()
 
 
 def md5_of(path: Path) -> str:
@@ -123,7 +118,7 @@ def fetch(url: str, dest: Path, md5: str, *, name: str = "", homepage: str = "",
             return dest
         except _Transient as exc:
             if attempt == retries:
-                raise DownloadError(f"{url}: giving up after {retries + 1} attempts: {exc}") from exc
+                raise RetriesExhausted(f"{url}: giving up after {retries + 1} attempts: {exc}") from exc
             delay = backoff * 2 ** attempt
             log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", url, exc, delay, attempt + 2,
                         retries + 1)
@@ -204,7 +199,7 @@ def source_for(params: Params, name: str, default: SourceConfig) -> SourceConfig
 def acquire_archive(params: Params, name: str, default: SourceConfig, raw_dir: Path, folder: str, *,
                     homepage: str = "", limits: ArchiveLimits | None = None) -> Path:
     """Fetch the archive of dataset `name` and extract it into ``raw_dir/folder`` (replaced if present)."""
-    archive = fetch_source(source_for(params, name, default), name, downloads_dir(params), homepage=homepage)
+    archive = fetch_source(source_for(params, name, default), name, params.downloads_dir(), homepage=homepage)
     raw_dir.mkdir(parents=True, exist_ok=True)
     target = raw_dir / folder
     if target.exists():

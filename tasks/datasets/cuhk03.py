@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.config import Params, SourceConfig
-from tasks.datasets.acquire import downloads_dir, fetch_source, source_for
+from tasks.datasets.acquire import fetch_source, source_for
 from tasks.datasets.archive import extract
 from tasks.datasets.base import DatasetError, RawImage
 
@@ -57,7 +57,7 @@ class CUHK03Dataset:
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
         source = source_for(params, self.source_name, self.default_source)
-        archive = fetch_source(source, self.source_name, downloads_dir(params), homepage=self.homepage)
+        archive = fetch_source(source, self.source_name, params.downloads_dir(), homepage=self.homepage)
         scratch = Path(tempfile.mkdtemp(dir=archive.parent, prefix=".cuhk03-"))
         try:
             extract(archive, scratch / "x")
