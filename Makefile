@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install run test test-all lint serve bench clean
+.PHONY: help install run experiments test test-all lint serve bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ install: $(STAMP) ## Create .venv and install the project with the verified vers
 run: $(STAMP) ## Run the whole pipeline on the embedded synthetic dataset
 	$(BIN)/rain run
 
+experiments: $(STAMP) ## Run the paper's experiment grid (Tables 1-4, Figure 5); finished runs are kept
+	$(BIN)/rain experiments
+
 test: $(STAMP) ## Run the default test suite (slow tests excluded)
 	$(BIN)/pytest -m "not slow"
 
@@ -37,11 +40,11 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-serve: $(STAMP) ## Serve the flow as Prefect deployment rain/full (server on 127.0.0.1:4200)
+serve: $(STAMP) ## Serve Prefect deployments rain/full and rain/experiments (server on 127.0.0.1:4200)
 	$(BIN)/rain serve
 
 bench: $(STAMP) ## Run the benchmarks under bench/
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean: ## Remove generated data, models, reports, runs and local tracking state (keeps .venv)
-	rm -rf data models reports runs mlflow.db mlartifacts .prefect .dvc/cache .dvc/tmp
+	rm -rf data models reports runs experiments mlflow.db mlartifacts .prefect .dvc/cache .dvc/tmp

@@ -10,7 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -72,6 +72,33 @@ def run(project: ProjectOption = Path(".")) -> None:
     print_results(rain(project_dir=str(project)))
 
 
+@app.command()
+def experiments(
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="A seed of the grid (repeat); default: "
+                                                     "experiments.seeds of params.yaml.")] = None,
+    table: Annotated[list[str] | None, typer.Option(help="Only this table (repeat): table1..table4, figure5.")]
+    = None,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Run the paper's grid (flow behind `rain/experiments`) in this process; finished runs are kept."""
+    project = project.resolve()
+    configure_environment(project)
+    from tasks.config import ParamsError, load_params
+
+    try:
+        params = load_params(project / "params.yaml")
+    except ParamsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    from flows.experiments import experiments as grid_flow
+
+    result = grid_flow(project_dir=str(project), seeds=seeds or None, tables=table or None)
+    grid = result["grid"]
+    typer.echo((project / params.experiments_dir() / "results.md").read_text())
+    typer.echo(f"grid: {grid['ran']} run(s) trained, {grid['reused']} up to date, {grid['wall_seconds']:.0f} s "
+               f"(tables: {params.experiments_dir() / 'results.md'})")
+
+
 def _healthy(api_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
@@ -84,7 +111,7 @@ def _healthy(api_url: str) -> bool:
 def serve(project: ProjectOption = Path("."),
           port: Annotated[int, typer.Option(help="Port of the Prefect server started when none runs.")] = 4200,
           ) -> None:
-    """Serve the flow as deployment `rain/full` (then: `prefect deployment run rain/full`)."""
+    """Serve deployments `rain/full` (the pipeline) and `rain/experiments` (the paper's grid)."""
     project = project.resolve()
     configure_environment(project)
     api_url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{port}/api"
@@ -107,11 +134,19 @@ def serve(project: ProjectOption = Path("."),
             time.sleep(1)
     os.environ["PREFECT_API_URL"] = api_url
     typer.echo(f"Prefect API: {api_url}. In another terminal:\n"
-               f"  export PREFECT_API_URL={api_url}\n  prefect deployment run rain/full")
+               f"  export PREFECT_API_URL={api_url}\n  prefect deployment run rain/full\n"
+               f"  prefect deployment run rain/experiments [-p 'seeds=[0,1,2]']")
+    from prefect import serve as serve_deployments
+    from prefect.deployments.runner import RunnerDeployment
+
+    from flows.experiments import experiments
     from flows.pipeline import rain
 
+    # Called outside an event loop, `to_deployment` returns the deployment itself (typed as either).
+    deployments = [cast(RunnerDeployment, f.to_deployment(name=name, parameters={"project_dir": str(project)}))
+                   for f, name in ((rain, "full"), (experiments, "experiments"))]
     try:
-        rain.serve(name="full", parameters={"project_dir": str(project)})
+        serve_deployments(*deployments)
     finally:
         if server is not None:
             server.terminate()

@@ -37,6 +37,7 @@ class Paths:
     models: str = "models"
     reports: str = "reports"
     runs: str = "runs"
+    experiments: str = "experiments"
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,24 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ExperimentsConfig:
+    """The paper's comparison grid (tasks/grid.py): which seeds, how long each run trains, how many at once."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)  # seed s: train.seed = s on protocol trial s mod protocol.trials
+    epochs: int = 10  # every grid run's training length (train.epochs is the pipeline's)
+    parallel: int = 0  # runs at once; 0 = as many as the cores (or GPUs) allow at cpus_per_run each
+    cpus_per_run: int = 1  # threads of each run
+    use_gpu: bool = False  # true: each run gets one GPU (round robin over the visible ones)
+
+    def __post_init__(self) -> None:
+        _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+                 "experiments.seeds", self.seeds, "one or more distinct seeds >= 0")
+        _require(self.epochs >= 1, "experiments.epochs", self.epochs, ">= 1")
+        _require(self.parallel >= 0, "experiments.parallel", self.parallel, ">= 0")
+        _require(self.cpus_per_run >= 1, "experiments.cpus_per_run", self.cpus_per_run, ">= 1")
+
+
+@dataclass(frozen=True)
 class RegisterConfig:
     model_name: str = "rain-reid"
     alias: str = "candidate"
@@ -172,6 +191,7 @@ class Params:
     ray: RayConfig = field(default_factory=RayConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
 
     # Derived paths: written here once so every stage and dvc.yaml agree.
     def downloads_dir(self) -> Path:
@@ -199,6 +219,10 @@ class Params:
 
     def report_dir(self) -> Path:
         return Path(self.paths.reports) / self.dataset.name
+
+    def experiments_dir(self) -> Path:
+        """The grid's runs (runs/<config>/seed-<s>/), its training-rate data variants and its tables."""
+        return Path(self.paths.experiments) / self.dataset.name
 
 
 def _require(ok: bool, key: str, value: object, expected: str) -> None:

@@ -48,49 +48,26 @@ def _row_names(rows: list[dict], unseen: tuple[int, ...]) -> dict[str, list[int]
 
 def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
 
-    from rain_model.metrics import evaluate_rank, pairwise_distance, single_shot_gallery
-    from tasks.embed import embed_paths, load_model
-    from tasks.loaders import read_rows
+    from tasks.embed import load_model
     from tasks.train import summary_path
 
     cfg = params.evaluate
+
     train_summary = json.loads(summary_path(model_dir).read_text())
-    size = (params.train.height, params.train.width)
     report_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[tuple[int, np.ndarray, float]]] = defaultdict(list)  # (trial, cmc, AP)
     pictures: dict[str, Any] = {}
     for trial in params.train.trials:
         info = train_summary["trials"][str(trial)]
         model = load_model(model_dir / info["weights"], params.model, info["num_classes"])
-        queries = read_rows(str(mlr_path), trial, ["query"])
-        gallery_rows = read_rows(str(mlr_path), trial, ["gallery", "gallery_pool"])
-        if not queries or not gallery_rows:
-            raise ValueError(f"{mlr_path}: trial {trial} has no queries or no gallery")
-        paths = sorted({r["path"] for r in queries} | {r["path"] for r in gallery_rows})
-        feats = embed_paths(model, paths, size, cfg.batch_size, cfg.flip)
-        index = {p: i for i, p in enumerate(paths)}
-        q_feat = feats[[index[r["path"]] for r in queries]]
-        g_feat = feats[[index[r["path"]] for r in gallery_rows]]
-        dist = pairwise_distance(q_feat, g_feat, metric="cosine" if cfg.distance == "cosine" else "euclidean")
-        q_pids = np.array([r["person_id"] for r in queries])
-        q_cams = np.array([r["camera_id"] for r in queries])
-        g_pids = np.array([r["person_id"] for r in gallery_rows])
-        g_cams = np.array([r["camera_id"] for r in gallery_rows])
-        first = np.array([i for i, r in enumerate(gallery_rows) if r["role"] == "gallery"])
-        draws = [first, *single_shot_gallery(g_pids, g_cams, seed=params.protocol.seed + trial,
-                                             repeats=cfg.gallery_repeats - 1)]
-        for name, rows_idx in _row_names(queries, params.protocol.unseen_rates).items():
-            idx = np.asarray(rows_idx)
-            for g_idx in draws:
-                cmc, mean_ap = evaluate_rank(dist[np.ix_(idx, g_idx)], q_pids[idx], g_pids[g_idx],
-                                             q_cams[idx], g_cams[g_idx], max_rank=max(RANKS))
-                results[name].append((trial, cmc, mean_ap))
+        scores, trial_pictures = score_trial(model, params, mlr_path, trial)
+        for name, evals in scores.items():
+            results[name] += evals
         if trial == params.train.trials[0]:
-            pictures = {"queries": queries, "gallery": [gallery_rows[i] for i in first], "q_feat": q_feat,
-                        "g_feat": g_feat[first], "dist": dist[:, first]}
+            pictures = trial_pictures
 
     unseen = params.protocol.unseen_rates
-    rows = {name: _summarise(name, evals) | {"label": row_label(name, unseen)} for name, evals in results.items()}
+    rows = {name: summarise(name, evals) | {"label": row_label(name, unseen)} for name, evals in results.items()}
     spread = "trials" if len(params.train.trials) > 1 else "gallery draws"
     metrics = {k: rows["lr"][k] for k in METRIC_KEYS} | {
         "rows": rows, "trials": len(params.train.trials), "gallery_draws": cfg.gallery_repeats,
@@ -103,7 +80,44 @@ def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> di
     return metrics
 
 
-def _summarise(name: str, evals: list[tuple[int, np.ndarray, float]]) -> dict[str, Any]:
+def score_trial(model: Any, params: Params, mlr_path: Path, trial: int
+                ) -> tuple[dict[str, list[tuple[int, np.ndarray, float]]], dict[str, Any]]:
+    """(CMC, AP) of every evaluation row of `trial` for each gallery draw, and what the pictures need."""
+    from rain_model.metrics import evaluate_rank, pairwise_distance, single_shot_gallery
+    from tasks.embed import embed_paths
+    from tasks.loaders import read_rows
+
+    cfg = params.evaluate
+    queries = read_rows(str(mlr_path), trial, ["query"])
+    gallery_rows = read_rows(str(mlr_path), trial, ["gallery", "gallery_pool"])
+    if not queries or not gallery_rows:
+        raise ValueError(f"{mlr_path}: trial {trial} has no queries or no gallery")
+    paths = sorted({r["path"] for r in queries} | {r["path"] for r in gallery_rows})
+    feats = embed_paths(model, paths, (params.train.height, params.train.width), cfg.batch_size, cfg.flip)
+    index = {p: i for i, p in enumerate(paths)}
+    q_feat = feats[[index[r["path"]] for r in queries]]
+    g_feat = feats[[index[r["path"]] for r in gallery_rows]]
+    dist = pairwise_distance(q_feat, g_feat, metric="cosine" if cfg.distance == "cosine" else "euclidean")
+    q_pids = np.array([r["person_id"] for r in queries])
+    q_cams = np.array([r["camera_id"] for r in queries])
+    g_pids = np.array([r["person_id"] for r in gallery_rows])
+    g_cams = np.array([r["camera_id"] for r in gallery_rows])
+    first = np.array([i for i, r in enumerate(gallery_rows) if r["role"] == "gallery"])
+    draws = [first, *single_shot_gallery(g_pids, g_cams, seed=params.protocol.seed + trial,
+                                         repeats=cfg.gallery_repeats - 1)]
+    results: dict[str, list[tuple[int, np.ndarray, float]]] = defaultdict(list)
+    for name, rows_idx in _row_names(queries, params.protocol.unseen_rates).items():
+        idx = np.asarray(rows_idx)
+        for g_idx in draws:
+            cmc, mean_ap = evaluate_rank(dist[np.ix_(idx, g_idx)], q_pids[idx], g_pids[g_idx],
+                                         q_cams[idx], g_cams[g_idx], max_rank=max(RANKS))
+            results[name].append((trial, cmc, mean_ap))
+    pictures = {"queries": queries, "gallery": [gallery_rows[i] for i in first], "q_feat": q_feat,
+                "g_feat": g_feat[first], "dist": dist[:, first]}
+    return results, pictures
+
+
+def summarise(name: str, evals: list[tuple[int, np.ndarray, float]]) -> dict[str, Any]:
     """Mean over gallery draws within each trial, then mean and std over trials; with one trial the
     std is over its gallery draws (metrics.json says which in `std_over`)."""
     trials = sorted({t for t, _, _ in evals})

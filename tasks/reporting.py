@@ -35,6 +35,8 @@ __all__ = [
     "TSNE_EXACT_MAX",
     "cmc_plot_rows",
     "plot_cmc",
+    "plot_label_fraction",
+    "plot_rate_bars",
     "plot_tsne",
     "ranked_gallery_sheet",
     "ranked_gallery_sheet_size",
@@ -135,6 +137,74 @@ def plot_cmc(
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
+    _tight(fig)
+    return _save_figure(fig, path, dpi)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The experiment grid: Figure 5 and per-rate bars
+
+
+def plot_label_fraction(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+    path: str | Path,
+    references: Mapping[str, tuple[float, float]] | None = None,
+    size_px: tuple[int, int] = (800, 550),
+    dpi: int = 100,
+) -> Path:
+    """Rank-1 (%) against the labelled fraction: ``curves`` maps a label to (fractions, means, stds), all
+    fractions in [0, 1]; ``references`` maps a label to (mean, std) drawn as a flat dashed line."""
+    if not curves:
+        raise ValueError("no label-fraction curve given")
+    fig = _figure(size_px, dpi)
+    ax = fig.add_subplot()
+    for label, (xs, means, stds) in curves.items():
+        if not len(xs) == len(means) == len(stds):
+            raise ValueError(f"curve {label!r}: {len(xs)} fractions, {len(means)} means, {len(stds)} stds")
+        ax.errorbar(100 * np.asarray(xs), 100 * np.asarray(means), yerr=100 * np.asarray(stds), marker="o",
+                    capsize=3, label=str(label))
+    for i, (label, (mean, std)) in enumerate((references or {}).items()):
+        color = f"C{i + len(curves)}"
+        ax.axhline(100 * mean, linestyle="--", color=color, label=str(label))
+        ax.axhspan(100 * (mean - std), 100 * (mean + std), color=color, alpha=0.12)
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("labelled training identities (%)")
+    ax.set_ylabel("rank-1 (%)")
+    ax.set_title("Semi-supervised cross-resolution re-ID (Figure 5)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    _tight(fig)
+    return _save_figure(fig, path, dpi)
+
+
+def plot_rate_bars(
+    bars: Mapping[str, Mapping[str, tuple[float, float]]],
+    path: str | Path,
+    size_px: tuple[int, int] = (900, 550),
+    dpi: int = 100,
+) -> Path:
+    """Grouped bars of rank-1 (%): ``bars[method][test set] = (mean, std)``, fractions in [0, 1]. Test
+    sets are the groups (in first-seen order), methods the bars within a group."""
+    if not bars:
+        raise ValueError("no bars given")
+    groups: list[str] = []
+    for per_set in bars.values():
+        groups += [g for g in per_set if g not in groups]
+    x = np.arange(len(groups))
+    width = 0.8 / len(bars)
+    fig = _figure(size_px, dpi)
+    ax = fig.add_subplot()
+    for i, (method, per_set) in enumerate(bars.items()):
+        means = [100 * per_set[g][0] if g in per_set else np.nan for g in groups]
+        stds = [100 * per_set[g][1] if g in per_set else 0.0 for g in groups]
+        ax.bar(x - 0.4 + (i + 0.5) * width, means, width, yerr=stds, capsize=2, label=str(method))
+    ax.set_xticks(x, groups)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("rank-1 (%)")
+    ax.set_title("Rank-1 by test rate")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
     _tight(fig)
     return _save_figure(fig, path, dpi)
 

@@ -23,6 +23,7 @@ MICRO: dict[str, Any] = {
     "train": {"height": 64, "width": 32, "epochs": 2, "p": 4, "k": 2, "trials": [0]},
     "ray": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0},
     "evaluate": {"gallery_repeats": 2, "tsne_identities": 6, "sheet_queries": 2, "batch_size": 16},
+    "experiments": {"seeds": [0], "epochs": 1},
 }
 
 
@@ -43,6 +44,8 @@ def make_project(root: Path, overrides: dict[str, Any] | None = None) -> Path:
     project = root / "project"
     project.mkdir()
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    (project / "grid").mkdir()
+    shutil.copy(REPO / "grid" / "dvc.yaml", project / "grid" / "dvc.yaml")
     for pkg in ("tasks", "rain_model"):
         shutil.copytree(REPO / pkg, project / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / ".gitignore", project / ".gitignore")

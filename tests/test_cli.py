@@ -1,4 +1,5 @@
-"""The `rain` command: help everywhere, bad params refused before any stage, and serving rain/full."""
+"""The `rain` command: help everywhere, bad params refused before any stage, serving rain/full and
+rain/experiments."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_served_deployment_runs_from_a_second_terminal(tmp_path: Path) -> None:
-    """Terminal 1: `rain serve`; terminal 2: `prefect deployment run rain/full`; the run completes."""
+    """Terminal 1: `rain serve`; terminal 2: `prefect deployment run rain/full`, then rain/experiments (one
+    table); both runs complete."""
     project = make_project(tmp_path)
     port = _free_port()
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"))
@@ -57,7 +59,7 @@ def test_served_deployment_runs_from_a_second_terminal(tmp_path: Path) -> None:
         while True:  # the deployment exists once `rain serve` has registered it
             ls = subprocess.run([str(bin_dir / "prefect"), "deployment", "ls"], env=client_env,
                                 capture_output=True, text=True)
-            if "rain/full" in ls.stdout:
+            if "rain/full" in ls.stdout and "rain/experiments" in ls.stdout:
                 break
             assert serve.poll() is None, (tmp_path / "serve.log").read_text()
             assert time.monotonic() < deadline, "rain serve did not register rain/full in time"
@@ -70,6 +72,11 @@ def test_served_deployment_runs_from_a_second_terminal(tmp_path: Path) -> None:
                               text=True)
         assert "COMPLETED" in runs.stdout.upper(), runs.stdout
         assert (project / "reports/synthetic/registration.json").exists()
+        grid = subprocess.run([str(bin_dir / "prefect"), "deployment", "run", "rain/experiments", "--param",
+                               'tables=["table4"]', "--watch", "--watch-timeout", "600"], env=client_env,
+                              capture_output=True, text=True, timeout=660)
+        assert grid.returncode == 0, grid.stdout + grid.stderr + (tmp_path / "serve.log").read_text()[-6000:]
+        assert "### Table 4" in (project / "experiments/synthetic/results.md").read_text()
         listening = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
         exposed = [line for line in listening.splitlines() if f":{port} " in line and "127.0.0.1" not in line]
         assert not exposed, exposed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.evaluate import _row_names, _summarise, row_label
+from tasks.evaluate import _row_names, row_label, summarise
 
 
 def test_rows_split_mlr_queries_by_rate_and_keep_unseen_and_hr_sets() -> None:
@@ -24,7 +24,7 @@ def cmc(rank1: float) -> np.ndarray:
 def test_several_trials_average_draws_first_then_spread_over_trials() -> None:
     # trial 0: draws with rank-1 0.2 and 0.4 (mean 0.3); trial 1: one draw with 0.7
     evals = [(0, cmc(0.2), 0.1), (0, cmc(0.4), 0.3), (1, cmc(0.7), 0.6)]
-    row = _summarise("lr", evals)
+    row = summarise("lr", evals)
     assert row["rank1"] == pytest.approx(0.5)  # mean of 0.3 and 0.7, not of the three draws
     assert row["rank1_std"] == pytest.approx(0.2)
     assert row["mAP"] == pytest.approx(0.4) and row["mAP_std"] == pytest.approx(0.2)
@@ -32,5 +32,5 @@ def test_several_trials_average_draws_first_then_spread_over_trials() -> None:
 
 
 def test_one_trial_spreads_over_gallery_draws() -> None:
-    row = _summarise("lr", [(0, cmc(0.2), 0.1), (0, cmc(0.4), 0.3)])
+    row = summarise("lr", [(0, cmc(0.2), 0.1), (0, cmc(0.4), 0.3)])
     assert row["rank1"] == pytest.approx(0.3) and row["rank1_std"] == pytest.approx(0.1)

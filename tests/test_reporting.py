@@ -14,6 +14,8 @@ from tasks.reporting import (
     SHEET_PAD,
     cmc_plot_rows,
     plot_cmc,
+    plot_label_fraction,
+    plot_rate_bars,
     plot_tsne,
     ranked_gallery_sheet,
     ranked_gallery_sheet_size,
@@ -184,3 +186,21 @@ def test_table1_markdown_rejects_bad_rows():
         table1_markdown([{"row": "a", "rank5_std": 0.1}])
     with pytest.raises(ValueError, match="'row'"):
         table1_markdown([{"rank1": 0.5}])
+
+
+def test_label_fraction_and_rate_bar_plots_have_the_requested_size(tmp_path):
+    curve = {"RAIN": ([0.0, 0.5, 1.0], [0.1, 0.5, 0.7], [0.01, 0.05, 0.02])}
+    out = plot_label_fraction(curve, tmp_path / "f5.png", {"baseline": (0.3, 0.02)}, size_px=(640, 480))
+    bars = {"RAIN": {"r=2": (0.7, 0.1), "r=8": (0.4, 0.05)}, "baseline": {"r=2": (0.2, 0.0)}}
+    out2 = plot_rate_bars(bars, tmp_path / "bars.png", size_px=(500, 400))
+    with Image.open(out) as a, Image.open(out2) as b:
+        assert a.size == (640, 480) and b.size == (500, 400)
+
+
+def test_grid_plots_refuse_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="'RAIN': 2 fractions, 1 means"):
+        plot_label_fraction({"RAIN": ([0.0, 1.0], [0.5], [0.1, 0.1])}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no label-fraction curve"):
+        plot_label_fraction({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no bars"):
+        plot_rate_bars({}, tmp_path / "x.png")

@@ -1,0 +1,204 @@
+"""Stage `experiment` (a dvc.yaml matrix over configuration x seed): one run of the paper's grid.
+
+The run trains configuration `config` (tasks/grid.py) with `seed` in this process (the shared training
+loop, tasks/train_loop.py, as one worker: grid runs are small and many, so they go side by side rather
+than each over a Ray worker group), then scores it exactly as the evaluate stage does, on the pipeline's
+MLR queries of its trial. It writes <experiments>/<dataset>/runs/<config>/seed-<seed>/result.json, last
+and atomically: a run stopped half-way leaves no result, so it counts as missing and runs again.
+
+A result carries a key: the hash of the run's configured params, its input manifests and the code it ran.
+A run whose result has the current key is up to date and is not trained again, whichever of `dvc repro`
+or the Prefect flow `rain/experiments` asks for it.
+
+    python -m tasks.experiment <config> <seed> [--parent-run-id RUN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks import grid
+from tasks.config import Params, load_params
+from tasks.experiment_data import train_manifest
+from tasks.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+ROOT = Path(__file__).resolve().parents[1]
+# What a grid run executes; a change to any of these makes every result stale (dvc.yaml lists the same).
+CODE = ("rain_model", "tasks/experiment.py", "tasks/grid.py", "tasks/train_loop.py", "tasks/loaders.py",
+        "tasks/imageio.py", "tasks/evaluate.py", "tasks/embed.py")
+
+
+def run_dir(params: Params, config: str, seed: int) -> Path:
+    return params.experiments_dir() / "runs" / config / f"seed-{seed}"
+
+
+def result_path(params: Params, config: str, seed: int) -> Path:
+    return run_dir(params, config, seed) / RESULT_FILE
+
+
+def code_hash(root: Path = ROOT) -> str:
+    digest = hashlib.sha256()
+    for entry in CODE:
+        path = root / entry
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def inputs(params: Params, config: str, code: str | None = None) -> dict[str, str]:
+    from tasks.tracking import file_hash
+
+    return {"train_manifest": file_hash(train_manifest(params, config)),
+            "eval_manifest": file_hash(params.mlr_manifest_path()), "code": code or code_hash()}
+
+
+def current_key(params: Params, config: str, seed: int, code: str | None = None) -> str:
+    return grid.run_key(params, config, seed, inputs(params, config, code))
+
+
+def load_result(params: Params, config: str, seed: int) -> dict[str, Any] | None:
+    path = result_path(params, config, seed)
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable result ({exc}); delete it to run again") from exc
+
+
+def is_done(params: Params, config: str, seed: int, code: str | None = None) -> bool:
+    result = load_result(params, config, seed)
+    return result is not None and result.get("key") == current_key(params, config, seed, code)
+
+
+def run(params: Params, config: str, seed: int, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train and score one grid run; returns its result (also written to result.json)."""
+    import torch
+
+    from rain_model.network import RAIN
+    from tasks.evaluate import row_label, score_trial, summarise
+    from tasks.loaders import read_rows
+    from tasks.train import NonFiniteTraining, flat_params
+    from tasks.train_loop import TrainJob, WorkerContext, train_loop
+
+    key = current_key(params, config, seed)
+    existing = load_result(params, config, seed)
+    if existing is not None and existing.get("key") == key:
+        log.info("experiment %s seed %d: up to date (%s)", config, seed, result_path(params, config, seed))
+        return existing
+    run_params = grid.configure(params, config, seed)
+    # Held in memory, not written: only the last epoch's state is needed.
+    run_params = dataclasses.replace(run_params, train=dataclasses.replace(
+        run_params.train, checkpoint_every_epochs=run_params.train.epochs))
+    trial = grid.trial_of(params, seed)
+    rows = read_rows(str(train_manifest(params, config)), trial, ["train"])
+    if not rows:
+        raise ValueError(f"{train_manifest(params, config)}: trial {trial} has no training rows")
+    device = torch.device("cuda") if params.experiments.use_gpu else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("experiments.use_gpu is true but this process sees no CUDA device")
+
+    client, run_id = _start_mlflow_run(params, run_params, config, seed, trial, key, parent_run_id, flat_params)
+    final: dict[str, Any] = {}
+
+    def keep(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        final["metrics"] = metrics
+        if state is not None:
+            final["state"] = state
+
+    started = time.perf_counter()
+    try:
+        train_loop(TrainJob(params=run_params, rows=rows, tracking_uri=client.tracking_uri, run_id=run_id),
+                   WorkerContext(device=device, report=keep))
+        if "nonfinite" in final.get("metrics", {}):
+            raise NonFiniteTraining(f"experiment {config} seed {seed}: {final['metrics']['nonfinite']}")
+        train_seconds = time.perf_counter() - started
+        state = final["state"]
+        model = RAIN(run_params.model, state["num_classes"])
+        model.load_state_dict(state["model"])
+        model = model.to(device).eval()
+        started = time.perf_counter()
+        scores, _ = score_trial(model, run_params, params.mlr_manifest_path(), trial)
+        eval_seconds = time.perf_counter() - started
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    unseen = params.protocol.unseen_rates
+    table = {name: summarise(name, evals) | {"label": row_label(name, unseen)} for name, evals in scores.items()}
+    result = {
+        "config": config, "seed": seed, "trial": trial, "key": key, "inputs": inputs(params, config),
+        "description": grid.CONFIGS[config].description, "epochs": run_params.train.epochs,
+        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+        "final_losses": {k: round(float(v), 5) for k, v in final["metrics"].items() if k.startswith("L_")},
+        "rows": table, "mlflow_run_id": run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for name, values in table.items():
+        for metric in ("rank1", "rank5", "rank10", "rank20", "mAP"):
+            client.log_metric(run_id, f"{name}_{metric}", float(values[metric]))
+    client.log_metric(run_id, "train_seconds", result["train_seconds"])
+    client.set_terminated(run_id, status="FINISHED")
+    _write_atomic(result_path(params, config, seed), json.dumps(result, indent=2))
+    log.info("experiment %s seed %d: LR rank-1 %.1f%%, r8 rank-1 %.1f%% (train %.0f s, eval %.0f s)", config, seed,
+             100 * table["lr"]["rank1"], 100 * table.get("r8", table["lr"])["rank1"], train_seconds, eval_seconds)
+    return result
+
+
+def _start_mlflow_run(params: Params, run_params: Params, config: str, seed: int, trial: int, key: str,
+                      parent_run_id: str | None, flat_params: Any) -> tuple[Any, str]:
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from tasks.tracking import experiment, git_commit, tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    exp_id = experiment(client, experiments_mlflow_name(params))
+    tags = {"config": config, "seed": str(seed), "trial": str(trial), "result_key": key, "git_commit": git_commit(),
+            "dataset": params.dataset.name, "stage": "experiment"}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(exp_id, run_name=f"{config}-seed{seed}", tags=tags).info.run_id
+    logged = [Param(k, v[:6000]) for k, v in flat_params(run_params).items() if not k.startswith("sources.")]
+    for i in range(0, len(logged), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=logged[i:i + 100])
+    return client, str(run_id)
+
+
+def experiments_mlflow_name(params: Params) -> str:
+    return f"rain-{params.dataset.name}-experiments"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Train and score one configuration of the paper's grid.")
+    ap.add_argument("config", choices=list(grid.CONFIGS))
+    ap.add_argument("seed", type=int)
+    ap.add_argument("--parent-run-id", default=None, help="MLflow run to nest this run under")
+    args = ap.parse_args()
+    setup_logging()
+    params = load_params()
+    import torch
+
+    torch.set_num_threads(params.experiments.cpus_per_run)
+    run(params, args.config, args.seed, args.parent_run_id)
+
+
+if __name__ == "__main__":
+    main()

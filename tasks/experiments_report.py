@@ -1,0 +1,294 @@
+"""Stage `experiments_report`: the grid's tables, mean and standard deviation over seeds, beside the paper's.
+
+Reads every <experiments>/<dataset>/runs/<config>/seed-<s>/result.json the tables need and writes, in
+<experiments>/<dataset>/: results.md (the tables, with the paper's figures and what each run cost),
+results.csv (one line per table row and metric), results.json, label_fraction.png (Figure 5) and
+rate_bars.png (rank-1 per test rate). It opens an MLflow parent run for the grid and nests every run it
+read under it (runs trained by an earlier, interrupted grid are moved under this one), so the MLflow UI
+shows one grid with one child per configuration and seed.
+
+Standard deviations are over seeds (sample std, n - 1); each seed's figure is already the mean over
+`evaluate.gallery_repeats` single-shot gallery draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks import grid
+from tasks.config import Params, load_params
+from tasks.experiment import experiments_mlflow_name, load_result
+from tasks.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = {"rank1": "Rank 1", "rank5": "Rank 5", "rank10": "Rank 10", "rank20": "Rank 20", "mAP": "mAP"}
+RATE_BAR_CONFIGS = ("baseline_hr", "baseline_hrlr", "single_level", "multi_level", "rates_1234")
+
+
+class MissingRuns(RuntimeError):
+    """Some runs the tables need have no result; the message lists them."""
+
+
+def collect(params: Params, seeds: tuple[int, ...], configs: list[str]) -> dict[tuple[str, int], dict[str, Any]]:
+    results, missing = {}, []
+    for config in configs:
+        for seed in seeds:
+            result = load_result(params, config, seed)
+            if result is None:
+                missing.append(f"{config} seed {seed}")
+            else:
+                results[(config, seed)] = result
+    if missing:
+        raise MissingRuns(f"{len(missing)} grid run(s) have no result yet: {', '.join(missing)} "
+                          "(run `prefect deployment run rain/experiments` or `dvc repro`)")
+    return results
+
+
+def stat(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def table_rows(table: grid.Table, results: dict[tuple[str, int], dict[str, Any]],
+               seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    """One dict per table row: label, config, query_set, seeds, and <metric>/<metric>_std as fractions."""
+    out = []
+    for row in table.rows:
+        entry: dict[str, Any] = {"table": table.key, "row": row.label, "config": row.config,
+                                 "query_set": row.query_set, "seeds": len(seeds)}
+        for metric in table.metrics:
+            values = [results[(row.config, s)]["rows"][row.query_set][metric] for s in seeds]
+            entry[metric], entry[f"{metric}_std"] = stat(values)
+            entry[f"paper_{metric}"] = row.paper.get(metric)
+        out.append(entry)
+    return out
+
+
+def markdown(table: grid.Table, rows: list[dict[str, Any]]) -> str:
+    heads = ["Method", *(METRIC_NAMES[m] for m in table.metrics), f"Paper rank 1 ({table.paper_dataset})"]
+    lines = [f"### {table.title}", "", "| " + " | ".join(heads) + " |", "|:---|" + "---:|" * (len(heads) - 1)]
+    for r in rows:
+        cells = [f"{100 * r[m]:.1f} ± {100 * r[m + '_std']:.1f}" for m in table.metrics]
+        paper = r["paper_rank1"]
+        lines.append(f"| {r['row']} (`{r['config']}`) | " + " | ".join(cells) +
+                     f" | {'-' if paper is None else f'{paper:.1f}'} |")
+    return "\n".join(lines)
+
+
+# (claim, config A, query set A, config B, query set B, the paper's A - B in rank-1 points, its source)
+CLAIMS: tuple[tuple[str, str, str, str, str, float, str], ...] = (
+    ("RAIN beats the baseline trained on HR", "multi_level", "lr", "baseline_hr", "lr", 78.9 - 60.6, "Table 1"),
+    ("RAIN beats the baseline trained on HR & LR", "multi_level", "lr", "baseline_hrlr", "lr", 78.9 - 65.9,
+     "Table 1"),
+    ("Training on LR images helps the baseline", "baseline_hrlr", "lr", "baseline_hr", "lr", 65.9 - 60.6, "Table 1"),
+    ("Multi-level beats single-level", "multi_level", "lr", "single_level", "lr", 78.9 - 77.6, "Table 1"),
+    ("Unseen r = 8 costs little against seen rates (train {1,2,3,4})", "rates_1234", "r8", "rates_1234", "lr",
+     37.5 - 42.5, "Table 2"),
+    ("L_cls helps", "multi_level", "lr", "no_cls", "lr", 78.9 - 70.8, "Table 3"),
+    ("L_tri helps", "multi_level", "lr", "no_tri", "lr", 78.9 - 69.1, "Table 3"),
+    ("L_rec helps", "multi_level", "lr", "no_rec", "lr", 78.9 - 67.3, "Table 3"),
+    ("L_adv helps", "multi_level", "lr", "baseline_hrlr", "lr", 78.9 - 65.9, "Table 3"),
+    ("Rates {2,3,4} beat rate 2 alone", "multi_level", "lr", "rates_2", "lr", 78.9 - 70.9, "Table 4"),
+    ("Rates {2,3,4} beat rate 3 alone", "multi_level", "lr", "rates_3", "lr", 78.9 - 72.3, "Table 4"),
+    ("Rates {2,3,4} beat rate 4 alone", "multi_level", "lr", "rates_4", "lr", 78.9 - 77.2, "Table 4"),
+    ("20% labels recover most of the way from 0%", "labels_0.2", "lr", "labels_0.0", "lr", 66.3 - 3.3, "Figure 5"),
+    ("100% labels beat 40%", "multi_level", "lr", "labels_0.4", "lr", 78.9 - 76.1, "Figure 5"),
+)
+ABLATIONS = (("w/o L_cls", "no_cls", 70.8), ("w/o L_tri", "no_tri", 69.1), ("w/o L_rec", "no_rec", 67.3),
+             ("w/o L_adv", "baseline_hrlr", 65.9))
+
+
+def claims_markdown(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple[int, ...]) -> str:
+    """Each claim as a paired difference of rank-1 over seeds (same seed = same split and initial seed)."""
+    def rank1(config: str, query_set: str, seed: int) -> float:
+        return float(results[(config, seed)]["rows"][query_set]["rank1"])
+
+    lines = ["### The paper's claims, checked (rank-1 points, A - B paired by seed)", "",
+             "| Claim (source) | A - B, paper | A - B, ours (mean ± std) | Seeds with A > B | Verdict |",
+             "|:---|---:|---:|---:|:---|"]
+    for claim, a, qa, b, qb, paper, source in CLAIMS:
+        if not all((c, s) in results for c in (a, b) for s in seeds):
+            continue
+        diffs = [100 * (rank1(a, qa, s) - rank1(b, qb, s)) for s in seeds]
+        mean, std = stat(diffs)
+        wins = sum(d > 0 for d in diffs)
+        if paper < 0:  # a cost claim: it holds when ours costs no more than about what the paper's does
+            verdict = "holds" if mean >= paper else "larger cost than the paper's"
+        else:
+            verdict = "holds" if mean > 0 and wins == len(diffs) else "mixed" if mean > 0 else "does not hold"
+        lines.append(f"| {claim} ({source}) | {paper:+.1f} | {mean:+.1f} ± {std:.1f} | {wins}/{len(diffs)} | "
+                     f"{verdict} |")
+    if all((c, s) in results for _, c, _ in ABLATIONS for s in seeds):
+        ours = sorted(ABLATIONS, key=lambda a: -np.mean([rank1(a[1], "lr", s) for s in seeds]))
+        lines += ["", "Ablation order, best to worst rank-1: paper " +
+                  " > ".join(f"{n} ({p:.1f})" for n, _, p in ABLATIONS) + "; ours " +
+                  " > ".join(f"{n} ({100 * np.mean([rank1(c, 'lr', s) for s in seeds]):.1f})" for n, c, _ in ours)
+                  + "."]
+    return "\n".join(lines)
+
+
+def runs_markdown(results: dict[tuple[str, int], dict[str, Any]], configs: list[str]) -> str:
+    """Rank-1 of every run on every query set: the per-seed figures behind each mean."""
+    sets = list(next(iter(results.values()))["rows"])
+    lines = ["### Every run: rank-1 per query set (%)", "",
+             "| Configuration | Seed | Trial | " + " | ".join(sets) + " |", "|:---|---:|---:|" + "---:|" * len(sets)]
+    for config in configs:
+        for (c, seed), r in sorted(results.items()):
+            if c == config:
+                lines.append(f"| `{c}` | {seed} | {r['trial']} | " +
+                             " | ".join(f"{100 * r['rows'][q]['rank1']:.1f}" for q in sets) + " |")
+    return "\n".join(lines)
+
+
+def cost_markdown(results: dict[tuple[str, int], dict[str, Any]], configs: list[str],
+                  tables: tuple[grid.Table, ...]) -> str:
+    """Seconds per configuration and compute per table (a shared configuration counts in each table)."""
+    lines = ["### What each configuration cost (one run, this machine)", "",
+             "| Configuration | Runs | Epochs | Train s (mean) | Eval s (mean) |", "|:---|---:|---:|---:|---:|"]
+    for config in configs:
+        runs = [r for (c, _), r in results.items() if c == config]
+        lines.append(f"| `{config}` | {len(runs)} | {runs[0]['epochs']} | "
+                     f"{np.mean([r['train_seconds'] for r in runs]):.0f} | "
+                     f"{np.mean([r['eval_seconds'] for r in runs]):.0f} |")
+    lines += ["", "| Table | Configurations | Runs | Compute min (train + eval, all seeds) |", "|:---|---:|---:|---:|"]
+    for table in tables:
+        used = {row.config for row in table.rows}
+        runs = [r for (c, _), r in results.items() if c in used]
+        lines.append(f"| {table.key} | {len(used)} | {len(runs)} | "
+                     f"{sum(r['train_seconds'] + r['eval_seconds'] for r in runs) / 60:.1f} |")
+    total = sum(r["train_seconds"] + r["eval_seconds"] for r in results.values())
+    lines.append(f"\nCompute summed over all {len(results)} runs: {total / 60:.1f} min (a shared configuration "
+                 "counts once here; runs go side by side, so the grid's wall time is shorter: the flow records it "
+                 "in grid_runs.jsonl).")
+    return "\n".join(lines)
+
+
+def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str | None = None,
+        table_keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    from tasks.reporting import plot_label_fraction, plot_rate_bars
+
+    seeds = tuple(seeds or params.experiments.seeds)
+    selected = grid.tables(table_keys)
+    configs = grid.configs_of(selected)
+    results = collect(params, seeds, configs)
+    out_dir = params.experiments_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    all_rows = {t.key: table_rows(t, results, seeds) for t in selected}
+    header = (f"# Experiment grid on `{params.dataset.name}`\n\nMean ± std over seeds {list(seeds)} (each seed: "
+              f"train.seed = s on protocol trial s mod {params.protocol.trials}; each figure the mean of "
+              f"{params.evaluate.gallery_repeats} single-shot gallery draws); {params.experiments.epochs} epochs "
+              f"per run; {params.model.backbone} at {params.train.height}x{params.train.width}. LR queries and 'r in "
+              f"{{2,3,4}}' rows use the MLR protocol's rates, here {list(params.protocol.train_rates)}; unseen: "
+              f"{list(params.protocol.unseen_rates)}. Percent.\n")
+    parts = [header, *(markdown(t, all_rows[t.key]) for t in selected), claims_markdown(results, seeds),
+             runs_markdown(results, configs), cost_markdown(results, configs, selected)]
+    (out_dir / "results.md").write_text("\n\n".join(parts) + "\n")
+    flat = [r for rows in all_rows.values() for r in rows]
+    with (out_dir / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["table", "row", "config", "query_set", "metric", "mean", "std",
+                                                "seeds", "paper"])
+        writer.writeheader()
+        for t in selected:
+            for r in all_rows[t.key]:
+                for m in t.metrics:
+                    writer.writerow({"table": t.key, "row": r["row"], "config": r["config"],
+                                     "query_set": r["query_set"], "metric": m, "mean": round(r[m], 6),
+                                     "std": round(r[m + "_std"], 6), "seeds": r["seeds"], "paper": r[f"paper_{m}"]})
+    _plots(results, configs, seeds, out_dir, plot_label_fraction, plot_rate_bars)
+    summary = {"dataset": params.dataset.name, "seeds": list(seeds), "configs": configs, "tables": all_rows,
+               "runs": {f"{c}/seed-{s}": {"train_seconds": r["train_seconds"], "eval_seconds": r["eval_seconds"],
+                                          "mlflow_run_id": r["mlflow_run_id"]} for (c, s), r in results.items()}}
+    summary["parent_run_id"] = _mlflow_parent(params, results, flat, out_dir, parent_run_id)
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    log.info("experiments_report: %d tables from %d runs -> %s", len(selected), len(results), out_dir / "results.md")
+    return summary
+
+
+def _plots(results: dict[tuple[str, int], dict[str, Any]], configs: list[str], seeds: tuple[int, ...],
+           out_dir: Path, plot_label_fraction: Any, plot_rate_bars: Any) -> None:
+    def rank1(config: str, query_set: str = "lr") -> tuple[float, float]:
+        return stat([results[(config, s)]["rows"][query_set]["rank1"] for s in seeds])
+
+    points = [(float(c.split("_")[1]), c) for c in configs if c.startswith("labels_")]
+    if "multi_level" in configs:
+        points.append((1.0, "multi_level"))
+    if points:
+        stats = [rank1(c) for _, c in points]
+        curves = {"RAIN (this grid)": ([x for x, _ in points], [m for m, _ in stats], [s for _, s in stats])}
+        paper = sorted(grid.FIGURE5_PAPER.items())
+        curves["RAIN, paper (the points its text gives, MLR-CUHK03)"] = (
+            [x for x, _ in paper], [y / 100 for _, y in paper], [0.0] * len(paper))
+        refs = {grid.CONFIGS[c].description: rank1(c) for c in ("baseline_hr", "baseline_hrlr") if c in configs}
+        plot_label_fraction(curves, out_dir / "label_fraction.png", refs)
+    methods = [c for c in RATE_BAR_CONFIGS if c in configs]
+    if methods:
+        sets = [q for q in next(iter(results.values()))["rows"] if q != "lr"]
+        names = {q: "HR" if q == "hr" else f"r={q[1:]}" for q in sets}
+        plot_rate_bars({m: {names[q]: rank1(m, q) for q in sets} for m in methods}, out_dir / "rate_bars.png")
+
+
+def open_parent_run(params: Params) -> str:
+    """A new MLflow parent run for one grid; its runs nest under it, the report finishes it."""
+    from mlflow import MlflowClient
+
+    from tasks.tracking import experiment, git_commit, tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    exp_id = experiment(client, experiments_mlflow_name(params))
+    return str(client.create_run(exp_id, run_name=f"grid-{time.strftime('%Y%m%d-%H%M%S')}", tags={
+        "stage": "experiments", "dataset": params.dataset.name, "git_commit": git_commit()}).info.run_id)
+
+
+def _mlflow_parent(params: Params, results: dict[tuple[str, int], dict[str, Any]], rows: list[dict[str, Any]],
+                   out_dir: Path, parent_run_id: str | None) -> str:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    if parent_run_id is None:
+        parent_run_id = open_parent_run(params)
+    for (config, seed), result in sorted(results.items()):
+        try:
+            client.set_tag(result["mlflow_run_id"], "mlflow.parentRunId", parent_run_id)
+        except MlflowException:
+            log.warning("MLflow run %s of %s seed %d is not in %s; not nested", result["mlflow_run_id"], config, seed,
+                        client.tracking_uri)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{r['config']}.{r['query_set']}.{m}_{kind}", float(r[m if kind == 'mean' else f'{m}_std']),
+                      now, 0)
+               for r in rows for m in ("rank1", "mAP") if m in r for kind in ("mean", "std")]
+    unique = {m.key: m for m in metrics}  # a configuration read by several tables is logged once
+    values = list(unique.values())
+    for i in range(0, len(values), 1000):
+        client.log_batch(parent_run_id, metrics=values[i:i + 1000])
+    client.set_tag(parent_run_id, "runs", str(len(results)))
+    for name in ("results.md", "results.csv", "label_fraction.png", "rate_bars.png"):
+        if (out_dir / name).exists():
+            client.log_artifact(parent_run_id, str(out_dir / name))
+    client.set_terminated(parent_run_id, status="FINISHED")
+    return str(parent_run_id)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Tables and plots of the experiment grid.")
+    ap.add_argument("--parent-run-id", default=None, help="MLflow parent run of this grid (default: a new one)")
+    args = ap.parse_args()
+    setup_logging()
+    run(load_params(), parent_run_id=args.parent_run_id)
+
+
+if __name__ == "__main__":
+    main()

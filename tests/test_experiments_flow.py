@@ -1,0 +1,96 @@
+"""End to end: the grid flow (deployment `rain/experiments`) on a micro configuration, killed half-way and
+started again, shares its runs with `dvc repro grid/dvc.yaml` both ways and nests them in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks import grid
+from tests.micro_project import dvc, make_project
+
+pytestmark = pytest.mark.e2e
+
+
+def _results(project: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted((project / "experiments/synthetic/runs").glob("*/seed-*/result.json"))}
+
+
+def _grid_processes(project: Path) -> list[int]:
+    """Live `python -m tasks.experiment` processes working in `project`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and os.readlink(proc / "cwd") == str(project)
+                    and b"tasks.experiment" in (proc / "cmdline").read_bytes()):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_grid_killed_half_way_runs_only_the_missing_configurations(tmp_path: Path, prefect_server: None) -> None:
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.experiments import experiments
+
+    project = make_project(tmp_path)
+    total = len(grid.CONFIGS)  # one seed in the micro configuration
+    # DVC trains one configuration first (data stages upstream included): the flow must take it as done.
+    dvc(project, "repro", "grid/dvc.yaml:experiment@multi_level-0")
+    assert len(_results(project)) == 1
+
+    env = dict(os.environ, PREFECT_API_URL=str(PREFECT_API_URL.value()),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    with (tmp_path / "first.log").open("wb") as log:
+        first = subprocess.Popen([str(Path(sys.executable).parent / "rain"), "experiments", "-C", str(project)],
+                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(_results(project)) < 5:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the grid made no progress"
+            time.sleep(0.5)
+        os.kill(first.pid, signal.SIGKILL)  # the flow process only: its runs must die with it
+        first.wait()
+        deadline = time.monotonic() + 20
+        while _grid_processes(project):
+            assert time.monotonic() < deadline, "grid runs outlived the killed flow"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL) if first.poll() is None else None
+    done = _results(project)
+    assert 5 <= len(done) < total
+
+    result = experiments(project_dir=str(project))
+
+    assert (result["grid"]["ran"], result["grid"]["reused"], result["grid"]["failed"]) == (total - len(done),
+                                                                                           len(done), [])
+    after = _results(project)
+    assert len(after) == total
+    assert all(after[path] == content for path, content in done.items())  # finished runs were not trained again
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rain-synthetic-experiments")
+    assert exp is not None
+    nested = client.search_runs([exp.experiment_id], max_results=200,
+                                filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    assert {r.info.run_id for r in nested} == {json.loads(c)["mlflow_run_id"] for c in after.values()}
+    assert {r.data.tags["config"] for r in nested} == set(grid.CONFIGS)
+
+    out = project / "experiments/synthetic"
+    assert "### Figure 5" in (out / "results.md").read_text()
+    assert (out / "label_fraction.png").stat().st_size > 0 and (out / "rate_bars.png").stat().st_size > 0
+    grid_log = [json.loads(line) for line in (out / "grid_runs.jsonl").read_text().splitlines()]
+    assert grid_log[-1]["ran"] == total - len(done)
+    # The flow recorded its runs in grid/dvc.lock: DVC has nothing left to do.
+    assert "up to date" in dvc(project, "status", "grid/dvc.yaml")

@@ -1,0 +1,111 @@
+"""The grid's report: mean and std over seeds per table row, Markdown/CSV/plots, MLflow nesting, missing runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tasks import grid
+from tasks.config import Params
+from tasks.experiment import result_path
+from tasks.experiments_report import MissingRuns, collect, run, stat
+from tests.micro_project import micro_params
+
+QUERY_SETS = ("lr", "r2", "r3", "r4", "r8", "hr")
+
+
+def _score(config: str, seed: int, query_set: str) -> float:
+    """A distinct, known rank-1 per (config, seed, query set), so the test can recompute every cell."""
+    return round(0.05 * (list(grid.CONFIGS).index(config) % 10) + 0.01 * seed + 0.002 * QUERY_SETS.index(query_set),
+                 6)
+
+
+def _write_result(params: Params, config: str, seed: int, run_id: str) -> None:
+    rows = {q: {"row": q, "rank1": _score(config, seed, q), "rank5": 0.9, "rank10": 0.95, "rank20": 1.0,
+                "mAP": _score(config, seed, q) / 2} for q in QUERY_SETS}
+    path = result_path(params, config, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": config, "seed": seed, "trial": seed, "rows": rows, "epochs": 1,
+                                "train_seconds": 10.0, "eval_seconds": 2.0, "mlflow_run_id": run_id}))
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
+    monkeypatch.chdir(tmp_path)
+    return micro_params({"experiments": {"seeds": [0, 1]}})
+
+
+def test_stat_is_the_mean_and_the_sample_std() -> None:
+    assert stat([0.5]) == (0.5, 0.0)
+    mean, std = stat([0.2, 0.4, 0.6])
+    assert mean == pytest.approx(0.4) and std == pytest.approx(0.2)
+
+
+def test_missing_runs_are_listed_by_configuration_and_seed(project: Params) -> None:
+    _write_result(project, "multi_level", 0, "x")
+    with pytest.raises(MissingRuns, match="multi_level seed 1") as info:
+        collect(project, (0, 1), ["multi_level", "rates_2"])
+    assert "rates_2 seed 0" in str(info.value) and "3 grid run(s)" in str(info.value)
+
+
+def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.tracking import experiment
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = experiment(client, "rain-synthetic-experiments", tmp_path)
+    children = {}
+    for config in grid.CONFIGS:
+        for seed in (0, 1):
+            children[(config, seed)] = client.create_run(exp_id, run_name=f"{config}-seed{seed}").info.run_id
+            _write_result(project, config, seed, children[(config, seed)])
+
+    summary = run(project)
+
+    out = tmp_path / project.experiments_dir()
+    # Every cell is the mean (and sample std) over the two seeds of that row's configuration and query set.
+    for table in grid.TABLES:
+        for row, got in zip(table.rows, summary["tables"][table.key], strict=True):
+            values = [_score(row.config, s, row.query_set) for s in (0, 1)]
+            assert got["rank1"] == pytest.approx(sum(values) / 2)
+            assert got["rank1_std"] == pytest.approx(stat(values)[1])
+    table2 = {r["row"]: r for r in summary["tables"]["table2"]}
+    unseen = table2["train r in {1,2,3,4}, test r = 8 (unseen)"]
+    assert unseen["rank1"] == pytest.approx((_score("rates_1234", 0, "r8") + _score("rates_1234", 1, "r8")) / 2)
+
+    text = (out / "results.md").read_text()
+    assert text.count("### Table") == 4 and "### Figure 5" in text
+    ours = summary["tables"]["table1"][3]
+    assert f"| Ours (multi-level) (`multi_level`) | {100 * ours['rank1']:.1f} ± {100 * ours['rank1_std']:.1f} |" in text
+    assert "| 78.9 |" in text  # the paper's figure next to ours
+    # Claims as paired differences: multi_level - baseline_hr is 0.15 on every seed; no_cls scores above RAIN.
+    assert "| RAIN beats the baseline trained on HR (Table 1) | +18.3 | +15.0 ± 0.0 | 2/2 | holds |" in text
+    assert "| L_cls helps (Table 3) | +8.1 | -10.0 ± 0.0 | 0/2 | does not hold |" in text
+    assert "; ours w/o L_rec (" in text  # no_rec scores highest of the four here
+    assert f"| `rates_3` | 1 | 1 | {100 * _score('rates_3', 1, 'lr'):.1f} |" in text  # every run, per seed
+
+    with (out / "results.csv").open() as fh:
+        lines = list(csv.DictReader(fh))
+    assert len(lines) == sum(len(t.rows) * len(t.metrics) for t in grid.TABLES)
+    first = lines[0]
+    assert (first["table"], first["config"], first["metric"]) == ("table1", "baseline_hr", "rank1")
+    assert float(first["paper"]) == 60.6
+
+    for picture in ("label_fraction.png", "rate_bars.png"):
+        with Image.open(out / picture) as img:
+            assert img.size[0] >= 800
+
+    parent = summary["parent_run_id"]
+    nested = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=100)
+    assert {r.info.run_id for r in nested} == set(children.values())
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.metrics["multi_level.lr.rank1_mean"] == pytest.approx(ours["rank1"])
+    assert {"results.md", "results.csv", "label_fraction.png", "rate_bars.png"} <= {
+        a.path for a in client.list_artifacts(parent)}
+    assert json.loads((out / "results.json").read_text())["parent_run_id"] == parent

@@ -1,0 +1,106 @@
+"""The paper's grid: which configurations the tables read, what each one changes, when a result is stale."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from tasks import grid
+from tasks.config import ParamsError
+from tests.micro_project import REPO, micro_params
+
+
+def test_dvc_matrix_lists_exactly_the_grid_configurations() -> None:
+    stages = yaml.safe_load((REPO / "grid" / "dvc.yaml").read_text())["stages"]
+    assert stages["experiment"]["matrix"]["config"] == list(grid.CONFIGS)
+    assert stages["experiment"]["matrix"]["seed"] == "${experiments.seeds}"
+
+
+def test_every_configuration_is_read_by_a_table_and_shared_ones_are_trained_once() -> None:
+    rows = [row for table in grid.TABLES for row in table.rows]
+    assert {row.config for row in rows} == set(grid.CONFIGS)
+    assert grid.configs_of(grid.TABLES) == list(grid.CONFIGS)
+    assert len(rows) == 25 and len(grid.CONFIGS) == 16  # 25 table rows from 16 trainings per seed
+    # The full model is Table 1's multi-level row, Table 3's "Ours", Table 4's {2,3,4} and Figure 5's 100%.
+    readers = {t.key for t in grid.TABLES for r in t.rows if r.config == "multi_level"}
+    assert readers == {"table1", "table2", "table3", "table4", "figure5"}
+    # "w/o L_adv" is the HR & LR baseline (Eq. 7 without L_adv), as the paper's identical rows show.
+    table3 = {r.label: r.config for r in grid.tables(("table3",))[0].rows}
+    assert table3["Ours w/o L_adv"] == "baseline_hrlr"
+
+
+def test_a_subset_of_tables_needs_only_its_configurations() -> None:
+    assert grid.configs_of(grid.tables(("table4",))) == ["multi_level", "rates_2", "rates_3", "rates_4"]
+    with pytest.raises(ParamsError, match="table9"):
+        grid.tables(("table1", "table9"))
+
+
+@pytest.mark.parametrize(("name", "check"), [
+    ("baseline_hr", lambda p: p.objective.variant == "baseline_hr"),
+    ("baseline_hrlr", lambda p: p.objective.variant == "baseline_hrlr" and p.objective.w_adv == 1.0),
+    ("single_level", lambda p: p.model.levels == (5,)),
+    ("multi_level", lambda p: p.model.levels == (4, 5) and p.objective.variant == "rain"),
+    ("no_cls", lambda p: p.objective.w_cls == 0.0 and p.objective.active_terms() == ("L_adv", "L_rec", "L_tri")),
+    ("no_tri", lambda p: p.objective.active_terms() == ("L_adv", "L_rec", "L_cls")),
+    ("no_rec", lambda p: p.objective.active_terms() == ("L_adv", "L_cls", "L_tri")),
+    ("rates_1234", lambda p: p.protocol.train_rates == (1, 2, 3, 4)),
+    ("rates_3", lambda p: p.protocol.train_rates == (3,)),
+    ("labels_0.4", lambda p: p.train.label_fraction == pytest.approx(0.4)),
+    ("labels_0.0", lambda p: p.train.label_fraction == 0.0 and p.objective.variant == "rain"),
+])
+def test_configure_applies_the_configuration(name: str, check) -> None:  # type: ignore[no-untyped-def]
+    assert check(grid.configure(micro_params(), name, 0))
+
+
+def test_seed_sets_the_training_seed_the_trial_and_the_grid_length() -> None:
+    params = micro_params({"experiments": {"epochs": 7}, "protocol": {"trials": 2}})
+    run = grid.configure(params, "multi_level", 3)
+    assert (run.train.seed, run.train.trials, run.train.epochs) == (3, (1,), 7)
+    assert grid.configure(params, "multi_level", 4).train.trials == (0,)
+    with pytest.raises(ParamsError, match="'no_such'"):
+        grid.configure(params, "no_such", 0)
+
+
+def test_rate_variants_skip_the_pipeline_rates() -> None:
+    assert grid.rate_variants(micro_params()) == [(1, 2, 3, 4), (2,), (3,), (4,)]
+    # With the pipeline at rate 2, rates_2 trains on the pipeline's own LR images.
+    assert grid.rate_variants(micro_params({"protocol": {"train_rates": [2]}})) == [(1, 2, 3, 4), (3,), (4,)]
+
+
+def test_run_key_follows_what_changes_a_result_and_nothing_else() -> None:
+    params = micro_params()
+    inputs = {"train_manifest": "a", "eval_manifest": "b", "code": "c"}
+    key = grid.run_key(params, "multi_level", 0, inputs)
+    assert key == grid.run_key(params, "multi_level", 0, dict(inputs))
+    same = [
+        dataclasses.replace(params, experiments=dataclasses.replace(params.experiments, seeds=(0, 5), parallel=4)),
+        dataclasses.replace(params, paths=dataclasses.replace(params.paths, experiments="elsewhere")),
+        dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=99, seed=42)),  # grid sets both
+    ]
+    for other in same:
+        assert grid.run_key(other, "multi_level", 0, inputs) == key
+    changed = [
+        grid.run_key(params, "multi_level", 1, inputs),
+        grid.run_key(params, "single_level", 0, inputs),
+        grid.run_key(params, "multi_level", 0, inputs | {"code": "d"}),
+        grid.run_key(params, "multi_level", 0, inputs | {"eval_manifest": "x"}),
+        grid.run_key(dataclasses.replace(params, experiments=dataclasses.replace(params.experiments, epochs=3)),
+                     "multi_level", 0, inputs),
+        grid.run_key(dataclasses.replace(params, objective=dataclasses.replace(params.objective, margin=0.5)),
+                     "multi_level", 0, inputs),
+    ]
+    assert key not in changed and len(set(changed)) == len(changed)
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"seeds": []}, "experiments.seeds"),
+    ({"seeds": [0, 0]}, "experiments.seeds"),
+    ({"epochs": 0}, "experiments.epochs"),
+    ({"cpus_per_run": 0}, "experiments.cpus_per_run"),
+    ({"epoch": 3}, "unknown key 'experiments.epoch'"),
+])
+def test_bad_experiments_params_are_refused_by_name(section: dict, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        micro_params({"experiments": section})
