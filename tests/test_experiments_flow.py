@@ -94,3 +94,23 @@ def test_grid_killed_half_way_runs_only_the_missing_configurations(tmp_path: Pat
     assert grid_log[-1]["ran"] == total - len(done)
     # The flow recorded its runs in grid/dvc.lock: DVC has nothing left to do.
     assert "up to date" in dvc(project, "status", "grid/dvc.yaml")
+
+
+@pytest.mark.slow
+def test_dvc_alone_runs_the_whole_grid_then_nothing(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    project = make_project(tmp_path)
+    out = dvc(project, "repro", "grid/dvc.yaml")
+    assert out.count("Running stage 'grid/dvc.yaml:experiment@") == len(grid.CONFIGS)
+    assert "Running stage 'grid/dvc.yaml:experiments_report'" in out
+    summary = json.loads((project / "experiments/synthetic/results.json").read_text())
+    assert "### Figure 5" in (project / "experiments/synthetic/results.md").read_text()
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rain-synthetic-experiments")
+    assert exp is not None
+    nested = client.search_runs([exp.experiment_id], max_results=200,
+                                filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    assert len(nested) == len(grid.CONFIGS)
+    assert "Running stage" not in dvc(project, "repro", "grid/dvc.yaml")
