@@ -141,6 +141,7 @@ def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[
         with log_file.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         if failed:
+            _fail_parent(parent)
             raise RuntimeError(f"{len(failed)} grid run(s) failed: {', '.join(failed)} (the others are kept; "
                                "run the grid again to retry only these)")
         summary = report(params, chosen, parent, tuple(t.key for t in selected))
@@ -179,6 +180,14 @@ def _run_all(todo: list[tuple[str, int]], root: Path, parent: str, params: Param
             get_run_logger().error("grid run %s seed %d failed: %s", config, seed, exc)
             failed.append(f"{config} seed {seed}")
     return failed, wall
+
+
+def _fail_parent(run_id: str) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.tracking import tracking_uri
+
+    MlflowClient(tracking_uri()).set_terminated(run_id, status="FAILED")
 
 
 def _record_in_dvc(root: Path, params: Params, seeds: tuple[int, ...], configs: list[str],

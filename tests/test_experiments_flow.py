@@ -114,3 +114,31 @@ def test_dvc_alone_runs_the_whole_grid_then_nothing(tmp_path: Path) -> None:
                                 filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
     assert len(nested) == len(grid.CONFIGS)
     assert "Running stage" not in dvc(project, "repro", "grid/dvc.yaml")
+
+
+def test_a_failed_run_does_not_stop_the_others(monkeypatch: pytest.MonkeyPatch, prefect_server: None) -> None:
+    from prefect import flow, task
+
+    import flows.experiments as module
+    from tests.micro_project import micro_params
+
+    started: list[str] = []
+
+    @task
+    def fake_run(config: str, seed: int, root: Path, parent: str, threads: int, gpu: int | None) -> float:
+        started.append(config)
+        if config == "no_tri":
+            raise RuntimeError("boom")
+        return 1.0
+
+    monkeypatch.setattr(module, "grid_run", fake_run)
+    todo = [("multi_level", 0), ("no_tri", 0), ("no_cls", 0), ("no_rec", 0), ("rates_2", 0)]
+
+    @flow
+    def grid_of_five() -> tuple[list[str], dict[tuple[str, int], float]]:
+        return module._run_all(todo, Path("."), "parent", micro_params(), parallel=2)
+
+    failed, wall = grid_of_five()
+    assert failed == ["no_tri seed 0"]
+    assert set(wall) == set(todo) - {("no_tri", 0)}
+    assert sorted(started) == sorted(c for c, _ in todo)
