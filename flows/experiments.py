@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +27,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.pipeline import StageFailed, stage_env, stage_task
+from flows.pipeline import stage_env, stage_task, stream_command
 from tasks import grid
 from tasks.config import ExperimentsConfig, Params, ParamsError, load_params
 
@@ -51,40 +49,15 @@ def run_parallelism(params: Params) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.cpus_per_run)
 
 
-# Loaded here, not in the forked child: only the prctl call itself runs between fork and exec.
-_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-
-
-def _die_with_parent() -> None:
-    """A run must not outlive a killed flow (it would race the restarted grid for its result)."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 @task(name="grid-run", task_run_name="{config}-seed{seed}")
 def grid_run(config: str, seed: int, project_dir: Path, parent_run_id: str, threads: int, gpu: int | None) -> float:
     """One grid run as its own process (the dvc.yaml command); returns its wall time."""
-    logger = get_run_logger()
     env = stage_env() | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     cmd = [sys.executable, "-m", "tasks.experiment", config, str(seed), "--parent-run-id", parent_run_id]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, preexec_fn=_die_with_parent)
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            logger.info("%s-seed%d | %s", config, seed, line.rstrip())
-        code = proc.wait()
-    finally:
-        if proc.poll() is None:  # cancelled or interrupted: take the run down with us
-            proc.kill()
-            proc.wait()
-    if code != 0:
-        raise StageFailed(f"experiment@{config}-{seed}", code, "\n".join(lines[-40:]))
+    stream_command(cmd, project_dir, env, f"experiment@{config}-{seed}")
     return time.perf_counter() - started
 
 

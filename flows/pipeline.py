@@ -6,9 +6,11 @@ params did not change); Prefect adds retries on the download, logs, the UI, arti
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -46,21 +48,43 @@ def stage_env() -> dict[str, str]:
     return env
 
 
+# Loaded here, not in a forked child: only the prctl call itself runs between fork and exec.
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """A stage must not outlive a killed flow (a restarted flow would race it for its outputs)."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], label: str) -> list[str]:
+    """Run `cmd`, streaming its output to the Prefect log as `label | line`; returns the lines. Raises
+    StageFailed with the tail on a non-zero exit; a cancelled or interrupted task takes the process down."""
+    logger = get_run_logger()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_die_with_parent)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            logger.info("%s | %s", label, line.rstrip())
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if code != 0:
+        raise StageFailed(label, code, "\n".join(lines[-40:]))
+    return lines
+
+
 def dvc_repro(stage: str, project_dir: Path) -> StageResult:
     """Run one stage through DVC, streaming its output to the Prefect log."""
-    logger = get_run_logger()
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
-    proc = subprocess.Popen(cmd, cwd=project_dir, env=stage_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    lines: list[str] = []
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        logger.info("%s | %s", stage, line.rstrip())
-    code = proc.wait()
-    if code != 0:
-        raise StageFailed(stage, code, "\n".join(lines[-40:]))
+    lines = stream_command(cmd, project_dir, stage_env(), stage)
     text = "\n".join(lines)
     if re.search(rf"Stage '{stage}' didn't change, skipping", text):
         status = "up to date"

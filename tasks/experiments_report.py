@@ -31,7 +31,8 @@ from tasks.logs import setup_logging
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = {"rank1": "Rank 1", "rank5": "Rank 5", "rank10": "Rank 10", "rank20": "Rank 20", "mAP": "mAP"}
-RATE_BAR_CONFIGS = ("baseline_hr", "baseline_hrlr", "single_level", "multi_level", "rates_1234")
+BASELINES = ("baseline_hr", "baseline_hrlr")
+RATE_BAR_CONFIGS = (*BASELINES, "single_level", "multi_level", "rates_1234")
 
 
 class MissingRuns(RuntimeError):
@@ -113,26 +114,45 @@ def claims_markdown(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple
         return float(results[(config, seed)]["rows"][query_set]["rank1"])
 
     lines = ["### The paper's claims, checked (rank-1 points, A - B paired by seed)", "",
-             "| Claim (source) | A - B, paper | A - B, ours (mean ± std) | Seeds with A > B | Verdict |",
-             "|:---|---:|---:|---:|:---|"]
+             "| Claim (source) | A - B, paper | A - B, ours (mean ± std) | per seed | Seeds with A > B | Verdict |",
+             "|:---|---:|---:|---:|---:|:---|"]
     for claim, a, qa, b, qb, paper, source in CLAIMS:
         if not all((c, s) in results for c in (a, b) for s in seeds):
             continue
         diffs = [100 * (rank1(a, qa, s) - rank1(b, qb, s)) for s in seeds]
         mean, std = stat(diffs)
         wins = sum(d > 0 for d in diffs)
-        if paper < 0:  # a cost claim: it holds when ours costs no more than about what the paper's does
+        if paper < 0:  # a cost claim: it holds when ours costs no more than the paper's
             verdict = "holds" if mean >= paper else "larger cost than the paper's"
         else:
             verdict = "holds" if mean > 0 and wins == len(diffs) else "mixed" if mean > 0 else "does not hold"
-        lines.append(f"| {claim} ({source}) | {paper:+.1f} | {mean:+.1f} ± {std:.1f} | {wins}/{len(diffs)} | "
-                     f"{verdict} |")
+        per_seed = " / ".join(f"{d:+.1f}" for d in diffs)
+        lines.append(f"| {claim} ({source}) | {paper:+.1f} | {mean:+.1f} ± {std:.1f} | {per_seed} | "
+                     f"{wins}/{len(diffs)} | {verdict} |")
     if all((c, s) in results for _, c, _ in ABLATIONS for s in seeds):
         ours = sorted(ABLATIONS, key=lambda a: -np.mean([rank1(a[1], "lr", s) for s in seeds]))
         lines += ["", "Ablation order, best to worst rank-1: paper " +
                   " > ".join(f"{n} ({p:.1f})" for n, _, p in ABLATIONS) + "; ours " +
                   " > ".join(f"{n} ({100 * np.mean([rank1(c, 'lr', s) for s in seeds]):.1f})" for n, c, _ in ours)
                   + "."]
+    return "\n".join(lines)
+
+
+def rate_table(results: dict[tuple[str, int], dict[str, Any]], configs: list[str],
+               seeds: tuple[int, ...]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Rank-1 (mean, std over seeds) of the main methods on every test set but the mixed MLR one."""
+    sets = [q for q in next(iter(results.values()))["rows"] if q != "lr"]
+    names = {q: "HR" if q == "hr" else f"r={q[1:]}" for q in sets}
+    return {m: {names[q]: stat([results[(m, s)]["rows"][q]["rank1"] for s in seeds]) for q in sets}
+            for m in RATE_BAR_CONFIGS if m in configs}
+
+
+def rates_markdown(table: dict[str, dict[str, tuple[float, float]]]) -> str:
+    sets = list(next(iter(table.values())))
+    lines = ["### Rank-1 by test rate (rate_bars.png)", "", "| Configuration | " + " | ".join(sets) + " |",
+             "|:---|" + "---:|" * len(sets)]
+    lines += [f"| `{m}` | " + " | ".join(f"{100 * v[q][0]:.1f} ± {100 * v[q][1]:.1f}" for q in sets) + " |"
+              for m, v in table.items()]
     return "\n".join(lines)
 
 
@@ -174,8 +194,6 @@ def cost_markdown(results: dict[tuple[str, int], dict[str, Any]], configs: list[
 
 def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str | None = None,
         table_keys: tuple[str, ...] | None = None) -> dict[str, Any]:
-    from tasks.reporting import plot_label_fraction, plot_rate_bars
-
     seeds = tuple(seeds or params.experiments.seeds)
     selected = grid.tables(table_keys)
     configs = grid.configs_of(selected)
@@ -190,8 +208,10 @@ def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str
               f"per run; {params.model.backbone} at {params.train.height}x{params.train.width}. LR queries and 'r in "
               f"{{2,3,4}}' rows use the MLR protocol's rates, here {list(params.protocol.train_rates)}; unseen: "
               f"{list(params.protocol.unseen_rates)}. Percent.\n")
+    rates = rate_table(results, configs, seeds)
     parts = [header, *(markdown(t, all_rows[t.key]) for t in selected), claims_markdown(results, seeds),
-             runs_markdown(results, configs), cost_markdown(results, configs, selected)]
+             *([rates_markdown(rates)] if rates else []), runs_markdown(results, configs),
+             cost_markdown(results, configs, selected)]
     (out_dir / "results.md").write_text("\n\n".join(parts) + "\n")
     flat = [r for rows in all_rows.values() for r in rows]
     with (out_dir / "results.csv").open("w", newline="") as fh:
@@ -204,7 +224,7 @@ def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str
                     writer.writerow({"table": t.key, "row": r["row"], "config": r["config"],
                                      "query_set": r["query_set"], "metric": m, "mean": round(r[m], 6),
                                      "std": round(r[m + "_std"], 6), "seeds": r["seeds"], "paper": r[f"paper_{m}"]})
-    _plots(results, configs, seeds, out_dir, plot_label_fraction, plot_rate_bars)
+    _plots(results, configs, seeds, out_dir, params.train.label_fraction, rates)
     summary = {"dataset": params.dataset.name, "seeds": list(seeds), "configs": configs, "tables": all_rows,
                "runs": {f"{c}/seed-{s}": {"train_seconds": r["train_seconds"], "eval_seconds": r["eval_seconds"],
                                           "mlflow_run_id": r["mlflow_run_id"]} for (c, s), r in results.items()}}
@@ -215,26 +235,25 @@ def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str
 
 
 def _plots(results: dict[tuple[str, int], dict[str, Any]], configs: list[str], seeds: tuple[int, ...],
-           out_dir: Path, plot_label_fraction: Any, plot_rate_bars: Any) -> None:
-    def rank1(config: str, query_set: str = "lr") -> tuple[float, float]:
-        return stat([results[(config, s)]["rows"][query_set]["rank1"] for s in seeds])
+           out_dir: Path, default_fraction: float, rates: dict[str, dict[str, tuple[float, float]]]) -> None:
+    from tasks.reporting import plot_label_fraction, plot_rate_bars
 
-    points = [(float(c.split("_")[1]), c) for c in configs if c.startswith("labels_")]
-    if "multi_level" in configs:
-        points.append((1.0, "multi_level"))
+    def rank1(config: str) -> tuple[float, float]:
+        return stat([results[(config, s)]["rows"]["lr"]["rank1"] for s in seeds])
+
+    curve = {row.config for t in grid.tables(("figure5",)) for row in t.rows} - set(BASELINES)
+    points = sorted((float(grid.CONFIGS[c].overrides.get("train.label_fraction", default_fraction)), c)
+                    for c in configs if c in curve)
     if points:
         stats = [rank1(c) for _, c in points]
         curves = {"RAIN (this grid)": ([x for x, _ in points], [m for m, _ in stats], [s for _, s in stats])}
         paper = sorted(grid.FIGURE5_PAPER.items())
         curves["RAIN, paper (the points its text gives, MLR-CUHK03)"] = (
             [x for x, _ in paper], [y / 100 for _, y in paper], [0.0] * len(paper))
-        refs = {grid.CONFIGS[c].description: rank1(c) for c in ("baseline_hr", "baseline_hrlr") if c in configs}
+        refs = {grid.CONFIGS[c].description: rank1(c) for c in BASELINES if c in configs}
         plot_label_fraction(curves, out_dir / "label_fraction.png", refs)
-    methods = [c for c in RATE_BAR_CONFIGS if c in configs]
-    if methods:
-        sets = [q for q in next(iter(results.values()))["rows"] if q != "lr"]
-        names = {q: "HR" if q == "hr" else f"r={q[1:]}" for q in sets}
-        plot_rate_bars({m: {names[q]: rank1(m, q) for q in sets} for m in methods}, out_dir / "rate_bars.png")
+    if rates:
+        plot_rate_bars(rates, out_dir / "rate_bars.png")
 
 
 def open_parent_run(params: Params) -> str:

@@ -84,8 +84,11 @@ def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Pa
     assert f"| Ours (multi-level) (`multi_level`) | {100 * ours['rank1']:.1f} ± {100 * ours['rank1_std']:.1f} |" in text
     assert "| 78.9 |" in text  # the paper's figure next to ours
     # Claims as paired differences: multi_level - baseline_hr is 0.15 on every seed; no_cls scores above RAIN.
-    assert "| RAIN beats the baseline trained on HR (Table 1) | +18.3 | +15.0 ± 0.0 | 2/2 | holds |" in text
-    assert "| L_cls helps (Table 3) | +8.1 | -10.0 ± 0.0 | 0/2 | does not hold |" in text
+    assert ("| RAIN beats the baseline trained on HR (Table 1) | +18.3 | +15.0 ± 0.0 | +15.0 / +15.0 | 2/2 | holds |"
+            in text)
+    assert "| L_cls helps (Table 3) | +8.1 | -10.0 ± 0.0 | -10.0 / -10.0 | 0/2 | does not hold |" in text
+    r8 = [_score("rates_1234", s, "r8") for s in (0, 1)]  # the numbers behind rate_bars.png, as a table
+    assert "| `rates_1234` | " in text and f"{100 * stat(r8)[0]:.1f} ± {100 * stat(r8)[1]:.1f} |" in text
     assert "; ours w/o L_rec (" in text  # no_rec scores highest of the four here
     assert f"| `rates_3` | 1 | 1 | {100 * _score('rates_3', 1, 'lr'):.1f} |" in text  # every run, per seed
 
