@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs without installing the project too
 
 from rain_model.config import ModelConfig, ObjectiveConfig
 from rain_model.network import RAIN

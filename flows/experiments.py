@@ -1,10 +1,15 @@
 """The Prefect flow behind deployment `rain/experiments`: the paper's comparison grid (tasks/grid.py).
 
 1. The data stages and `experiment_data` run through DVC (`dvc repro --single-item`), as in flow `rain`.
-2. Every (configuration, seed) whose result is missing or stale runs as `python -m tasks.experiment`,
-   the command of dvc.yaml's `experiment` matrix, as many at once as `experiments.parallel` allows (one
-   Prefect task each). Runs already done are not run again: a grid stopped half-way continues with only
-   the missing runs.
+2. Every (configuration, seed) whose result is missing or stale goes to the Ray cluster (`ray.address` /
+   RAY_ADDRESS, else an embedded local one) as one Ray task (tasks/grid_cluster.py) with
+   `experiments.cpus_per_run` CPUs, and one GPU with `experiments.use_gpu`: Ray decides how many run at
+   once and where. A run whose worker is lost is retried (`ray.max_failures`); a run that fails does not
+   stop the others. Each run is one Prefect task that waits for its Ray task. Runs already done are not
+   run again: a grid stopped half-way continues with only the missing runs; runs in flight end with the
+   flow process (its Ray job ends with it).
+   Runs write the same result.json as `dvc repro grid/dvc.yaml` under `paths.experiments`, relative to the
+   project folder: on a multi-node cluster the project folder must be storage every node sees.
 3. `tasks.experiments_report` writes the tables and plots and nests every run under this grid's MLflow
    parent run; the flow publishes the table as a Prefect artifact.
 4. Runs and report are recorded in dvc.lock (`dvc commit`), so `dvc repro` afterwards has nothing to do.
@@ -20,45 +25,35 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.pipeline import stage_env, stage_task, stream_command
-from tasks import grid
+from flows.pipeline import stage_env, stage_task
+from tasks import grid, grid_cluster
 from tasks.config import ExperimentsConfig, Params, ParamsError, load_params
 
+if TYPE_CHECKING:
+    from ray import ObjectRef
+
 GRID_FILE = "grid/dvc.yaml"  # the grid's stages, outside the pipeline's dvc.yaml
-DATA_STAGES = ("download", "manifest", "synthesize", f"{GRID_FILE}:experiment_data")
-MAX_PARALLEL = 64  # the thread pool's size; `experiments.parallel` decides how many runs really go at once
+DATA_STAGES = ("download", "manifest", "synthesize", "decode", f"{GRID_FILE}:experiment_data")
+MAX_WAITING = 64  # Prefect tasks waiting on their Ray task at once; all runs are queued on the cluster at once
 # Prefect's decorator is typed for the base future class; this runner's futures are a subclass.
-_THREADS = cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(MAX_PARALLEL))
+_THREADS = cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(MAX_WAITING))
 
 
-def run_parallelism(params: Params) -> int:
-    cfg = params.experiments
-    if cfg.parallel:
-        return cfg.parallel
-    if cfg.use_gpu:
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    return max(1, (os.cpu_count() or 1) // cfg.cpus_per_run)
-
-
-@task(name="grid-run", task_run_name="{config}-seed{seed}")
-def grid_run(config: str, seed: int, project_dir: Path, parent_run_id: str, threads: int, gpu: int | None) -> float:
-    """One grid run as its own process (the dvc.yaml command); returns its wall time."""
-    env = stage_env() | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    cmd = [sys.executable, "-m", "tasks.experiment", config, str(seed), "--parent-run-id", parent_run_id]
-    started = time.perf_counter()
-    stream_command(cmd, project_dir, env, f"experiment@{config}-{seed}")
-    return time.perf_counter() - started
+@task(name="grid-run", task_run_name="{config}-seed{seed}", cache_policy=NO_CACHE)
+def grid_run(config: str, seed: int, run: ObjectRef[dict[str, Any]]) -> dict[str, Any]:
+    """One grid run: waits for its Ray task (submitted by the flow); returns where it ran and its wall time."""
+    outcome = grid_cluster.outcome(run)
+    get_run_logger().info("%s seed %d: done in %.0f s on node %s (%s)", config, seed, outcome["seconds"],
+                          outcome["node_id"][:12], outcome["host"])
+    return outcome
 
 
 @contextmanager
@@ -99,15 +94,16 @@ def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[
         code = code_hash(root)
         todo = [(c, s) for c in configs for s in chosen if not is_done(params, c, s, code)]
         parent = open_parent_run(params)
-    parallel = run_parallelism(params)
-    logger.info("grid: %d configurations x %d seeds; %d to run, %d up to date; %d at once",
-                len(configs), len(chosen), len(todo), len(configs) * len(chosen) - len(todo), parallel)
-    failed, wall = _run_all(todo, root, parent, params, parallel)
+    logger.info("grid: %d configurations x %d seeds; %d to run, %d up to date",
+                len(configs), len(chosen), len(todo), len(configs) * len(chosen) - len(todo))
+    failed, outcomes = _run_all(todo, root, parent, params) if todo else ([], {})
     grid_seconds = time.perf_counter() - started
     record = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seeds": list(chosen), "configs": configs,
               "ran": len(todo) - len(failed), "failed": failed, "reused": len(configs) * len(chosen) - len(todo),
-              "parallel": parallel, "wall_seconds": round(grid_seconds, 1),
-              "run_seconds": {f"{c}-seed{s}": round(t, 1) for (c, s), t in wall.items()}}
+              "wall_seconds": round(grid_seconds, 1),
+              "run_seconds": {f"{c}-seed{s}": o["seconds"] for (c, s), o in outcomes.items()},
+              "run_nodes": {f"{c}-seed{s}": o["node_id"] for (c, s), o in outcomes.items()},
+              "nodes": len({o["node_id"] for o in outcomes.values()})}
     with _inside(root):
         log_file = params.experiments_dir() / "grid_runs.jsonl"
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -128,31 +124,22 @@ def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[
     return summary | {"grid": record}
 
 
-def _run_all(todo: list[tuple[str, int]], root: Path, parent: str, params: Params, parallel: int
-             ) -> tuple[list[str], dict[tuple[str, int], float]]:
-    """Keep `parallel` runs going until none is left; a failed run does not stop the others."""
-    pending = list(todo)
-    running: dict[PrefectFuture[float], tuple[str, int]] = {}
-    failed: list[str] = []
-    wall: dict[tuple[str, int], float] = {}
-    slots = list(range(parallel))
-    slot_of: dict[PrefectFuture[float], int] = {}
-    while pending or running:
-        while pending and len(running) < parallel:
-            config, seed = pending.pop(0)
-            slot = slots.pop(0)
-            gpu = slot if params.experiments.use_gpu else None
-            future = grid_run.submit(config, seed, root, parent, params.experiments.cpus_per_run, gpu)
-            running[future], slot_of[future] = (config, seed), slot
-        done = next(as_completed(list(running)))
-        config, seed = running.pop(done)
-        slots.append(slot_of.pop(done))
-        try:
-            wall[(config, seed)] = done.result()
-        except Exception as exc:
-            get_run_logger().error("grid run %s seed %d failed: %s", config, seed, exc)
-            failed.append(f"{config} seed {seed}")
-    return failed, wall
+def _run_all(todo: list[tuple[str, int]], root: Path, parent: str, params: Params
+             ) -> tuple[list[str], dict[tuple[str, int], dict[str, Any]]]:
+    """Queue every run on the Ray cluster, then wait for each as its own Prefect task; a failed run does not
+    stop the others. Returns the failed runs (in grid order) and the others' outcomes."""
+    with grid_cluster.cluster(params.ray.address):  # a cluster this opened ends here, with any run still going
+        queued = {(c, s): grid_cluster.submit(params, c, s, root, parent) for c, s in todo}  # all before any wait
+        waiting = {grid_run.submit(c, s, run): (c, s) for (c, s), run in queued.items()}
+        outcomes: dict[tuple[str, int], dict[str, Any]] = {}
+        for done in as_completed(list(waiting)):
+            config, seed = waiting[done]
+            try:
+                outcomes[(config, seed)] = done.result()
+            except Exception as exc:
+                get_run_logger().error("grid run %s seed %d failed: %s", config, seed, exc)
+    failed = [f"{config} seed {seed}" for config, seed in todo if (config, seed) not in outcomes]
+    return failed, outcomes
 
 
 def _fail_parent(run_id: str) -> None:

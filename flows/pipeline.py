@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tasks.config import load_params
 from tasks.download import TRANSIENT_MARKER
 
-STAGES = ("download", "manifest", "synthesize", "train", "evaluate", "register")
+STAGES = ("download", "manifest", "synthesize", "decode", "train", "evaluate", "register")
 
 
 class StageFailed(RuntimeError):
@@ -119,7 +119,7 @@ def stage_task(stage: str, project_dir: Path) -> StageResult:
 
 @flow(name="rain", log_prints=True)
 def rain(project_dir: str = ".") -> dict[str, Any]:
-    """download -> manifest -> synthesize -> train -> evaluate -> register, as DVC decides."""
+    """download -> manifest -> synthesize -> decode -> train -> evaluate -> register, as DVC decides."""
     root = Path(project_dir).resolve()
     params = load_params(root / "params.yaml")  # refuses a bad params.yaml before any stage runs
     results = [download(root)]

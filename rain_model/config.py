@@ -104,9 +104,10 @@ class ObjectiveConfig:
     beta1_d: float = 0.5
     """Adam beta1 of the discriminators (0.5 as usual for adversarial training)."""
     bf16_autocast: bool = False
-    """bfloat16 autocast of the forward passes; CUDA only, the CPU path stays float32."""
+    """bfloat16 autocast of the forward passes (for GPUs; on a CPU it works but is rarely faster)."""
     channels_last: bool = False
-    """channels_last memory format for inputs (and the model, see ``place_model``); CUDA only."""
+    """channels_last memory format for inputs (and the model, see ``place_model``): faster convolutions
+    with bf16 on tensor-core GPUs; the same outputs up to float rounding anywhere."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

@@ -69,12 +69,12 @@ def make_optimizers(model: RAIN, obj: ObjectiveConfig) -> Optimizers:
 
 
 def place_model(model: RAIN, obj: ObjectiveConfig, device: torch.device) -> RAIN:
-    """Move the model to ``device``; on CUDA with ``channels_last`` also convert its memory format.
+    """Move the model to ``device``; with ``channels_last`` also convert its memory format.
 
     Call before building optimizers and before wrapping in DistributedDataParallel.
     """
     model.to(device)
-    if device.type == "cuda" and obj.channels_last:
+    if obj.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
 
@@ -110,8 +110,9 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def _autocast(obj: ObjectiveConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if obj.bf16_autocast and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on the batch's device: CUDA in production; the CPU runs the same path in tests."""
+    if obj.bf16_autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -143,7 +144,7 @@ def forward_generator(
     """
     plan = StepPlan.of(obj)
     x_in = batch.x_hr if plan.hr_only else torch.cat([batch.x_hr, batch.x_lr])  # (2B, 3, H, W)
-    if obj.channels_last and x_in.device.type == "cuda":
+    if obj.channels_last:
         x_in = x_in.contiguous(memory_format=torch.channels_last)
     with _autocast(obj, x_in.device):
         out: GeneratorOutput = generator(

@@ -34,6 +34,7 @@ class Paths:
     downloads: str = "data/downloads"
     manifests: str = "data/manifests"
     lr: str = "data/lr"
+    store: str = "data/store"
     models: str = "models"
     reports: str = "reports"
     runs: str = "runs"
@@ -106,7 +107,8 @@ class TrainConfig:
     k: int = 4
     seed: int = 0
     label_fraction: float = 1.0
-    checkpoint_every_epochs: int = 1
+    checkpoint_every_epochs: int = 0  # also checkpoint every N epochs; 0: by time only
+    checkpoint_every_seconds: float = 600.0  # checkpoint when this long has passed since the last one
     lr_decay_epochs: tuple[int, ...] = ()  # multiply both learning rates by lr_decay at these epochs
     lr_decay: float = 0.1
     loader_workers: int = 0  # DataLoader processes per Ray worker (0: load in the training process)
@@ -118,6 +120,10 @@ class TrainConfig:
         _require(self.p >= 2 and self.k >= 2, "train.p/train.k", (self.p, self.k), "P >= 2 and K >= 2")
         _require(0.0 <= self.label_fraction <= 1.0, "train.label_fraction", self.label_fraction, "in [0, 1]")
         _require(self.lr_decay > 0, "train.lr_decay", self.lr_decay, "> 0")
+        _require(self.checkpoint_every_epochs >= 0, "train.checkpoint_every_epochs", self.checkpoint_every_epochs,
+                 ">= 0")
+        _require(self.checkpoint_every_seconds > 0, "train.checkpoint_every_seconds", self.checkpoint_every_seconds,
+                 "> 0")
         _require(self.loader_workers >= 0, "train.loader_workers", self.loader_workers, ">= 0")
         _require(self.micro_batches >= 1 and (self.p * self.k) % self.micro_batches == 0, "train.micro_batches",
                  self.micro_batches, "a divisor of P x K")
@@ -156,19 +162,18 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class ExperimentsConfig:
-    """The paper's comparison grid (tasks/grid.py): which seeds, how long each run trains, how many at once."""
+    """The paper's comparison grid (tasks/grid.py): which seeds, how long each run trains, what each run
+    asks of the Ray cluster (which then decides how many run at once)."""
 
     seeds: tuple[int, ...] = (0, 1, 2)  # seed s: train.seed = s on protocol trial s mod protocol.trials
     epochs: int = 10  # every grid run's training length (train.epochs is the pipeline's)
-    parallel: int = 0  # runs at once; 0 = as many as the cores (or GPUs) allow at cpus_per_run each
-    cpus_per_run: int = 1  # threads of each run
-    use_gpu: bool = False  # true: each run gets one GPU (round robin over the visible ones)
+    cpus_per_run: int = 1  # CPUs Ray reserves for each run, and its threads
+    use_gpu: bool = False  # true: each run asks Ray for one GPU
 
     def __post_init__(self) -> None:
         _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
                  "experiments.seeds", self.seeds, "one or more distinct seeds >= 0")
         _require(self.epochs >= 1, "experiments.epochs", self.epochs, ">= 1")
-        _require(self.parallel >= 0, "experiments.parallel", self.parallel, ">= 0")
         _require(self.cpus_per_run >= 1, "experiments.cpus_per_run", self.cpus_per_run, ">= 1")
 
 
@@ -213,6 +218,10 @@ class Params:
 
     def lr_dir(self) -> Path:
         return Path(self.paths.lr) / self.dataset.name
+
+    def store_dir(self) -> Path:
+        """The decoded-image store of the MLR manifest (tasks/imagestore.py)."""
+        return Path(self.paths.store) / self.dataset.name
 
     def model_dir(self) -> Path:
         return Path(self.paths.models) / self.dataset.name

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +10,7 @@ import torch
 
 from rain_model.config import ModelConfig
 from rain_model.network import RAIN
+from tasks.imagestore import ImageStore
 from tasks.loaders import load_tensor
 
 
@@ -34,8 +35,19 @@ def embed_batch(model: RAIN, x_uint8: torch.Tensor, flip: bool) -> torch.Tensor:
 
 def embed_paths(model: RAIN, paths: Sequence[str], size: tuple[int, int], batch_size: int = 64,
                 flip: bool = True) -> np.ndarray:
-    out = []
-    for i in range(0, len(paths), batch_size):
-        x = torch.stack([load_tensor(p, size) for p in paths[i:i + batch_size]])  # (B, 3, H, W)
-        out.append(embed_batch(model, x, flip))
+    """Features of image files, decoded by Pillow (search, serving: images outside any store)."""
+    batches = (torch.stack([load_tensor(p, size) for p in paths[i:i + batch_size]])  # (B, 3, H, W)
+               for i in range(0, len(paths), batch_size))
+    return _embed_all(model, batches, flip)
+
+
+def embed_store(model: RAIN, store: ImageStore, paths: Sequence[str], size: tuple[int, int], batch_size: int = 64,
+                flip: bool = True) -> np.ndarray:
+    """Features of manifest images read from the decoded-image store: the same pixels as `embed_paths`."""
+    rows = store.rows(paths, size)
+    return _embed_all(model, (store.read(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)), flip)
+
+
+def _embed_all(model: RAIN, batches: Iterable[torch.Tensor], flip: bool) -> np.ndarray:
+    out = [embed_batch(model, x, flip) for x in batches]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)

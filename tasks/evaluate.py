@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import Params, load_params
+from tasks.imagestore import ImageStore
 from tasks.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def _row_names(rows: list[dict], unseen: tuple[int, ...]) -> dict[str, list[int]
     return {n: names[n] for n in order if n in names}
 
 
-def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
+def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, report_dir: Path) -> dict[str, Any]:
 
     from tasks.embed import load_model
     from tasks.train import summary_path
@@ -54,13 +55,14 @@ def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> di
     cfg = params.evaluate
 
     train_summary = json.loads(summary_path(model_dir).read_text())
+    store = ImageStore(store_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[tuple[int, np.ndarray, float]]] = defaultdict(list)  # (trial, cmc, AP)
     pictures: dict[str, Any] = {}
     for trial in params.train.trials:
         info = train_summary["trials"][str(trial)]
         model = load_model(model_dir / info["weights"], params.model, info["num_classes"])
-        scores, trial_pictures = score_trial(model, params, mlr_path, trial)
+        scores, trial_pictures = score_trial(model, params, mlr_path, trial, store)
         for name, evals in scores.items():
             results[name] += evals
         if trial == params.train.trials[0]:
@@ -80,11 +82,11 @@ def run(params: Params, mlr_path: Path, model_dir: Path, report_dir: Path) -> di
     return metrics
 
 
-def score_trial(model: Any, params: Params, mlr_path: Path, trial: int
+def score_trial(model: Any, params: Params, mlr_path: Path, trial: int, store: ImageStore
                 ) -> tuple[dict[str, list[tuple[int, np.ndarray, float]]], dict[str, Any]]:
     """(CMC, AP) of every evaluation row of `trial` for each gallery draw, and what the pictures need."""
     from rain_model.metrics import evaluate_rank, pairwise_distance, single_shot_gallery
-    from tasks.embed import embed_paths
+    from tasks.embed import embed_store
     from tasks.loaders import read_rows
 
     cfg = params.evaluate
@@ -93,7 +95,7 @@ def score_trial(model: Any, params: Params, mlr_path: Path, trial: int
     if not queries or not gallery_rows:
         raise ValueError(f"{mlr_path}: trial {trial} has no queries or no gallery")
     paths = sorted({r["path"] for r in queries} | {r["path"] for r in gallery_rows})
-    feats = embed_paths(model, paths, (params.train.height, params.train.width), cfg.batch_size, cfg.flip)
+    feats = embed_store(model, store, paths, (params.train.height, params.train.width), cfg.batch_size, cfg.flip)
     index = {p: i for i, p in enumerate(paths)}
     q_feat = feats[[index[r["path"]] for r in queries]]
     g_feat = feats[[index[r["path"]] for r in gallery_rows]]
@@ -213,7 +215,7 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
 def main() -> None:
     setup_logging()
     params = load_params()
-    run(params, params.mlr_manifest_path(), params.model_dir(), params.report_dir())
+    run(params, params.mlr_manifest_path(), params.store_dir(), params.model_dir(), params.report_dir())
 
 
 if __name__ == "__main__":

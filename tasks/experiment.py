@@ -23,12 +23,15 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks import grid
 from tasks.config import Params, load_params
-from tasks.experiment_data import train_manifest
+from tasks.experiment_data import train_manifest, train_store
 from tasks.logs import setup_logging
+
+if TYPE_CHECKING:
+    from tasks.train_loop import FaultPlan
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ RESULT_FILE = "result.json"
 ROOT = Path(__file__).resolve().parents[1]
 # What a grid run executes; a change to any of these makes every result stale (dvc.yaml lists the same).
 CODE = ("rain_model", "tasks/experiment.py", "tasks/grid.py", "tasks/train_loop.py", "tasks/loaders.py",
-        "tasks/imageio.py", "tasks/evaluate.py", "tasks/embed.py")
+        "tasks/imageio.py", "tasks/imagestore.py", "tasks/evaluate.py", "tasks/embed.py")
 
 
 def run_dir(params: Params, config: str, seed: int) -> Path:
@@ -83,12 +86,15 @@ def is_done(params: Params, config: str, seed: int, code: str | None = None) -> 
     return result is not None and result.get("key") == current_key(params, config, seed, code)
 
 
-def run(params: Params, config: str, seed: int, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Train and score one grid run; returns its result (also written to result.json)."""
+def run(params: Params, config: str, seed: int, parent_run_id: str | None = None,
+        fault: FaultPlan | None = None) -> dict[str, Any]:
+    """Train and score one grid run; returns its result (also written to result.json). `fault` is a test
+    hook: the training loop kills this process once at a given step (tasks/train_loop.py)."""
     import torch
 
     from rain_model.network import RAIN
     from tasks.evaluate import row_label, score_trial, summarise
+    from tasks.imagestore import ImageStore
     from tasks.loaders import read_rows
     from tasks.train import NonFiniteTraining, flat_params
     from tasks.train_loop import TrainJob, WorkerContext, train_loop
@@ -120,7 +126,8 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
 
     started = time.perf_counter()
     try:
-        train_loop(TrainJob(params=run_params, rows=rows, tracking_uri=client.tracking_uri, run_id=run_id),
+        train_loop(TrainJob(params=run_params, rows=rows, store=str(train_store(params, config).resolve()),
+                            tracking_uri=client.tracking_uri, run_id=run_id, fault=fault),
                    WorkerContext(device=device, report=keep))
         if "nonfinite" in final.get("metrics", {}):
             raise NonFiniteTraining(f"experiment {config} seed {seed}: {final['metrics']['nonfinite']}")
@@ -130,7 +137,7 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
         model.load_state_dict(state["model"])
         model = model.to(device).eval()
         started = time.perf_counter()
-        scores, _ = score_trial(model, run_params, params.mlr_manifest_path(), trial)
+        scores, _ = score_trial(model, run_params, params.mlr_manifest_path(), trial, ImageStore(params.store_dir()))
         eval_seconds = time.perf_counter() - started
     except BaseException:
         client.set_terminated(run_id, status="FAILED")

@@ -1,7 +1,8 @@
 """Stage `experiment_data`: the training LR images Tables 2 and 4 need, one folder per rate set.
 
 Each rate set of the grid other than protocol.train_rates is synthesized by the synthesize stage's own
-code with only the rates changed, into <experiments>/<dataset>/data/rates-<r...>/ (lr/ and mlr.parquet).
+code with only the rates changed, and decoded by the decode stage's own code, into
+<experiments>/<dataset>/data/rates-<r...>/ (lr/, mlr.parquet and store/).
 The train/test split does not depend on the rates, so these runs train on the same identities as the
 pipeline's and are tested on the pipeline's MLR queries (rates {2, 3, 4} and the unseen ones).
 """
@@ -38,8 +39,14 @@ def train_manifest(params: Params, config: str) -> Path:
     return variant_dir(params, rates) / "mlr.parquet"
 
 
+def train_store(params: Params, config: str) -> Path:
+    """The decoded-image store holding the images of `train_manifest(params, config)`."""
+    manifest = train_manifest(params, config)
+    return params.store_dir() if manifest == params.mlr_manifest_path() else manifest.parent / "store"
+
+
 def run(params: Params) -> dict[str, int]:
-    from tasks import synthesize
+    from tasks import decode, synthesize
 
     out = data_dir(params)
     if out.exists():
@@ -51,6 +58,7 @@ def run(params: Params) -> dict[str, int]:
         folder = variant_dir(params, rates)
         done = synthesize.run(variant, params.raw_dir(), params.manifest_path(), folder / "lr",
                               folder / "mlr.parquet")
+        decode.run(variant, folder / "mlr.parquet", folder / "store")
         summary[grid.rates_key(rates)] = done["lr_images"]
     log.info("experiment_data: %s", summary or "no rate variants needed")
     return summary

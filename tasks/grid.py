@@ -168,10 +168,11 @@ def run_key(params: Params, name: str, seed: int, inputs: Mapping[str, str]) -> 
     from tasks.train import flat_params
 
     flat = flat_params(configure(params, name, seed))
-    for volatile in ("experiments.seeds", "experiments.parallel", "experiments.cpus_per_run", "experiments.use_gpu",
+    for volatile in ("experiments.seeds", "experiments.cpus_per_run", "experiments.use_gpu",
                      "register.model_name", "register.alias", "ray.address", "ray.max_failures",
                      "ray.keep_checkpoints", "evaluate.tsne_identities", "evaluate.sheet_queries",
-                     "evaluate.batch_size", "train.checkpoint_every_epochs", "train.loader_workers"):
+                     "evaluate.batch_size", "train.checkpoint_every_epochs", "train.checkpoint_every_seconds",
+                     "train.loader_workers"):
         flat.pop(volatile, None)
     flat = {k: v for k, v in flat.items() if not k.startswith(("paths.", "sources.", "ray."))}
     text = json.dumps({"config": name, "seed": seed, "params": flat, "inputs": dict(inputs)}, sort_keys=True)

@@ -1,4 +1,4 @@
-"""Images from the MLR manifest as tensors: training pairs (HR, LR, label) and single images."""
+"""Images from the MLR manifest as tensors, and the manifest rows a stage reads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from tasks.imageio import load_rgb
 
@@ -34,20 +33,6 @@ def to_tensor(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
 def load_tensor(path: str, size: tuple[int, int]) -> torch.Tensor:
     return to_tensor(load_rgb(path, LOAD_FORMATS), size)
-
-
-class PairDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
-    """Training rows: each image's HR version, its LR copy, and its label (-1 when unlabelled)."""
-
-    def __init__(self, rows: Sequence[dict], size: tuple[int, int], labels: Sequence[int]) -> None:
-        self.rows, self.size, self.labels = list(rows), size, list(labels)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        row = self.rows[i]
-        return load_tensor(row["hr_path"], self.size), load_tensor(row["lr_path"], self.size), self.labels[i]
 
 
 def semi_supervised_labels(labels: Sequence[int], fraction: float, seed: int) -> list[int]:

@@ -43,7 +43,7 @@ REQUIREMENTS = ("torch", "torchvision", "mlflow", "pillow", "numpy", "pandas", "
                 "pyarrow")
 METRIC_TAGS = ("rank1", "rank5", "rank10", "rank20", "mAP")
 # Stages whose parameters shaped the model and its figures (register's own do not).
-UPSTREAM_STAGES = ("download", "manifest", "synthesize", "train", "evaluate")
+UPSTREAM_STAGES = ("download", "manifest", "synthesize", "decode", "train", "evaluate")
 
 
 def _example_image(params: Params) -> str:

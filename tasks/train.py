@@ -1,9 +1,10 @@
 """Stage `train`: the RAIN objective under Ray Train (`TorchTrainer`, DDP), one model per listed trial.
 
 The driver starts (or joins) a Ray cluster, opens one MLflow run per trial, and runs `train_worker` on
-`ray.num_workers` workers. Workers checkpoint every `train.checkpoint_every_epochs` epochs into
-<paths.runs>/ray (outside every DVC output, so a restarted worker group resumes from there); the
-final weights are written as safetensors into models/<dataset>/, the stage's DVC output.
+`ray.num_workers` workers, over DDP with `ddp_backend` (NCCL on GPUs, gloo on CPUs). Workers read the
+decoded-image store and checkpoint (tasks/train_loop.py `checkpoint_due`) into <paths.runs>/ray (outside
+every DVC output, so a restarted worker group resumes from there); the final weights are written as
+safetensors into models/<dataset>/, the stage's DVC output.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tasks.config import Params, load_params
 from tasks.logs import setup_logging
 from tasks.raycluster import connect
 from tasks.tracking import experiment, file_hash, git_commit, tracking_uri
-from tasks.train_loop import FaultPlan, TrainJob, WorkerContext, train_loop
+from tasks.train_loop import FaultPlan, TrainJob, WorkerContext, ddp_backend, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,13 @@ def params_hash(params: Params) -> str:
     return hashlib.sha256(json.dumps(flat_params(params), sort_keys=True).encode()).hexdigest()
 
 
-def run(params: Params, mlr_path: Path, model_dir: Path, runs_dir: Path,
+def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_dir: Path,
         fault: FaultPlan | None = None) -> dict[str, Any]:
     import mlflow
 
     connect(params.ray.address)  # before `ray.train` is imported: it imports ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from tasks.loaders import read_rows
 
@@ -84,9 +85,7 @@ def run(params: Params, mlr_path: Path, model_dir: Path, runs_dir: Path,
     summary: dict[str, Any] = {"trials": {}}
     data_hash = file_hash(mlr_path)
     for trial in params.train.trials:
-        # Workers do not share the driver's working folder: hand them absolute paths.
-        rows = [r | {"hr_path": str(Path(r["hr_path"]).resolve()), "lr_path": str(Path(r["lr_path"]).resolve())}
-                for r in read_rows(str(mlr_path), trial, ["train"])]
+        rows = read_rows(str(mlr_path), trial, ["train"])
         if not rows:
             raise ValueError(f"{mlr_path}: trial {trial} has no training rows (protocol.trials too small?)")
         name = f"{params.dataset.name}-trial{trial}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -97,10 +96,13 @@ def run(params: Params, mlr_path: Path, model_dir: Path, runs_dir: Path,
         run_id = mlflow_run.info.run_id
         for key, value in flat_params(params).items():
             client.log_param(run_id, key, value[:6000])
-        job = TrainJob(params=params, rows=rows, tracking_uri=uri, run_id=run_id, fault=fault)
+        # Workers do not share the driver's working folder: the store's path is absolute.
+        job = TrainJob(params=params, rows=rows, store=str(store_dir.resolve()), tracking_uri=uri, run_id=run_id,
+                       fault=fault)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"job": job},
+            torch_config=TorchConfig(backend=ddp_backend(torch.device("cuda" if params.ray.use_gpu else "cpu"))),
             scaling_config=ScalingConfig(num_workers=params.ray.num_workers, use_gpu=params.ray.use_gpu,
                                          resources_per_worker={"CPU": params.ray.cpus_per_worker}),
             run_config=RunConfig(
@@ -176,7 +178,7 @@ def train_worker(config: dict[str, Any]) -> None:
 def main() -> None:
     setup_logging()
     params = load_params()
-    run(params, params.mlr_manifest_path(), params.model_dir(), Path(params.paths.runs))
+    run(params, params.mlr_manifest_path(), params.store_dir(), params.model_dir(), Path(params.paths.runs))
 
 
 if __name__ == "__main__":

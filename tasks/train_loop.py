@@ -2,9 +2,12 @@
 WorkerContext, so the same code runs under Ray Train (tasks/train.py) and in a plain process (bench/).
 
 Every epoch ends with exactly one `report` on every rank (Ray requires equal counts). Rank 0 attaches
-a checkpoint state every `train.checkpoint_every_epochs` epochs holding everything a restarted worker
-group needs to continue exactly: weights, both optimizers, both LR schedules, sampler position, RNG
-state and the step counter.
+a checkpoint state after the last epoch and whenever `train.checkpoint_every_seconds` have passed since
+the last one (or every `train.checkpoint_every_epochs` epochs, if set), holding everything a restarted
+worker group needs to continue exactly: weights, both optimizers, both LR schedules, sampler position,
+RNG state and the step counter. A checkpoint per epoch would cost more than the epoch on small data.
+
+Images come from the decoded-image store (tasks/imagestore.py) as uint8 and become float on the device.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tasks.config import Params
+from tasks.config import Params, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class FaultPlan:
 @dataclass(frozen=True)
 class TrainJob:
     params: Params
-    rows: list[dict[str, Any]]  # the trial's training rows of the MLR manifest, absolute paths
+    rows: list[dict[str, Any]]  # the trial's training rows of the MLR manifest
+    store: str  # the decoded-image store holding the rows' images (absolute: workers may run elsewhere)
     tracking_uri: str | None = None  # MLflow: rank 0 logs losses and system metrics to run_id
     run_id: str | None = None
     fault: FaultPlan | None = None
@@ -53,6 +57,11 @@ class WorkerContext:
     report: Callable[[dict[str, Any], dict[str, Any] | None], None] = _no_report  # (metrics, state to checkpoint)
 
 
+def ddp_backend(device: torch.device) -> str:
+    """The torch.distributed backend for `device`: NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
     """The RAIN min-max game (Eq. 8) on this rank's share of every identity-balanced batch."""
     from torch.nn.parallel import DistributedDataParallel
@@ -61,16 +70,17 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
     from rain_model.network import RAIN
     from rain_model.objective import Batch, NonFiniteLossError, make_optimizers, place_model, train_step
     from rain_model.sampler import IdentityBalancedSampler
-    from tasks.loaders import PairDataset, semi_supervised_labels
+    from tasks.imagestore import ImageStore, StorePairs, as_batch
+    from tasks.loaders import semi_supervised_labels
 
     params, cfg, device = job.params, job.params.train, ctx.device
     torch.manual_seed(cfg.seed)
     labels = semi_supervised_labels([r["label"] for r in job.rows], cfg.label_fraction, cfg.seed)
     num_classes = len({r["label"] for r in job.rows})
-    dataset = PairDataset(job.rows, (cfg.height, cfg.width), labels)
+    dataset = StorePairs(ImageStore(job.store), job.rows, (cfg.height, cfg.width), labels)
     sampler = IdentityBalancedSampler([r["label"] for r in job.rows], cfg.p, cfg.k, cfg.seed, ctx.rank, ctx.world)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.loader_workers,
-                        persistent_workers=cfg.loader_workers > 0)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=as_batch, num_workers=cfg.loader_workers,
+                        persistent_workers=cfg.loader_workers > 0, pin_memory=device.type == "cuda")
 
     model = place_model(RAIN(params.model, num_classes), params.objective, device)
     optimizers = make_optimizers(model, params.objective)
@@ -79,7 +89,10 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
     generator: torch.nn.Module = model.generator
     discriminators: torch.nn.Module = model.discriminators
     nodes = [ctx.node]
-    if ctx.world > 1:  # the process group (gloo on CPU, NCCL on GPU) was set up by Ray Train
+    if ctx.world > 1:  # the process group was set up by Ray Train (tasks/train.py asks for ddp_backend)
+        backend = torch.distributed.get_backend()
+        if backend != ddp_backend(device):
+            raise RuntimeError(f"process group uses {backend}, {device.type} training needs {ddp_backend(device)}")
         ids = [device.index] if device.type == "cuda" else None
         generator = DistributedDataParallel(generator, device_ids=ids)
         if any(True for _ in discriminators.parameters()):
@@ -100,17 +113,19 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
         start_epoch, step = state["epoch"] + 1, state["step"]
 
     logger = _RankZeroLogger(job, resumed=ctx.resume is not None, nodes=nodes) if ctx.rank == 0 else None
+    last_checkpoint = time.monotonic()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
             model.train()
             sums: dict[str, float] = {}
-            batches, images, started = 0, 0, time.perf_counter()
+            batches, images, started, start_time = 0, 0, time.perf_counter(), time.time()
             try:
-                for x_hr, x_lr, y in loader:
+                for x_hr, x_lr, y in loader:  # uint8 (B, 3, H, W) twice, labels (B,)
                     _maybe_fail(job.fault, ctx.rank, step)
-                    batch = Batch(x_hr=x_hr.to(device).float().div_(255), x_lr=x_lr.to(device).float().div_(255),
-                                  labels=y.to(device))
+                    batch = Batch(x_hr=x_hr.to(device, non_blocking=True).float().div_(255),
+                                  x_lr=x_lr.to(device, non_blocking=True).float().div_(255),
+                                  labels=y.to(device, non_blocking=True))
                     losses = train_step(generator, discriminators, optimizers, batch, params.objective, step,
                                         micro_batches=cfg.micro_batches)
                     values = {k: float(v) for k, v in losses.items()}
@@ -134,10 +149,12 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
             metrics: dict[str, Any] = {k: v / max(batches, 1) for k, v in sums.items()}
             # Identity images per second on this rank (each is seen at HR and LR).
             metrics |= {"epoch": epoch, "nodes": len(set(nodes)), "images": images,
-                        "images_per_second": images / max(seconds, 1e-9), "epoch_end_time": time.time()}
+                        "images_per_second": images / max(seconds, 1e-9), "epoch_start_time": start_time,
+                        "epoch_end_time": time.time()}
             if logger is not None:
                 logger.epoch(metrics, epoch)
-            if ctx.rank == 0 and (epoch == cfg.epochs - 1 or (epoch + 1) % cfg.checkpoint_every_epochs == 0):
+            if ctx.rank == 0 and checkpoint_due(cfg, epoch, time.monotonic() - last_checkpoint):
+                last_checkpoint = time.monotonic()
                 ctx.report(metrics, {
                     "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "optimizers": optimizers.state_dict(), "schedulers": [s.state_dict() for s in schedulers],
@@ -150,6 +167,12 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
             logger.close()
 
 
+def checkpoint_due(cfg: TrainConfig, epoch: int, since_last: float) -> bool:
+    """After the last epoch always; otherwise by time, or every `checkpoint_every_epochs` epochs if set."""
+    by_epochs = cfg.checkpoint_every_epochs > 0 and (epoch + 1) % cfg.checkpoint_every_epochs == 0
+    return epoch == cfg.epochs - 1 or by_epochs or since_last >= cfg.checkpoint_every_seconds
+
+
 def _maybe_fail(fault: FaultPlan | None, rank: int, step: int) -> None:
     if fault is not None and rank == fault.rank and step == fault.step and not Path(fault.marker).exists():
         Path(fault.marker).touch()
@@ -159,10 +182,13 @@ def _maybe_fail(fault: FaultPlan | None, rank: int, step: int) -> None:
 class _RankZeroLogger:
     """MLflow logging from rank 0 only: each loss by its paper name per step, epoch means, system metrics."""
 
+    FLUSH_AT = 600  # metrics per write (MLflow takes up to 1000): 100 steps of the six losses
+
     def __init__(self, job: TrainJob, resumed: bool, nodes: list[str]) -> None:
         self.run_id = job.run_id
         self.client = None
         self.monitor = None
+        self.pending: list[Any] = []  # per-step metrics not yet written
         if job.tracking_uri is None or job.run_id is None:
             return
         from mlflow import MlflowClient
@@ -180,7 +206,15 @@ class _RankZeroLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(prefix + k, v, now, step) for k, v in values.items()])
+        self.pending += [Metric(prefix + k, v, now, step) for k, v in values.items()]
+        if len(self.pending) >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """One write for many steps: a database round trip per step would stall a GPU step of ~50 ms."""
+        if self.client is not None and self.run_id is not None and self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+        self.pending = []
 
     def step(self, losses: dict[str, float], step: int) -> None:
         self._log(losses, step)
@@ -188,7 +222,9 @@ class _RankZeroLogger:
     def epoch(self, metrics: dict[str, Any], epoch: int) -> None:
         self._log({k: float(v) for k, v in metrics.items() if k.startswith("L_") or k == "images_per_second"},
                   epoch, prefix="epoch_")
+        self.flush()
 
     def close(self) -> None:
+        self.flush()
         if self.monitor is not None:
             self.monitor.finish()

@@ -20,7 +20,8 @@ MICRO: dict[str, Any] = {
     "synthetic": {"identities": 12, "images_per_camera": 2, "height": 64, "width": 32},
     "protocol": {"trials": 2, "workers": 2},
     "model": {"backbone": "resnet18"},
-    "train": {"height": 64, "width": 32, "epochs": 2, "p": 4, "k": 2, "trials": [0]},
+    # A checkpoint every epoch: the resume tests need one before the last epoch.
+    "train": {"height": 64, "width": 32, "epochs": 2, "p": 4, "k": 2, "trials": [0], "checkpoint_every_epochs": 1},
     "ray": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0},
     "evaluate": {"gallery_repeats": 2, "tsne_identities": 6, "sheet_queries": 2, "batch_size": 16},
     "experiments": {"seeds": [0], "epochs": 1},
@@ -80,10 +81,12 @@ def micro_params(overrides: dict[str, Any] | None = None) -> Params:
 
 
 def prepare_data(root: Path, params: Params) -> Path:
-    """download -> manifest -> synthesize with `root` as the current folder; returns the MLR manifest."""
-    from tasks import download, manifest, synthesize
+    """download -> manifest -> synthesize -> decode with `root` as the current folder; returns the MLR manifest
+    (the decoded-image store is at `params.store_dir()`)."""
+    from tasks import decode, download, manifest, synthesize
 
     download.run(params, params.raw_dir())
     manifest.run(params, params.raw_dir(), params.manifest_path(), params.quarantine_path())
     synthesize.run(params, params.raw_dir(), params.manifest_path(), params.lr_dir(), params.mlr_manifest_path())
+    decode.run(params, params.mlr_manifest_path(), params.store_dir())
     return params.mlr_manifest_path()

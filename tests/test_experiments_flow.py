@@ -3,6 +3,7 @@ started again, shares its runs with `dvc repro grid/dvc.yaml` both ways and nest
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,10 +11,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tasks import grid
+from tasks import grid, grid_cluster
 from tests.micro_project import dvc, make_project
 
 pytestmark = pytest.mark.e2e
@@ -24,12 +26,13 @@ def _results(project: Path) -> dict[Path, bytes]:
 
 
 def _grid_processes(project: Path) -> list[int]:
-    """Live `python -m tasks.experiment` processes working in `project`."""
+    """Live Ray workers training a grid run of `project` (titled `ray::grid_run`, working in the project)."""
+    title = f"ray::{grid_cluster.TASK_NAME}".encode()
     found = []
     for proc in Path("/proc").iterdir():
         try:
             if (proc.name.isdigit() and os.readlink(proc / "cwd") == str(project)
-                    and b"tasks.experiment" in (proc / "cmdline").read_bytes()):
+                    and (proc / "cmdline").read_bytes().split(b"\0")[0].strip() == title):
                 found.append(int(proc.name))
         except OSError:
             continue
@@ -56,11 +59,11 @@ def test_grid_killed_half_way_runs_only_the_missing_configurations(tmp_path: Pat
                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while len(_results(project)) < 5:
+        while len(_results(project)) < 5 or not _grid_processes(project):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the grid made no progress"
-            time.sleep(0.5)
-        os.kill(first.pid, signal.SIGKILL)  # the flow process only: its runs must die with it
+            time.sleep(0.2)
+        os.kill(first.pid, signal.SIGKILL)  # the flow process only: its Ray runs must die with it
         first.wait()
         deadline = time.monotonic() + 20
         while _grid_processes(project):
@@ -122,23 +125,25 @@ def test_a_failed_run_does_not_stop_the_others(monkeypatch: pytest.MonkeyPatch, 
     import flows.experiments as module
     from tests.micro_project import micro_params
 
-    started: list[str] = []
+    waited: list[str] = []
 
     @task
-    def fake_run(config: str, seed: int, root: Path, parent: str, threads: int, gpu: int | None) -> float:
-        started.append(config)
+    def fake_run(config: str, seed: int, run: str) -> dict[str, Any]:
+        waited.append(run)
         if config == "no_tri":
             raise RuntimeError("boom")
-        return 1.0
+        return {"config": config, "seed": seed, "node_id": f"node-{len(waited) % 2}", "host": "here", "seconds": 1.0}
 
     monkeypatch.setattr(module, "grid_run", fake_run)
+    monkeypatch.setattr(grid_cluster, "cluster", lambda address: contextlib.nullcontext())
+    monkeypatch.setattr(grid_cluster, "submit", lambda params, config, seed, root, parent: f"ray-task-{config}-{seed}")
     todo = [("multi_level", 0), ("no_tri", 0), ("no_cls", 0), ("no_rec", 0), ("rates_2", 0)]
 
     @flow
-    def grid_of_five() -> tuple[list[str], dict[tuple[str, int], float]]:
-        return module._run_all(todo, Path("."), "parent", micro_params(), parallel=2)
+    def grid_of_five() -> tuple[list[str], dict[tuple[str, int], dict[str, Any]]]:
+        return module._run_all(todo, Path("."), "parent", micro_params())
 
-    failed, wall = grid_of_five()
+    failed, outcomes = grid_of_five()
     assert failed == ["no_tri seed 0"]
-    assert set(wall) == set(todo) - {("no_tri", 0)}
-    assert sorted(started) == sorted(c for c, _ in todo)
+    assert set(outcomes) == set(todo) - {("no_tri", 0)}
+    assert sorted(waited) == sorted(f"ray-task-{c}-{s}" for c, s in todo)  # every queued run got its Prefect task

@@ -75,7 +75,7 @@ def test_run_key_follows_what_changes_a_result_and_nothing_else() -> None:
     key = grid.run_key(params, "multi_level", 0, inputs)
     assert key == grid.run_key(params, "multi_level", 0, dict(inputs))
     same = [
-        dataclasses.replace(params, experiments=dataclasses.replace(params.experiments, seeds=(0, 5), parallel=4)),
+        dataclasses.replace(params, experiments=dataclasses.replace(params.experiments, seeds=(0, 5), cpus_per_run=4)),
         dataclasses.replace(params, paths=dataclasses.replace(params.paths, experiments="elsewhere")),
         dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=99, seed=42)),  # grid sets both
     ]

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import rain_model.objective as objective
 from rain_model.config import ModelConfig, ObjectiveConfig
-from rain_model.network import RAIN
+from rain_model.network import RAIN, GeneratorOutput
 from rain_model.objective import (
     Batch,
     NonFiniteLossError,
@@ -154,15 +154,43 @@ def test_same_seed_gives_bitwise_identical_weights_after_n_steps(levels: tuple[i
     assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
 
 
-def test_cuda_only_switches_change_nothing_on_cpu() -> None:
-    runs = []
-    for obj in (ObjectiveConfig(), ObjectiveConfig(bf16_autocast=True, channels_last=True)):
-        model = _model()
-        optimizers = make_optimizers(model, obj)
-        losses = train_step(model.generator, model.discriminators, optimizers, _batch(0), obj, 0)
-        assert all(v.dtype == torch.float32 for v in losses.values())
-        runs.append(_snapshot(model))
-    assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
+def _generator_pass(obj: ObjectiveConfig) -> tuple[dict[str, float], torch.Tensor, GeneratorOutput]:
+    """Eq. 7 terms, the flattened F/G/C gradient of L_total and the outputs of one forward from seed 0."""
+    model = objective.place_model(_model(), obj, torch.device("cpu"))
+    batch = _batch(0)
+    out = forward_generator(model.generator, batch, obj, (4, 5))
+    losses = generator_losses(model.discriminators, out, batch, obj)
+    sum(losses.values()).backward()  # every weight is 1
+    grad = torch.cat([p.grad.flatten() for p in model.generator.parameters() if p.grad is not None])
+    return {k: float(v.detach()) for k, v in losses.items()}, grad, out
+
+
+def test_bf16_autocast_matches_fp32_within_stated_tolerance() -> None:
+    """The GPU path's bf16 autocast, run on the CPU. Stated tolerance: every Eq. 7 term within 3 % of
+    fp32 (bf16 keeps 8 bits of mantissa, ~0.4 % per value, compounded over the ResNet's depth); the
+    whole F/G/C gradient at cosine > 0.9 to fp32's with a norm within 5 % (on this freshly initialised
+    network the cosine measured 0.93-0.94 over three batches: rounding of every activation perturbs the
+    small early-layer gradients most). The losses come back as float32 either way."""
+    fp32_losses, fp32_grad, _ = _generator_pass(ObjectiveConfig())
+    bf16_losses, bf16_grad, bf16_out = _generator_pass(ObjectiveConfig(bf16_autocast=True))
+    assert bf16_out.v.dtype == torch.bfloat16  # autocast really ran
+    for name, value in fp32_losses.items():
+        assert abs(bf16_losses[name] - value) <= 0.03 * abs(value) + 1e-3, (name, value, bf16_losses[name])
+    cosine = torch.nn.functional.cosine_similarity(fp32_grad, bf16_grad.float(), dim=0)
+    assert cosine > 0.9
+    assert abs(bf16_grad.norm() / fp32_grad.norm() - 1) < 0.05
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients() -> None:
+    """Only the memory layout changes, so only float summation order differs: features within 1e-4,
+    losses within 1e-4 relative, gradients at cosine > 0.9999 and within 1 % of the largest entry."""
+    plain_losses, plain_grad, plain_out = _generator_pass(ObjectiveConfig())
+    cl_losses, cl_grad, cl_out = _generator_pass(ObjectiveConfig(channels_last=True))
+    assert cl_out.feats[0].is_contiguous(memory_format=torch.channels_last)  # the switch took effect
+    assert torch.allclose(cl_out.v, plain_out.v, rtol=0, atol=1e-4)
+    assert all(abs(cl_losses[k] - v) <= 1e-4 * abs(v) + 1e-6 for k, v in plain_losses.items())
+    assert torch.nn.functional.cosine_similarity(cl_grad, plain_grad, dim=0) > 0.9999
+    assert (cl_grad - plain_grad).abs().max() <= 0.01 * plain_grad.abs().max()
 
 
 def test_non_finite_loss_raises_naming_step_and_term(monkeypatch: pytest.MonkeyPatch) -> None:

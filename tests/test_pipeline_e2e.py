@@ -30,8 +30,8 @@ def test_flow_runs_every_stage_and_registers_a_candidate(first_run: tuple[Path, 
     from mlflow import MlflowClient
 
     project, result = first_run
-    assert [s["stage"] for s in result["stages"]] == ["download", "manifest", "synthesize", "train",
-                                                      "evaluate", "register"]
+    assert [s["stage"] for s in result["stages"]] == ["download", "manifest", "synthesize", "decode",
+                                                      "train", "evaluate", "register"]
     assert all(s["status"] == "ran" for s in result["stages"]), result["stages"]
 
     metrics = json.loads((project / "reports/synthetic/metrics.json").read_text())

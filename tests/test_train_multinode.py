@@ -34,7 +34,7 @@ def test_workers_are_placed_on_both_nodes(two_nodes: str, tmp_path: Path, monkey
     monkeypatch.chdir(tmp_path)
     params = micro_params({"ray": {"address": two_nodes, "num_workers": 2, "cpus_per_worker": 1}})
     mlr = prepare_data(tmp_path, params)
-    summary = train.run(params, mlr, tmp_path / "models", tmp_path / "runs")
+    summary = train.run(params, mlr, params.store_dir(), tmp_path / "models", tmp_path / "runs")
     assert summary["trials"]["0"]["ray_nodes"] == 2
     assert summary["trials"]["0"]["workers"] == 2
     assert (tmp_path / "models" / "trial-0.safetensors").stat().st_size > 0

@@ -51,10 +51,10 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def test_lost_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(ray_local: None, workdir: Path) -> None:
     params = micro_params({"train": {"epochs": 3}, "ray": {"max_failures": 1}})
     mlr = prepare_data(workdir, params)
-    clean = train.run(params, mlr, workdir / "clean", workdir / "runs")
+    clean = train.run(params, mlr, params.store_dir(), workdir / "clean", workdir / "runs")
     steps_per_epoch = len(train_sampler(mlr, params))
     fault = train.FaultPlan(rank=1, step=steps_per_epoch + 1, marker=str(workdir / "killed"))
-    resumed = train.run(params, mlr, workdir / "resumed", workdir / "runs", fault=fault)
+    resumed = train.run(params, mlr, params.store_dir(), workdir / "resumed", workdir / "runs", fault=fault)
     assert (workdir / "killed").exists()  # the worker really died mid-epoch 2
     assert resumed["trials"]["0"]["epochs"] == clean["trials"]["0"]["epochs"] == 3
     a, b = weights(workdir / "clean"), weights(workdir / "resumed")
@@ -67,7 +67,7 @@ def test_non_finite_loss_stops_every_worker_and_writes_no_model(ray_local: None,
     params = micro_params({"train": {"epochs": 2}, "objective": {"lr": 1.0e38, "lr_d": 1.0e38}})
     mlr = prepare_data(workdir, params)
     with pytest.raises(train.NonFiniteTraining, match=r"step \d+: L_\w+ is not finite"):
-        train.run(params, mlr, workdir / "models", workdir / "runs")
+        train.run(params, mlr, params.store_dir(), workdir / "models", workdir / "runs")
     assert not (workdir / "models" / "trial-0.safetensors").exists()
     assert not (workdir / "models" / "train.json").exists()
 
@@ -83,8 +83,8 @@ def test_two_workers_equal_one_worker_with_the_same_global_batch_in_two_parts(ra
     two = micro_params({"train": {"epochs": 2}, "ray": {"num_workers": 2, "cpus_per_worker": 1}})
     one = micro_params({"train": {"epochs": 2, "micro_batches": 2}, "ray": {"num_workers": 1, "cpus_per_worker": 1}})
     mlr = prepare_data(workdir, two)
-    train.run(two, mlr, workdir / "two", workdir / "runs")
-    train.run(one, mlr, workdir / "one", workdir / "runs")
+    train.run(two, mlr, two.store_dir(), workdir / "two", workdir / "runs")
+    train.run(one, mlr, one.store_dir(), workdir / "one", workdir / "runs")
     a, b = weights(workdir / "two"), weights(workdir / "one")
     running = ("running_mean", "running_var", "num_batches_tracked")
     compared = [k for k in a if not k.endswith(running)]

@@ -26,7 +26,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import h5py
 import numpy as np
 from PIL import Image
 
@@ -91,6 +90,8 @@ def export_images(mat_path: Path, which: str, out: Path) -> int:
     """Write every non-empty image of `which` ('labeled' | 'detected') in `mat_path` as PNG into `out`."""
     count = 0
     try:
+        import h5py  # not at import time: a bare GPU image (bench/gpu.py) has no h5py
+
         mat = h5py.File(mat_path, "r")
     except OSError as exc:
         raise DatasetError(f"{mat_path}: not a MATLAB v7.3 (HDF5) file: {exc}") from exc

@@ -27,13 +27,16 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.config import Params
 from tasks.datasets.base import DatasetError, RawImage
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TABLE_NAME = "custom.parquet"
 REQUIRED = ("path", "person_id", "camera_id")
@@ -77,6 +80,8 @@ def table_path(url: str) -> Path:
 
 
 def read_table(file: Path) -> pd.DataFrame:
+    import pandas as pd  # not at import time: a bare GPU image (bench/gpu.py) has no pandas
+
     if not file.is_file():
         raise DatasetError(f"{file}: no such file (params.yaml sources.custom.url)")
     suffix = file.suffix.lower()
@@ -92,6 +97,8 @@ def read_table(file: Path) -> pd.DataFrame:
 
 def normalise(file: Path) -> pa.Table:
     """Validate the user's table and return it with absolute paths and every column filled in."""
+    import pandas as pd
+
     frame = read_table(file)
     columns = [str(c).strip() for c in frame.columns]
     frame.columns = pd.Index(columns)
@@ -154,6 +161,8 @@ def normalise(file: Path) -> pa.Table:
 
 
 def _blank(value: object) -> bool:
+    import pandas as pd
+
     return value is None or value is pd.NA or (isinstance(value, float) and value != value) or \
         (isinstance(value, str) and not value.strip())
 

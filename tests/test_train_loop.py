@@ -1,0 +1,42 @@
+"""The Ray-free training loop: when it checkpoints, which DDP backend it needs, and that it trains from the
+decoded-image store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tasks.config import TrainConfig
+from tasks.loaders import read_rows
+from tasks.train_loop import TrainJob, WorkerContext, checkpoint_due, ddp_backend, train_loop
+from tests.micro_project import micro_params, prepare_data
+
+
+def test_checkpoint_is_due_after_the_last_epoch_by_time_or_every_n_epochs() -> None:
+    by_time = TrainConfig(epochs=10, checkpoint_every_epochs=0, checkpoint_every_seconds=60)
+    assert [e for e in range(10) if checkpoint_due(by_time, e, since_last=5.0)] == [9]
+    assert checkpoint_due(by_time, 3, since_last=60.0)
+    every_3 = TrainConfig(epochs=10, checkpoint_every_epochs=3, checkpoint_every_seconds=1e9)
+    assert [e for e in range(10) if checkpoint_due(every_3, e, since_last=0.0)] == [2, 5, 8, 9]
+
+
+def test_ddp_backend_is_nccl_on_cuda_and_gloo_on_cpu() -> None:
+    assert ddp_backend(torch.device("cuda", 0)) == "nccl"
+    assert ddp_backend(torch.device("cpu")) == "gloo"
+
+
+@pytest.mark.parametrize("every_epochs, checkpointed", [(0, [2]), (1, [0, 1, 2])])
+def test_loop_reports_every_epoch_and_checkpoints_as_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                every_epochs: int, checkpointed: list[int]) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = micro_params({"train": {"epochs": 3, "checkpoint_every_epochs": every_epochs}})
+    mlr = prepare_data(tmp_path, params)
+    reports: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+    job = TrainJob(params=params, rows=read_rows(str(mlr), 0, ["train"]), store=str(params.store_dir()))
+    train_loop(job, WorkerContext(report=lambda metrics, state: reports.append((metrics, state))))
+    assert [m["epoch"] for m, _ in reports] == [0, 1, 2]
+    assert [m["epoch"] for m, state in reports if state is not None] == checkpointed
+    assert all(m["images"] > 0 and m["L_total"] > 0 for m, _ in reports)
