@@ -40,7 +40,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-serve: $(STAMP) ## Serve Prefect deployments rain/full and rain/experiments (server on 127.0.0.1:4200)
+serve: $(STAMP) ## Serve Prefect deployments rain/full and rain-grid/experiments (server on 127.0.0.1:4200)
 	$(BIN)/rain serve
 
 bench: $(STAMP) ## Run the benchmarks under bench/

@@ -8,7 +8,7 @@ In the same run, at ResNet-50 256x128 with P x K = 16 x 4 identity images (each 
   3. bf16:     the four Eq. 7 terms under bf16 autocast vs fp32 on one batch (same weights)
   4. loader:   the decoded-image store's images/s (to the device, as uint8) vs the RAIN step's images/s
   5. ddp:      a one-process process group (NCCL on CUDA, gloo otherwise) with the DDP-wrapped RAIN model
-  6. loop:     two epochs of tasks/train_loop.py on a generated synthetic set, from the store, with
+  6. loop:     two epochs of tasks/training/loop.py on a generated synthetic set, from the store, with
                train.loader_workers 0 (load in the training process) and 2 (prefetching processes)
 Every figure goes to a JSON file (--out) and is printed. --tiny runs it all on the CPU in seconds
 (ResNet-18, 64x32, 4 x 2), which the test suite does; on one H100 the full run takes about two minutes.
@@ -37,8 +37,8 @@ from bench.loader import synthetic_params, training_set
 from rain_model.config import ModelConfig, ObjectiveConfig
 from rain_model.network import RAIN
 from rain_model.objective import Batch, forward_generator, generator_losses, make_optimizers, place_model, train_step
-from tasks.imagestore import ImageStore, StorePairs
-from tasks.train_loop import TrainJob, WorkerContext, ddp_backend, train_loop
+from tasks.images.store import ImageStore, StorePairs
+from tasks.training.loop import TrainJob, WorkerContext, ddp_backend, train_loop
 
 FULL = {"backbone": "resnet50", "height": 256, "width": 128, "p": 16, "k": 4, "identities": 200, "steps": 60,
         "warmup": 10}
@@ -165,7 +165,7 @@ def ddp_steps(cfg: dict[str, Any], batch: Batch, ids: int, device: torch.device,
 
 def loop_epochs(rows: list[dict], store: ImageStore, cfg: dict[str, Any], device: torch.device,
                 loader_workers: int) -> dict[str, Any]:
-    """Two epochs of the Ray-free training loop (tasks/train_loop.py) from the store, bf16 + channels_last."""
+    """Two epochs of the Ray-free training loop (tasks/training/loop.py) from the store, bf16 + channels_last."""
     params = synthetic_params(cfg["identities"], cfg["height"], cfg["width"], {
         "model": {"backbone": cfg["backbone"]},
         "objective": {"bf16_autocast": True, "channels_last": True},

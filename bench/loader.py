@@ -1,4 +1,4 @@
-"""Training input speed: the decoded-image store (tasks/imagestore.py) against decoding every file with
+"""Training input speed: the decoded-image store (tasks/images/store.py) against decoding every file with
 Pillow, on the same identity-balanced batches, one process on one core, in one run.
 
 "images/s" counts identity images: each is read twice, its HR image and its LR copy, as a training
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rain_model.sampler import IdentityBalancedSampler
 from tasks.config import Params, parse
-from tasks.imagestore import ImageStore, StorePairs
-from tasks.loaders import load_tensor, read_rows
+from tasks.images.loaders import load_tensor, read_rows
+from tasks.images.store import ImageStore, StorePairs
 from tests.micro_project import REPO, merge, prepare_data
 
 

@@ -1,4 +1,4 @@
-"""Ray Train overhead: the same training loop (tasks/train_loop.py) as a plain PyTorch process and
+"""Ray Train overhead: the same training loop (tasks/training/loop.py) as a plain PyTorch process and
 through Ray Train with 1 and 2 workers, measured in one run on the same micro dataset.
 
 Throughput is identity images per second over epochs 2..N, timed from one epoch's end to the next
@@ -21,8 +21,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.config import Params, parse
-from tasks.loaders import read_rows
-from tasks.train_loop import TrainJob, WorkerContext, train_loop
+from tasks.images.loaders import read_rows
+from tasks.training.loop import TrainJob, WorkerContext, train_loop
 from tests.micro_project import REPO, merge, prepare_data
 
 Figures = tuple[float, float, float, float]  # images/s, in-epoch images/s, s between epochs, wall s
@@ -108,7 +108,7 @@ def main() -> None:
               f"checkpoint every {args.checkpoint_every or params.train.checkpoint_every_seconds} "
               f"{'epoch(s)' if args.checkpoint_every else 's (and after the last epoch)'}")
         results = {"plain PyTorch": plain(job)}
-        from tasks.raycluster import connect
+        from tasks.infra.raycluster import connect
 
         started = time.perf_counter()
         connect(None)

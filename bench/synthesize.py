@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks import download, manifest, synthesize
 from tasks.config import DatasetChoice, Params, Paths, ProtocolConfig, SyntheticConfig
-from tasks.parallel import worker_count
+from tasks.infra.parallel import worker_count
+from tasks.protocol import mlr
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = pq.read_table(params.manifest_path()).to_pylist()
     jobs: list[tuple[Path, tuple[int, ...]]] = []
     for row in rows:
-        rates = {synthesize.draw_rate(row["path"], params.protocol)} - {1}
+        rates = {mlr.draw_rate(row["path"], params.protocol)} - {1}
         if row["view"] == 1:
             rates |= set(params.protocol.unseen_rates)
         if rates:

@@ -80,7 +80,7 @@ def experiments(
     = None,
     project: ProjectOption = Path("."),
 ) -> None:
-    """Run the paper's grid (flow behind `rain/experiments`) in this process; finished runs are kept."""
+    """Run the paper's grid (flow behind `rain-grid/experiments`) in this process; finished runs are kept."""
     project = project.resolve()
     configure_environment(project)
     from tasks.config import ParamsError, load_params
@@ -90,7 +90,7 @@ def experiments(
     except ParamsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    from flows.experiments import experiments as grid_flow
+    from flows.grid import experiments as grid_flow
 
     result = grid_flow(project_dir=str(project), seeds=seeds or None, tables=table or None)
     grid = result["grid"]
@@ -111,7 +111,7 @@ def _healthy(api_url: str) -> bool:
 def serve(project: ProjectOption = Path("."),
           port: Annotated[int, typer.Option(help="Port of the Prefect server started when none runs.")] = 4200,
           ) -> None:
-    """Serve deployments `rain/full` (the pipeline) and `rain/experiments` (the paper's grid)."""
+    """Serve deployments `rain/full` (the pipeline) and `rain-grid/experiments` (the paper's grid)."""
     project = project.resolve()
     configure_environment(project)
     api_url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{port}/api"
@@ -135,11 +135,11 @@ def serve(project: ProjectOption = Path("."),
     os.environ["PREFECT_API_URL"] = api_url
     typer.echo(f"Prefect API: {api_url}. In another terminal:\n"
                f"  export PREFECT_API_URL={api_url}\n  prefect deployment run rain/full\n"
-               f"  prefect deployment run rain/experiments [-p 'seeds=[0,1,2]']")
+               f"  prefect deployment run rain-grid/experiments [-p 'seeds=[0,1,2]']")
     from prefect import serve as serve_deployments
     from prefect.deployments.runner import RunnerDeployment
 
-    from flows.experiments import experiments
+    from flows.grid import experiments
     from flows.pipeline import rain
 
     # Called outside an event loop, `to_deployment` returns the deployment itself (typed as either).
@@ -157,7 +157,7 @@ def _tracking(project: Path) -> str:
     """Point MLflow at the project's registry (or MLFLOW_TRACKING_URI) and return the URI."""
     import mlflow
 
-    from tasks.tracking import tracking_uri
+    from tasks.infra.tracking import tracking_uri
 
     uri = tracking_uri(project)
     mlflow.set_tracking_uri(uri)
@@ -212,7 +212,7 @@ def promote(
     uri = _tracking(project)
     from mlflow import MlflowClient
 
-    from tasks import promote as promotion
+    from tasks.registry import promote as promotion
 
     client = MlflowClient(uri)
     console = Console(width=max(120, Console().width))
@@ -269,8 +269,8 @@ def search(
     project = project.resolve()
     configure_environment(project)
     _tracking(project)
-    from tasks.search import SearchConfig, SearchError, expand_queries
-    from tasks.search import run as run_search
+    from tasks.registry.search import SearchConfig, SearchError, expand_queries
+    from tasks.registry.search import run as run_search
 
     try:
         queries = expand_queries([*query, *(more_queries or [])])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -162,7 +164,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class ExperimentsConfig:
-    """The paper's comparison grid (tasks/grid.py): which seeds, how long each run trains, what each run
+    """The paper's comparison grid (tasks/grid/configs.py): which seeds, how long each run trains, what each run
     asks of the Ray cluster (which then decides how many run at once)."""
 
     seeds: tuple[int, ...] = (0, 1, 2)  # seed s: train.seed = s on protocol trial s mod protocol.trials
@@ -220,7 +222,7 @@ class Params:
         return Path(self.paths.lr) / self.dataset.name
 
     def store_dir(self) -> Path:
-        """The decoded-image store of the MLR manifest (tasks/imagestore.py)."""
+        """The decoded-image store of the MLR manifest (tasks/images/store.py)."""
         return Path(self.paths.store) / self.dataset.name
 
     def model_dir(self) -> Path:
@@ -302,3 +304,25 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     return parse(Params, data, "")
+
+
+def flat_params(params: Params) -> dict[str, str]:
+    """Params as dotted keys, the way MLflow and DVC show them."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(f"{prefix}{f.name}.", getattr(value, f.name))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix.rstrip(".")] = str(value)
+
+    walk("", params)
+    return out
+
+
+def params_hash(params: Params) -> str:
+    return hashlib.sha256(json.dumps(flat_params(params), sort_keys=True).encode()).hexdigest()

@@ -12,7 +12,7 @@ from pathlib import Path
 from tasks.config import Params, load_params
 from tasks.datasets import get_adapter
 from tasks.datasets.acquire import RetriesExhausted
-from tasks.logs import setup_logging
+from tasks.infra.logs import setup_logging
 
 log = logging.getLogger(__name__)
 

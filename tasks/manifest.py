@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 
 from tasks.config import Params, load_params
 from tasks.datasets import RawImage, get_adapter
-from tasks.imageio import ImageRejected, decode_rgb
-from tasks.logs import setup_logging
-from tasks.parallel import map_chunks, worker_count
+from tasks.images.imageio import ImageRejected, decode_rgb
+from tasks.infra.logs import setup_logging
+from tasks.infra.parallel import map_chunks, worker_count
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Stage `register`: the trained model as an MLflow model version of `rain-reid`, alias `candidate`.
 
-The model is the pyfunc of tasks/pyfunc_model.py (images in, unit-norm embeddings out), logged from
+The model is the pyfunc of tasks/registry/pyfunc_model.py (images in, unit-norm embeddings out), logged from
 code with safetensors weights: nothing in it is pickled. The version carries its lineage as tags, so
 a person browsing the registry can tell where it came from and how good it is, and `rain promote` can
 tell whether two versions were measured the same way:
@@ -33,8 +33,8 @@ from typing import Any
 import yaml
 
 from tasks.config import Params, load_params
-from tasks.logs import setup_logging
-from tasks.tracking import file_hash, git_commit, tracking_uri
+from tasks.infra.logs import setup_logging
+from tasks.infra.tracking import file_hash, git_commit, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
     import mlflow
     import pandas as pd
 
-    from tasks.train import summary_path
+    from tasks.training.artifacts import summary_path
 
     manifest_path = manifest_path or params.manifest_path()
     lock_file = lock_file or Path("dvc.lock")
@@ -141,7 +141,7 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
         with mlflow.start_run(run_id=info["mlflow_run_id"]):
             # The signature is inferred by running the logged model on the example: a free smoke test.
             logged = mlflow.pyfunc.log_model(
-                name="model", python_model=str(PACKAGE_ROOT / "tasks" / "pyfunc_model.py"),
+                name="model", python_model=str(PACKAGE_ROOT / "tasks" / "registry" / "pyfunc_model.py"),
                 artifacts={"weights": str(weights), "config": str(config)},
                 code_paths=[str(PACKAGE_ROOT / "rain_model"), str(PACKAGE_ROOT / "tasks")],
                 input_example=example,

@@ -1,184 +1,20 @@
-"""Stage `synthesize`: the MLR protocol (DESIGN.md, Protocol) as LR images plus one Parquet manifest.
+"""Stage `synthesize`: the MLR protocol (tasks/protocol/mlr.py) on the HR manifest.
 
-Every image gets a down-sampling rate r drawn from `protocol.train_rates` by a generator seeded with
-the protocol seed and the image's path (so the draw does not depend on order or worker count), and an
-LR copy: shrunk by r, then brought back to its original size with bilinear interpolation. View-1
-images (the distant camera of each pair) also get a copy at every unseen rate.
-
-MLR manifest schema, one row per (trial, role, image):
-  trial, role (train | query | gallery | gallery_pool), query_set (mlr | hr | r<rate> for queries,
-  "" otherwise), person_id, camera_id, camera_pair, rate (1 = HR), path (the image this row feeds to
-  the model, relative to the project folder), hr_path (its HR source), lr_path (train: its LR copy;
-  query: = path; else ""), label (train: class index 0..K-1 of the trial's training identities; -1
-  otherwise).
-Per trial, identities seen by both views are split at random (seeded) into train and test; a test
-identity's view-1 images are the queries, and one of its view-0 images, drawn at random, is the
-single-shot gallery (the rest are `gallery_pool`, for repeated single-shot draws at evaluation).
+Reads the HR manifest and its images; writes the LR copies into <paths.lr>/<dataset>/ and the MLR manifest
+<paths.manifests>/<dataset>-mlr.parquet (schema in tasks/protocol/mlr.py).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import os
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
-
-from tasks.config import Params, ProtocolConfig, load_params
-from tasks.datasets import get_adapter
-from tasks.imageio import load_rgb
-from tasks.logs import setup_logging
-from tasks.parallel import map_chunks, worker_count
-
-log = logging.getLogger(__name__)
-
-MLR_SCHEMA = pa.schema([
-    ("trial", pa.int32()),
-    ("role", pa.string()),
-    ("query_set", pa.string()),
-    ("person_id", pa.int64()),
-    ("camera_id", pa.int32()),
-    ("camera_pair", pa.int32()),
-    ("rate", pa.int32()),
-    ("path", pa.string()),
-    ("hr_path", pa.string()),
-    ("lr_path", pa.string()),
-    ("label", pa.int64()),
-])
-
-
-def draw_rate(path: str, cfg: ProtocolConfig) -> int:
-    """The image's down-sampling rate: seeded by the protocol seed and the path, nothing else."""
-    key = int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "little")
-    rng = np.random.default_rng([cfg.seed, key])
-    return int(cfg.train_rates[rng.integers(len(cfg.train_rates))])
-
-
-def lr_stem(path: str) -> str:
-    """Where an image's LR copies go, relative to the LR folder. Paths relative to the raw folder keep
-    their layout; absolute ones (a user's own data lives anywhere) get a name keyed by the whole path,
-    so LR copies never land outside the LR folder and two folders' `0001.jpg` never collide."""
-    if Path(path).is_absolute():
-        key = hashlib.sha256(path.encode()).hexdigest()[:16]
-        return f"external/{key}-{Path(path).stem}"
-    return Path(path).with_suffix("").as_posix()
-
-
-def degrade(img: Image.Image, rate: int) -> Image.Image:
-    """Shrink by `rate`, then bilinear back to the original size (the paper's synthetic LR image)."""
-    small = img.resize((max(1, round(img.width / rate)), max(1, round(img.height / rate))),
-                       Image.Resampling.BILINEAR)
-    return small.resize(img.size, Image.Resampling.BILINEAR)
-
-
-def _degrade_chunk(jobs: Sequence[tuple[str, str, tuple[int, ...]]], formats: tuple[str, ...]) -> list[int]:
-    written = []
-    made: set[str] = set()  # one mkdir per folder, not per file
-    for src, dst_stem, rates in jobs:
-        hr = load_rgb(src, formats, verify=False)  # checked at ingest (manifest stage)
-        folder = os.path.dirname(dst_stem)
-        if folder not in made:
-            os.makedirs(folder, exist_ok=True)
-            made.add(folder)
-        for rate in rates:
-            degrade(hr, rate).save(f"{dst_stem}_r{rate}.png", compress_level=1)
-        written.append(len(rates))
-    return written
-
-
-def split_identities(person_ids: Sequence[int], trial: int, cfg: ProtocolConfig) -> tuple[set[int], set[int]]:
-    """(train, test) identities of `trial`; test is `test_identities` of them, or half when 0."""
-    ids = np.array(sorted(set(person_ids)))
-    n_test = cfg.test_identities or len(ids) // 2
-    if not 0 < n_test < len(ids):
-        raise ValueError(f"protocol.test_identities = {cfg.test_identities}: need between 1 and "
-                         f"{len(ids) - 1} of the {len(ids)} identities seen by both views")
-    order = np.random.default_rng([cfg.seed, trial]).permutation(ids)
-    return {int(i) for i in order[n_test:]}, {int(i) for i in order[:n_test]}
+from tasks.config import Params, load_params
+from tasks.infra.logs import setup_logging
+from tasks.protocol.mlr import synthesize
 
 
 def run(params: Params, raw_dir: Path, manifest_path: Path, lr_dir: Path, mlr_path: Path) -> dict[str, int]:
-    cfg = params.protocol
-    adapter = get_adapter(params.dataset.name)
-    images = pq.read_table(manifest_path).to_pylist()
-    if not images:
-        raise ValueError(f"{manifest_path}: the manifest has no images")
-    for img in images:  # every path derived once here; trial rows only copy them
-        img["rate"] = draw_rate(img["path"], cfg)
-        img["hr_path"] = (raw_dir / img["path"]).as_posix()
-        stem = (lr_dir / lr_stem(img["path"])).as_posix()
-        img["lr_stem"] = stem
-        img["lr_path"] = img["hr_path"] if img["rate"] == 1 else f"{stem}_r{img['rate']}.png"
-
-    jobs = []
-    for img in images:
-        rates = {img["rate"]} - {1}
-        if img["view"] == 1:
-            rates |= set(cfg.unseen_rates)
-        if rates:
-            jobs.append((img["hr_path"], img["lr_stem"], tuple(sorted(rates))))
-
-    summary: dict[str, int] = {}
-
-    def write_manifest() -> None:  # runs while the pool writes LR images
-        views: dict[int, set[int]] = {}
-        for img in images:
-            views.setdefault(img["person_id"], set()).add(img["view"])
-        both = [pid for pid, v in views.items() if v == {0, 1}]
-        rows: list[dict] = []
-        for trial in range(cfg.trials):
-            train_ids, test_ids = split_identities(both, trial, cfg)
-            train_ids |= {pid for pid, v in views.items() if v != {0, 1}}  # one-view identities: train only
-            labels = {pid: i for i, pid in enumerate(sorted(train_ids))}
-            rows += _trial_rows(trial, images, labels, test_ids, cfg)
-            summary["test_identities"] = len(test_ids)
-        mlr_path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=MLR_SCHEMA), mlr_path)
-
-    written = map_chunks(functools.partial(_degrade_chunk, formats=tuple(adapter.image_formats)), jobs,
-                         worker_count(cfg.workers), chunk_size=32, meanwhile=write_manifest)
-    summary |= {"images": len(images), "lr_images": int(sum(written)), "trials": cfg.trials}
-    log.info("synthesize: %(lr_images)d LR images from %(images)d HR images, %(trials)d trials, "
-             "%(test_identities)d test identities per trial", summary)
-    return summary
-
-
-def _trial_rows(trial: int, images: list[dict], labels: dict[int, int], test_ids: set[int],
-                cfg: ProtocolConfig) -> list[dict]:
-    rng = np.random.default_rng([cfg.seed, trial, 1])
-    rows: list[dict] = []
-
-    def row(img: dict, role: str, query_set: str, rate: int, path: str, lr_path: str, label: int) -> dict:
-        return {"trial": trial, "role": role, "query_set": query_set, "person_id": img["person_id"],
-                "camera_id": img["camera_id"], "camera_pair": img["camera_pair"], "rate": rate,
-                "path": path, "hr_path": img["hr_path"], "lr_path": lr_path, "label": label}
-
-    galleries: dict[int, list[dict]] = {}
-    for img in images:
-        pid = img["person_id"]
-        if pid in labels:
-            rows.append(row(img, "train", "", img["rate"], img["hr_path"], img["lr_path"], labels[pid]))
-        elif pid in test_ids and img["view"] == 1:
-            rows.append(row(img, "query", "mlr", img["rate"], img["lr_path"], img["lr_path"], -1))
-            rows.append(row(img, "query", "hr", 1, img["hr_path"], img["hr_path"], -1))
-            for rate in cfg.unseen_rates:
-                unseen = f"{img['lr_stem']}_r{rate}.png"
-                rows.append(row(img, "query", f"r{rate}", rate, unseen, unseen, -1))
-        elif pid in test_ids:
-            galleries.setdefault(pid, []).append(img)
-    for pid in sorted(galleries):
-        pool = galleries[pid]
-        chosen = int(rng.integers(len(pool)))
-        for i, img in enumerate(pool):
-            role = "gallery" if i == chosen else "gallery_pool"
-            rows.append(row(img, role, "", 1, img["hr_path"], "", -1))
-    return rows
+    return synthesize(params, raw_dir, manifest_path, lr_dir, mlr_path)
 
 
 def main() -> None:

@@ -2,15 +2,13 @@
 
 The driver starts (or joins) a Ray cluster, opens one MLflow run per trial, and runs `train_worker` on
 `ray.num_workers` workers, over DDP with `ddp_backend` (NCCL on GPUs, gloo on CPUs). Workers read the
-decoded-image store and checkpoint (tasks/train_loop.py `checkpoint_due`) into <paths.runs>/ray (outside
+decoded-image store and checkpoint (tasks/training/loop.py `checkpoint_due`) into <paths.runs>/ray (outside
 every DVC output, so a restarted worker group resumes from there); the final weights are written as
 safetensors into models/<dataset>/, the stage's DVC output.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import tempfile
@@ -21,50 +19,16 @@ from typing import Any
 
 import torch
 
-from tasks.config import Params, load_params
-from tasks.logs import setup_logging
-from tasks.raycluster import connect
-from tasks.tracking import experiment, file_hash, git_commit, tracking_uri
-from tasks.train_loop import FaultPlan, TrainJob, WorkerContext, ddp_backend, train_loop
+from tasks.config import Params, flat_params, load_params, params_hash
+from tasks.infra.logs import setup_logging
+from tasks.infra.raycluster import connect
+from tasks.infra.tracking import file_hash, git_commit, mlflow_experiment_id, tracking_uri
+from tasks.training.artifacts import STATE_FILE, summary_path, weights_path
+from tasks.training.loop import FaultPlan, NonFiniteTraining, TrainJob, WorkerContext, ddp_backend, train_loop
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 __all__ = ["FaultPlan", "NonFiniteTraining", "run", "train_worker"]
-
-
-class NonFiniteTraining(RuntimeError):
-    """Training stopped on a NaN/inf loss; the message names the step and the loss term."""
-
-
-def weights_path(model_dir: Path, trial: int) -> Path:
-    return model_dir / f"trial-{trial}.safetensors"
-
-
-def summary_path(model_dir: Path) -> Path:
-    return model_dir / "train.json"
-
-
-def flat_params(params: Params) -> dict[str, str]:
-    """Params as dotted keys, the way MLflow and DVC show them."""
-    out: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if dataclasses.is_dataclass(value):
-            for f in dataclasses.fields(value):
-                walk(f"{prefix}{f.name}.", getattr(value, f.name))
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            out[prefix.rstrip(".")] = str(value)
-
-    walk("", params)
-    return out
-
-
-def params_hash(params: Params) -> str:
-    return hashlib.sha256(json.dumps(flat_params(params), sort_keys=True).encode()).hexdigest()
 
 
 def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_dir: Path,
@@ -75,12 +39,12 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_d
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tasks.loaders import read_rows
+    from tasks.images.loaders import read_rows
 
     model_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri()
     client = mlflow.MlflowClient(uri)
-    exp_id = experiment(client, f"rain-{params.dataset.name}")
+    exp_id = mlflow_experiment_id(client, f"rain-{params.dataset.name}")
 
     summary: dict[str, Any] = {"trials": {}}
     data_hash = file_hash(mlr_path)

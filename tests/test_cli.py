@@ -1,5 +1,5 @@
 """The `rain` command: help everywhere, bad params refused before any stage, serving rain/full and
-rain/experiments."""
+rain-grid/experiments."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_served_deployment_runs_from_a_second_terminal(tmp_path: Path) -> None:
-    """Terminal 1: `rain serve`; terminal 2: `prefect deployment run rain/full`, then rain/experiments (one
+    """Terminal 1: `rain serve`; terminal 2: `prefect deployment run rain/full`, then rain-grid/experiments (one
     table); both runs complete."""
     project = make_project(tmp_path)
     port = _free_port()
@@ -59,7 +59,7 @@ def test_served_deployment_runs_from_a_second_terminal(tmp_path: Path) -> None:
         while True:  # the deployment exists once `rain serve` has registered it
             ls = subprocess.run([str(bin_dir / "prefect"), "deployment", "ls"], env=client_env,
                                 capture_output=True, text=True)
-            if "rain/full" in ls.stdout and "rain/experiments" in ls.stdout:
+            if "rain/full" in ls.stdout and "rain-grid/experiments" in ls.stdout:
                 break
             assert serve.poll() is None, (tmp_path / "serve.log").read_text()
             assert time.monotonic() < deadline, "rain serve did not register rain/full in time"
@@ -72,7 +72,7 @@ def test_served_deployment_runs_from_a_second_terminal(tmp_path: Path) -> None:
                               text=True)
         assert "COMPLETED" in runs.stdout.upper(), runs.stdout
         assert (project / "reports/synthetic/registration.json").exists()
-        grid = subprocess.run([str(bin_dir / "prefect"), "deployment", "run", "rain/experiments", "--param",
+        grid = subprocess.run([str(bin_dir / "prefect"), "deployment", "run", "rain-grid/experiments", "--param",
                                'tables=["table4"]', "--watch", "--watch-timeout", "600"], env=client_env,
                               capture_output=True, text=True, timeout=660)
         assert grid.returncode == 0, grid.stdout + grid.stderr + (tmp_path / "serve.log").read_text()[-6000:]

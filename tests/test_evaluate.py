@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.evaluate import _row_names, row_label, summarise
+from tasks.evaluation.scoring import row_label, row_names, summarise
 
 
 def test_rows_split_mlr_queries_by_rate_and_keep_unseen_and_hr_sets() -> None:
     queries = [{"query_set": "mlr", "rate": 2}, {"query_set": "mlr", "rate": 4}, {"query_set": "hr", "rate": 1},
                {"query_set": "r8", "rate": 8}, {"query_set": "mlr", "rate": 2}]
-    rows = _row_names(queries, unseen=(8,))
+    rows = row_names(queries, unseen=(8,))
     assert list(rows) == ["lr", "r2", "r4", "r8", "hr"]
     assert rows["lr"] == [0, 1, 4] and rows["r2"] == [0, 4] and rows["r8"] == [3] and rows["hr"] == [2]
     assert row_label("r8", (8,)) == "LR r=8 (unseen)" and row_label("r2", (8,)) == "LR r=2"

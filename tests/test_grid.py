@@ -7,34 +7,35 @@ import dataclasses
 import pytest
 import yaml
 
-from tasks import grid
 from tasks.config import ParamsError
+from tasks.grid import configs as grid
+from tasks.grid import tables as grid_tables
 from tests.micro_project import REPO, micro_params
 
 
 def test_dvc_matrix_lists_exactly_the_grid_configurations() -> None:
     stages = yaml.safe_load((REPO / "grid" / "dvc.yaml").read_text())["stages"]
-    assert stages["experiment"]["matrix"]["config"] == list(grid.CONFIGS)
-    assert stages["experiment"]["matrix"]["seed"] == "${experiments.seeds}"
+    assert stages["grid_run"]["matrix"]["config"] == list(grid.CONFIGS)
+    assert stages["grid_run"]["matrix"]["seed"] == "${experiments.seeds}"
 
 
 def test_every_configuration_is_read_by_a_table_and_shared_ones_are_trained_once() -> None:
-    rows = [row for table in grid.TABLES for row in table.rows]
+    rows = [row for table in grid_tables.TABLES for row in table.rows]
     assert {row.config for row in rows} == set(grid.CONFIGS)
-    assert grid.configs_of(grid.TABLES) == list(grid.CONFIGS)
+    assert grid_tables.configs_of(grid_tables.TABLES) == list(grid.CONFIGS)
     assert len(rows) == 25 and len(grid.CONFIGS) == 16  # 25 table rows from 16 trainings per seed
     # The full model is Table 1's multi-level row, Table 3's "Ours", Table 4's {2,3,4} and Figure 5's 100%.
-    readers = {t.key for t in grid.TABLES for r in t.rows if r.config == "multi_level"}
+    readers = {t.key for t in grid_tables.TABLES for r in t.rows if r.config == "multi_level"}
     assert readers == {"table1", "table2", "table3", "table4", "figure5"}
     # "w/o L_adv" is the HR & LR baseline (Eq. 7 without L_adv), as the paper's identical rows show.
-    table3 = {r.label: r.config for r in grid.tables(("table3",))[0].rows}
+    table3 = {r.label: r.config for r in grid_tables.tables(("table3",))[0].rows}
     assert table3["Ours w/o L_adv"] == "baseline_hrlr"
 
 
 def test_a_subset_of_tables_needs_only_its_configurations() -> None:
-    assert grid.configs_of(grid.tables(("table4",))) == ["multi_level", "rates_2", "rates_3", "rates_4"]
+    assert grid_tables.configs_of(grid_tables.tables(("table4",))) == ["multi_level", "rates_2", "rates_3", "rates_4"]
     with pytest.raises(ParamsError, match="table9"):
-        grid.tables(("table1", "table9"))
+        grid_tables.tables(("table1", "table9"))
 
 
 @pytest.mark.parametrize(("name", "check"), [

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import experiment, grid_cluster
+from tasks import grid_run
 from tasks.config import Params, ParamsError
-from tasks.train_loop import FaultPlan
+from tasks.grid import cluster as grid_cluster
+from tasks.grid import runs
+from tasks.training.loop import FaultPlan
 from tests.micro_project import micro_params, prepare_data
 
 pytestmark = pytest.mark.e2e
@@ -45,7 +47,7 @@ def test_grid_runs_spread_over_nodes_survive_a_lost_worker_and_match_one_machine
         two_nodes: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from tasks.experiments_report import open_parent_run
+    from tasks.grid_report import open_parent_run
 
     project = tmp_path / "project"
     project.mkdir()
@@ -58,8 +60,8 @@ def test_grid_runs_spread_over_nodes_survive_a_lost_worker_and_match_one_machine
     refs = {run: grid_cluster.submit(params, *run, project, parent) for run in RUNS}
     outcomes = {run: grid_cluster.outcome(ref) for run, ref in refs.items()}
     assert sorted(o["node_id"] for o in outcomes.values()) == sorted(two_nodes)
-    on_cluster = {run: json.loads(experiment.result_path(params, *run).read_text()) for run in RUNS}
-    assert all(result["key"] == experiment.current_key(params, *run) for run, result in on_cluster.items())
+    on_cluster = {run: json.loads(runs.result_path(params, *run).read_text()) for run in RUNS}
+    assert all(result["key"] == runs.current_key(params, *run) for run, result in on_cluster.items())
     written = json.dumps(list(on_cluster.values()))
     assert not any(node in written for node in two_nodes)  # results stay comparable across machines
 
@@ -70,16 +72,16 @@ def test_grid_runs_spread_over_nodes_survive_a_lost_worker_and_match_one_machine
     retried = grid_cluster.outcome(grid_cluster.submit(again, *RUNS[0], project, parent,
                                                        fault=FaultPlan(rank=0, step=1, marker=str(marker))))
     assert marker.exists() and retried["config"] == RUNS[0][0]
-    assert json.loads(experiment.result_path(again, *RUNS[0]).read_text())["rows"] == on_cluster[RUNS[0]]["rows"]
+    assert json.loads(runs.result_path(again, *RUNS[0]).read_text())["rows"] == on_cluster[RUNS[0]]["rows"]
     with pytest.raises(ParamsError, match="'no_such'"):
         grid_cluster.outcome(grid_cluster.submit(params, "no_such", 0, project, parent))
 
-    # One machine: the same runs in this process, as `python -m tasks.experiment` does (cpus_per_run threads).
+    # One machine: the same runs in this process, as `python -m tasks.grid_run` does (cpus_per_run threads).
     local = _elsewhere(params, "one-machine")
     threads = torch.get_num_threads()
     torch.set_num_threads(params.experiments.cpus_per_run)
     try:
-        here = {run: experiment.run(local, *run) for run in RUNS}
+        here = {run: grid_run.run(local, *run) for run in RUNS}
     finally:
         torch.set_num_threads(threads)
     for run in RUNS:

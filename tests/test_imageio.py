@@ -1,4 +1,4 @@
-"""tasks/imageio.py: every mode converted as documented, bombs and broken files rejected."""
+"""tasks/images/imageio.py: every mode converted as documented, bombs and broken files rejected."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from dataset_fixtures import image_bytes
 from PIL import Image, ImageFile
 
-from tasks.imageio import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb, load_rgb
+from tasks.images.imageio import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb, load_rgb
 
 ALL = ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP")
 

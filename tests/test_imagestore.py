@@ -17,9 +17,9 @@ from rain_model.network import RAIN
 from rain_model.sampler import IdentityBalancedSampler
 from tasks import decode
 from tasks.config import Params
-from tasks.embed import embed_paths, embed_store
-from tasks.imagestore import ImageStore, StorePairs, as_batch, manifest_images
-from tasks.loaders import load_tensor, read_rows
+from tasks.images.loaders import load_tensor, read_rows
+from tasks.images.store import ImageStore, StorePairs, as_batch, manifest_images
+from tasks.registry.embed import embed_paths, embed_store
 from tests.micro_project import micro_params, prepare_data
 
 torch.set_num_threads(1)

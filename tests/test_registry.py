@@ -25,7 +25,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tasks.promote import (
+from tasks.registry.promote import (
     LOCK_SUFFIX,
     LockTimeout,
     PromoteRequest,
@@ -77,8 +77,8 @@ def _lock_stage_md5(project: Path, stage: str, path: str) -> str:
 
 
 def test_registered_version_carries_lineage_and_the_candidate_alias(project: Path, client: Any) -> None:
+    from tasks.infra.tracking import file_hash
     from tasks.register import eval_set_hash
-    from tasks.tracking import file_hash
 
     registration = json.loads((project / "reports/synthetic/registration.json").read_text())
     version = client.get_model_version(MODEL, str(registration["version"]))
@@ -137,8 +137,8 @@ def test_a_fresh_process_loads_by_alias_and_matches_the_training_features(projec
     import torch
 
     from tasks.config import load_params
-    from tasks.embed import embed_paths, load_model
-    from tasks.loaders import read_rows
+    from tasks.images.loaders import read_rows
+    from tasks.registry.embed import embed_paths, load_model
 
     params = load_params(project / "params.yaml")
     rows = read_rows(str(project / params.mlr_manifest_path()), 0, ["query", "gallery"])
@@ -265,7 +265,7 @@ RACE_WORKER = r"""
 import json, sys, time
 from pathlib import Path
 from mlflow import MlflowClient
-from tasks import promote as p
+from tasks.registry import promote as p
 
 uri, name, version, host_lock, barrier, out = sys.argv[1:7]
 events = []

@@ -1,4 +1,4 @@
-"""Report pictures and tables in tasks.reporting: written, readable, of the size asked for."""
+"""Report pictures and tables in tasks.evaluation.reporting: written, readable, of the size asked for."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.reporting import (
+from tasks.evaluation.reporting import (
     SHEET_BORDER,
     SHEET_GAP,
     SHEET_PAD,

@@ -35,7 +35,7 @@ def project(champion_project: Path) -> Path:
 @pytest.fixture(scope="module")
 def split(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Trial 0's gallery copied into a folder, its LR queries, and every file's identity."""
-    from tasks.loaders import read_rows
+    from tasks.images.loaders import read_rows
 
     mlr = str(project / "data/manifests/synthetic-mlr.parquet")
     gallery_rows = read_rows(mlr, 0, ["gallery"])
@@ -76,7 +76,7 @@ def test_search_reproduces_evaluate_rank1_and_a_second_search_embeds_nothing(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image
 
-    from tasks import search
+    from tasks.registry import search
 
     embedded: list[int] = []  # images sent to the model, per call
     real_embed = search._embed
@@ -125,11 +125,11 @@ def test_search_reproduces_evaluate_rank1_and_a_second_search_embeds_nothing(
 
 
 def _assert_same_rank1_as_training_features(project: Path, split: dict[str, Any], ranked: dict[str, str]) -> None:
-    """The rank-1 image per query from tasks.embed features (the evaluation's code path)."""
+    """The rank-1 image per query from tasks.registry.embed features (the evaluation's code path)."""
     import torch
 
     from tasks.config import load_params
-    from tasks.embed import embed_paths, load_model
+    from tasks.registry.embed import embed_paths, load_model
 
     params = load_params(project / "params.yaml")
     info = json.loads((project / "models/synthetic/train.json").read_text())["trials"]["0"]

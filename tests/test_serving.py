@@ -102,8 +102,8 @@ def test_good_requests_get_finite_unit_norm_embeddings_equal_to_the_training_fea
     import torch
 
     from tasks.config import load_params
-    from tasks.embed import embed_paths, load_model
-    from tasks.loaders import read_rows
+    from tasks.images.loaders import read_rows
+    from tasks.registry.embed import embed_paths, load_model
 
     params = load_params(project / "params.yaml")
     rows = read_rows(str(project / "data/manifests/synthetic-mlr.parquet"), 0, ["query", "gallery"])[:5]

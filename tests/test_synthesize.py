@@ -12,6 +12,7 @@ from PIL import Image
 
 from tasks import download, manifest, synthesize
 from tasks.config import Params, ProtocolConfig, SyntheticConfig
+from tasks.protocol import mlr
 
 
 def small_params(workers: int = 1, trials: int = 3) -> Params:
@@ -78,18 +79,18 @@ def test_same_seed_gives_byte_identical_outputs_whatever_the_worker_count(
 def test_rate_draw_depends_on_seed_and_path_only() -> None:
     cfg = ProtocolConfig(seed=3)
     paths = [f"cam_1/{i:04d}_1_00.png" for i in range(200)]
-    forward = [synthesize.draw_rate(p, cfg) for p in paths]
-    backward = [synthesize.draw_rate(p, cfg) for p in reversed(paths)][::-1]
+    forward = [mlr.draw_rate(p, cfg) for p in paths]
+    backward = [mlr.draw_rate(p, cfg) for p in reversed(paths)][::-1]
     assert forward == backward
     assert set(forward) == {2, 3, 4}
-    assert forward != [synthesize.draw_rate(p, ProtocolConfig(seed=4)) for p in paths]
+    assert forward != [mlr.draw_rate(p, ProtocolConfig(seed=4)) for p in paths]
 
 
 def stripe_contrast(period: int, rate: int) -> float:
     """Largest jump between neighbouring rows of horizontal stripes after degrading (255 = untouched)."""
     rows = ((np.arange(64) // (period // 2)) % 2 * 255).astype(np.uint8)
     img = Image.fromarray(np.broadcast_to(rows[:, None, None], (64, 32, 3)).copy())
-    out = np.asarray(synthesize.degrade(img, rate), dtype=np.float32)
+    out = np.asarray(mlr.degrade(img, rate), dtype=np.float32)
     assert out.shape == (64, 32, 3)  # back at the original size
     return float(np.abs(np.diff(out[8:-8, 8:-8, 0], axis=0)).max())
 

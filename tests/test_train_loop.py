@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tasks.config import TrainConfig
-from tasks.loaders import read_rows
-from tasks.train_loop import TrainJob, WorkerContext, checkpoint_due, ddp_backend, train_loop
+from tasks.images.loaders import read_rows
+from tasks.training.loop import TrainJob, WorkerContext, checkpoint_due, ddp_backend, train_loop
 from tests.micro_project import micro_params, prepare_data
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from rain_model.sampler import IdentityBalancedSampler
 from tasks import train
 from tasks.config import Params
-from tasks.loaders import read_rows
+from tasks.images.loaders import read_rows
 from tests.micro_project import micro_params, prepare_data
 
 pytestmark = pytest.mark.e2e
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    from tasks.raycluster import connect
+    from tasks.infra.raycluster import connect
 
     connect(None)  # before anything imports ray: it decides the loopback-only mode
     yield

@@ -38,7 +38,7 @@ def ensure_champion(project: Path) -> str:
     """Version number of `champion`, promoting the first registered version through the gate if none."""
     from mlflow import MlflowClient
 
-    from tasks.promote import PromoteRequest, host_lock_path, promote
+    from tasks.registry.promote import PromoteRequest, host_lock_path, promote
 
     client = MlflowClient(tracking(project))
     aliases = client.get_registered_model(MODEL).aliases

@@ -17,7 +17,7 @@ Other columns are refused (a misspelt optional column would otherwise be silentl
 ``acquire`` copies no image: it validates the table, listing every problem with its file, row (1-based
 data row; in a CSV that is line row + 1) and column, and writes the normalised table (absolute image
 paths) to ``<raw>/custom.parquet``; ``scan`` reads that. Image formats accepted: JPEG, PNG, BMP, WEBP
-and TIFF (decided from content, see tasks/imageio.py); unreadable images are quarantined by the
+and TIFF (decided from content, see tasks/images/imageio.py); unreadable images are quarantined by the
 manifest stage, not refused here.
 """
 

@@ -1,8 +1,8 @@
-"""The Prefect flow behind deployment `rain/experiments`: the paper's comparison grid (tasks/grid.py).
+"""The Prefect flow behind deployment `rain-grid/experiments`: the paper's comparison grid (tasks/grid/configs.py).
 
-1. The data stages and `experiment_data` run through DVC (`dvc repro --single-item`), as in flow `rain`.
+1. The data stages and `grid_data` run through DVC (`dvc repro --single-item`), as in flow `rain`.
 2. Every (configuration, seed) whose result is missing or stale goes to the Ray cluster (`ray.address` /
-   RAY_ADDRESS, else an embedded local one) as one Ray task (tasks/grid_cluster.py) with
+   RAY_ADDRESS, else an embedded local one) as one Ray task (tasks/grid/cluster.py) with
    `experiments.cpus_per_run` CPUs, and one GPU with `experiments.use_gpu`: Ray decides how many run at
    once and where. A run whose worker is lost is retried (`ray.max_failures`); a run that fails does not
    stop the others. Each run is one Prefect task that waits for its Ray task. Runs already done are not
@@ -10,7 +10,7 @@
    flow process (its Ray job ends with it).
    Runs write the same result.json as `dvc repro grid/dvc.yaml` under `paths.experiments`, relative to the
    project folder: on a multi-node cluster the project folder must be storage every node sees.
-3. `tasks.experiments_report` writes the tables and plots and nests every run under this grid's MLflow
+3. `tasks.grid_report` writes the tables and plots and nests every run under this grid's MLflow
    parent run; the flow publishes the table as a Prefect artifact.
 4. Runs and report are recorded in dvc.lock (`dvc commit`), so `dvc repro` afterwards has nothing to do.
 """
@@ -34,14 +34,15 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.pipeline import stage_env, stage_task
-from tasks import grid, grid_cluster
 from tasks.config import ExperimentsConfig, Params, ParamsError, load_params
+from tasks.grid import cluster as grid_cluster
+from tasks.grid import tables as grid_tables
 
 if TYPE_CHECKING:
     from ray import ObjectRef
 
 GRID_FILE = "grid/dvc.yaml"  # the grid's stages, outside the pipeline's dvc.yaml
-DATA_STAGES = ("download", "manifest", "synthesize", "decode", f"{GRID_FILE}:experiment_data")
+DATA_STAGES = ("download", "manifest", "synthesize", "decode", f"{GRID_FILE}:grid_data")
 MAX_WAITING = 64  # Prefect tasks waiting on their Ray task at once; all runs are queued on the cluster at once
 # Prefect's decorator is typed for the base future class; this runner's futures are a subclass.
 _THREADS = cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(MAX_WAITING))
@@ -67,13 +68,13 @@ def _inside(folder: Path) -> Iterator[None]:
         os.chdir(before)
 
 
-@flow(name="rain", flow_run_name="experiments", log_prints=True, task_runner=_THREADS)
+@flow(name="rain-grid", flow_run_name="experiments", log_prints=True, task_runner=_THREADS)
 def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[int] | None = None,
                 tables: list[str] | None = None) -> dict[str, Any]:
     """The paper's Tables 1-4 and Figure 5 on `dataset` over `seeds` (defaults: params.yaml)."""
-    from tasks.experiment import code_hash, is_done
-    from tasks.experiments_report import open_parent_run
-    from tasks.experiments_report import run as report
+    from tasks.grid.runs import code_hash, is_done
+    from tasks.grid_report import open_parent_run
+    from tasks.grid_report import run as report
 
     root = Path(project_dir).resolve()
     params = load_params(root / "params.yaml")
@@ -83,8 +84,8 @@ def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[
                           f"(or pass project_dir of a project set up for {dataset!r})")
     chosen = tuple(seeds) if seeds is not None else params.experiments.seeds
     ExperimentsConfig(seeds=chosen)  # refuses an empty or repeated seed list by name
-    selected = grid.tables(tuple(tables) if tables else None)
-    configs = grid.configs_of(selected)
+    selected = grid_tables.tables(tuple(tables) if tables else None)
+    configs = grid_tables.configs_of(selected)
     logger = get_run_logger()
     for stage in DATA_STAGES:
         stage_task.with_options(name=stage.rpartition(":")[2])(stage, root)
@@ -145,18 +146,18 @@ def _run_all(todo: list[tuple[str, int]], root: Path, parent: str, params: Param
 def _fail_parent(run_id: str) -> None:
     from mlflow import MlflowClient
 
-    from tasks.tracking import tracking_uri
+    from tasks.infra.tracking import tracking_uri
 
     MlflowClient(tracking_uri()).set_terminated(run_id, status="FAILED")
 
 
 def _record_in_dvc(root: Path, params: Params, seeds: tuple[int, ...], configs: list[str],
-                   selected: tuple[grid.Table, ...]) -> None:
+                   selected: tuple[grid_tables.Table, ...]) -> None:
     """`dvc commit` the matrix stages this grid computed (the ones dvc.yaml has: params.yaml's seeds)."""
     logger = get_run_logger()
-    stages = [f"{GRID_FILE}:experiment@{c}-{s}" for c in configs for s in seeds if s in params.experiments.seeds]
-    if selected == grid.TABLES and tuple(seeds) == tuple(params.experiments.seeds):
-        stages.append(f"{GRID_FILE}:experiments_report")
+    stages = [f"{GRID_FILE}:grid_run@{c}-{s}" for c in configs for s in seeds if s in params.experiments.seeds]
+    if selected == grid_tables.TABLES and tuple(seeds) == tuple(params.experiments.seeds):
+        stages.append(f"{GRID_FILE}:grid_report")
     if not stages:
         return
     out = subprocess.run([sys.executable, "-m", "dvc", "--wait-for-lock", "commit", "--force", *stages], cwd=root,

@@ -7,7 +7,7 @@ the last one (or every `train.checkpoint_every_epochs` epochs, if set), holding 
 worker group needs to continue exactly: weights, both optimizers, both LR schedules, sampler position,
 RNG state and the step counter. A checkpoint per epoch would cost more than the epoch on small data.
 
-Images come from the decoded-image store (tasks/imagestore.py) as uint8 and become float on the device.
+Images come from the decoded-image store (tasks/images/store.py) as uint8 and become float on the device.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
     from rain_model.network import RAIN
     from rain_model.objective import Batch, NonFiniteLossError, make_optimizers, place_model, train_step
     from rain_model.sampler import IdentityBalancedSampler
-    from tasks.imagestore import ImageStore, StorePairs, as_batch
-    from tasks.loaders import semi_supervised_labels
+    from tasks.images.loaders import semi_supervised_labels
+    from tasks.images.store import ImageStore, StorePairs, as_batch
 
     params, cfg, device = job.params, job.params.train, ctx.device
     torch.manual_seed(cfg.seed)
@@ -228,3 +228,7 @@ class _RankZeroLogger:
         self.flush()
         if self.monitor is not None:
             self.monitor.finish()
+
+
+class NonFiniteTraining(RuntimeError):
+    """Training stopped on a NaN/inf loss; the message names the step and the loss term."""

@@ -1,6 +1,6 @@
 """Rank a gallery folder for query images with a registered model; write an HTML page and a contact sheet.
 
-The model is any version of the registered pyfunc (tasks/pyfunc_model.py), loaded by URI
+The model is any version of the registered pyfunc (tasks/registry/pyfunc_model.py), loaded by URI
 (``models:/rain-reid@champion``); an alias is resolved to its version first, so the whole search uses
 one version even if the alias moves meanwhile. Every image goes through the model's own ``predict``,
 so a search ranks exactly as the served model would.
@@ -267,8 +267,8 @@ def contact_sheet(results: Sequence[QueryResult], path: Path, top_k: int) -> Pat
     """One row per query: the query (grey frame), then its top-k, framed green/red when identities are known."""
     from PIL import Image, ImageDraw, ImageOps
 
-    from tasks.imageio import load_rgb
-    from tasks.loaders import LOAD_FORMATS
+    from tasks.images.imageio import load_rgb
+    from tasks.images.loaders import LOAD_FORMATS
 
     pad, label_h = 4, 14
     tile_w, tile_h = TILE

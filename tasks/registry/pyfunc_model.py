@@ -7,7 +7,7 @@ anything: it loads with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
 Input: a table with one column ``image`` whose cells are encoded images (PNG, JPEG, BMP, TIFF, PPM,
 WebP: the formats the training loader reads) as base64 text, which is what JSON requests to
 ``mlflow models serve`` carry; in-process callers may pass the raw bytes instead. Images are decoded
-as strictly as at ingest (``tasks.imageio``: decompression bombs and truncated files are refused) and
+as strictly as at ingest (``tasks.images.imageio``: decompression bombs and truncated files are refused) and
 resized exactly like the training loader does, so a served embedding equals the evaluation's feature
 of the same file. Output: an (N, d) float32 array of unit-norm embeddings; rank a gallery by Euclidean
 distance or, equivalently, by dot product.
@@ -71,7 +71,7 @@ class RainEmbedder(PythonModel):
     def load_context(self, context: Any) -> None:
         from rain_model.config import ModelConfig
         from tasks.config import parse
-        from tasks.embed import load_model
+        from tasks.registry.embed import load_model
 
         with open(context.artifacts["config"]) as fh:
             meta = json.load(fh)
@@ -85,7 +85,7 @@ class RainEmbedder(PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         import torch
 
-        from tasks.embed import embed_batch
+        from tasks.registry.embed import embed_batch
 
         if not isinstance(model_input, pd.DataFrame):
             raise InvalidInput(f"input must be a table with one column `image`, got {type(model_input).__name__}")
@@ -103,8 +103,8 @@ class RainEmbedder(PythonModel):
         return torch.cat(out).numpy().astype(np.float32)  # (N, d)
 
     def _tensor(self, value: object, row: int) -> Any:
-        from tasks.imageio import ImageRejected, decode_rgb
-        from tasks.loaders import LOAD_FORMATS, to_tensor
+        from tasks.images.imageio import ImageRejected, decode_rgb
+        from tasks.images.loaders import LOAD_FORMATS, to_tensor
 
         try:
             img = decode_rgb(image_bytes(value, row), LOAD_FORMATS, name=f"row {row}")

@@ -15,17 +15,24 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import shutil
+import time
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from tasks.loaders import load_tensor
-from tasks.parallel import map_chunks
+from tasks.config import Params
+from tasks.images.loaders import load_tensor
+from tasks.infra.parallel import map_chunks, worker_count
+
+log = logging.getLogger(__name__)
 
 PIXELS = "pixels.npy"
 INDEX = "index.json"
@@ -54,6 +61,18 @@ def build(paths: Sequence[str], size: tuple[int, int], folder: Path, workers: in
     map_chunks(functools.partial(_decode_chunk, pixels=str(pixels), size=size), jobs, workers, chunk_size=256)
     (folder / INDEX).write_text(json.dumps({"height": size[0], "width": size[1], "paths": list(paths)}))
     return len(paths)
+
+
+def decode_manifest(params: Params, mlr_path: Path, store_dir: Path) -> dict[str, int]:
+    """Rebuild `store_dir` (a DVC output: whole) from every image of the MLR manifest at the input size."""
+    paths = manifest_images(pq.read_table(mlr_path, columns=["path", "hr_path", "lr_path"]).to_pylist())
+    if store_dir.exists():
+        shutil.rmtree(store_dir)
+    started = time.perf_counter()
+    size = (params.train.height, params.train.width)
+    count = build(paths, size, store_dir, worker_count(params.protocol.workers))
+    log.info("decode: %d images at %dx%d into %s in %.1f s", count, *size, store_dir, time.perf_counter() - started)
+    return {"images": count}
 
 
 class ImageStore:

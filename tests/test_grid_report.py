@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks import grid
 from tasks.config import Params
-from tasks.experiment import result_path
-from tasks.experiments_report import MissingRuns, collect, run, stat
+from tasks.grid import configs as grid
+from tasks.grid import tables as grid_tables
+from tasks.grid.runs import result_path
+from tasks.grid_report import MissingRuns, collect, run, stat
 from tests.micro_project import micro_params
 
 QUERY_SETS = ("lr", "r2", "r3", "r4", "r8", "hr")
@@ -55,10 +56,10 @@ def test_missing_runs_are_listed_by_configuration_and_seed(project: Params) -> N
 def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from tasks.tracking import experiment
+    from tasks.infra.tracking import mlflow_experiment_id
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp_id = experiment(client, "rain-synthetic-experiments", tmp_path)
+    exp_id = mlflow_experiment_id(client, "rain-synthetic-experiments", tmp_path)
     children = {}
     for config in grid.CONFIGS:
         for seed in (0, 1):
@@ -69,7 +70,7 @@ def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Pa
 
     out = tmp_path / project.experiments_dir()
     # Every cell is the mean (and sample std) over the two seeds of that row's configuration and query set.
-    for table in grid.TABLES:
+    for table in grid_tables.TABLES:
         for row, got in zip(table.rows, summary["tables"][table.key], strict=True):
             values = [_score(row.config, s, row.query_set) for s in (0, 1)]
             assert got["rank1"] == pytest.approx(sum(values) / 2)
@@ -94,7 +95,7 @@ def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Pa
 
     with (out / "results.csv").open() as fh:
         lines = list(csv.DictReader(fh))
-    assert len(lines) == sum(len(t.rows) * len(t.metrics) for t in grid.TABLES)
+    assert len(lines) == sum(len(t.rows) * len(t.metrics) for t in grid_tables.TABLES)
     first = lines[0]
     assert (first["table"], first["config"], first["metric"]) == ("table1", "baseline_hr", "rank1")
     assert float(first["paper"]) == 60.6

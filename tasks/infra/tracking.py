@@ -21,7 +21,7 @@ def tracking_uri(project_dir: Path | None = None) -> str:
     return f"sqlite:///{((project_dir or Path.cwd()) / DEFAULT_DB).resolve()}"
 
 
-def experiment(client: MlflowClient, name: str, project_dir: Path | None = None) -> str:
+def mlflow_experiment_id(client: MlflowClient, name: str, project_dir: Path | None = None) -> str:
     """Id of experiment `name`, created with its artifacts under <project>/mlartifacts when new."""
     found = client.get_experiment_by_name(name)
     if found is not None:

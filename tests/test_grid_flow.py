@@ -1,4 +1,4 @@
-"""End to end: the grid flow (deployment `rain/experiments`) on a micro configuration, killed half-way and
+"""End to end: the grid flow (deployment `rain-grid/experiments`) on a micro configuration, killed half-way and
 started again, shares its runs with `dvc repro grid/dvc.yaml` both ways and nests them in MLflow."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tasks import grid, grid_cluster
+from tasks.grid import cluster as grid_cluster
+from tasks.grid import configs as grid
 from tests.micro_project import dvc, make_project
 
 pytestmark = pytest.mark.e2e
@@ -44,12 +45,12 @@ def test_grid_killed_half_way_runs_only_the_missing_configurations(tmp_path: Pat
     from mlflow import MlflowClient
     from prefect.settings import PREFECT_API_URL
 
-    from flows.experiments import experiments
+    from flows.grid import experiments
 
     project = make_project(tmp_path)
     total = len(grid.CONFIGS)  # one seed in the micro configuration
     # DVC trains one configuration first (data stages upstream included): the flow must take it as done.
-    dvc(project, "repro", "grid/dvc.yaml:experiment@multi_level-0")
+    dvc(project, "repro", "grid/dvc.yaml:grid_run@multi_level-0")
     assert len(_results(project)) == 1
 
     env = dict(os.environ, PREFECT_API_URL=str(PREFECT_API_URL.value()),
@@ -105,8 +106,8 @@ def test_dvc_alone_runs_the_whole_grid_then_nothing(tmp_path: Path) -> None:
 
     project = make_project(tmp_path)
     out = dvc(project, "repro", "grid/dvc.yaml")
-    assert out.count("Running stage 'grid/dvc.yaml:experiment@") == len(grid.CONFIGS)
-    assert "Running stage 'grid/dvc.yaml:experiments_report'" in out
+    assert out.count("Running stage 'grid/dvc.yaml:grid_run@") == len(grid.CONFIGS)
+    assert "Running stage 'grid/dvc.yaml:grid_report'" in out
     summary = json.loads((project / "experiments/synthetic/results.json").read_text())
     assert "### Figure 5" in (project / "experiments/synthetic/results.md").read_text()
 
@@ -122,7 +123,7 @@ def test_dvc_alone_runs_the_whole_grid_then_nothing(tmp_path: Path) -> None:
 def test_a_failed_run_does_not_stop_the_others(monkeypatch: pytest.MonkeyPatch, prefect_server: None) -> None:
     from prefect import flow, task
 
-    import flows.experiments as module
+    import flows.grid as module
     from tests.micro_project import micro_params
 
     waited: list[str] = []

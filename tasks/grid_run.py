@@ -1,103 +1,50 @@
 """Stage `experiment` (a dvc.yaml matrix over configuration x seed): one run of the paper's grid.
 
-The run trains configuration `config` (tasks/grid.py) with `seed` in this process (the shared training
-loop, tasks/train_loop.py, as one worker: grid runs are small and many, so they go side by side rather
+The run trains configuration `config` (tasks/grid/configs.py) with `seed` in this process (the shared training
+loop, tasks/training/loop.py, as one worker: grid runs are small and many, so they go side by side rather
 than each over a Ray worker group), then scores it exactly as the evaluate stage does, on the pipeline's
 MLR queries of its trial. It writes <experiments>/<dataset>/runs/<config>/seed-<seed>/result.json, last
 and atomically: a run stopped half-way leaves no result, so it counts as missing and runs again.
 
 A result carries a key: the hash of the run's configured params, its input manifests and the code it ran.
 A run whose result has the current key is up to date and is not trained again, whichever of `dvc repro`
-or the Prefect flow `rain/experiments` asks for it.
+or the Prefect flow `rain-grid/experiments` asks for it.
 
-    python -m tasks.experiment <config> <seed> [--parent-run-id RUN]
+    python -m tasks.grid_run <config> <seed> [--parent-run-id RUN]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks import grid
-from tasks.config import Params, load_params
-from tasks.experiment_data import train_manifest, train_store
-from tasks.logs import setup_logging
+from tasks.config import Params, flat_params, load_params
+from tasks.grid import configs as grid
+from tasks.grid.data import train_manifest, train_store
+from tasks.grid.runs import current_key, experiments_mlflow_name, inputs, load_result, result_path, write_atomic
+from tasks.infra.logs import setup_logging
 
 if TYPE_CHECKING:
-    from tasks.train_loop import FaultPlan
+    from tasks.training.loop import FaultPlan
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
-ROOT = Path(__file__).resolve().parents[1]
 # What a grid run executes; a change to any of these makes every result stale (dvc.yaml lists the same).
-CODE = ("rain_model", "tasks/experiment.py", "tasks/grid.py", "tasks/train_loop.py", "tasks/loaders.py",
-        "tasks/imageio.py", "tasks/imagestore.py", "tasks/evaluate.py", "tasks/embed.py")
-
-
-def run_dir(params: Params, config: str, seed: int) -> Path:
-    return params.experiments_dir() / "runs" / config / f"seed-{seed}"
-
-
-def result_path(params: Params, config: str, seed: int) -> Path:
-    return run_dir(params, config, seed) / RESULT_FILE
-
-
-def code_hash(root: Path = ROOT) -> str:
-    digest = hashlib.sha256()
-    for entry in CODE:
-        path = root / entry
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(file.relative_to(root).as_posix().encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
-def inputs(params: Params, config: str, code: str | None = None) -> dict[str, str]:
-    from tasks.tracking import file_hash
-
-    return {"train_manifest": file_hash(train_manifest(params, config)),
-            "eval_manifest": file_hash(params.mlr_manifest_path()), "code": code or code_hash()}
-
-
-def current_key(params: Params, config: str, seed: int, code: str | None = None) -> str:
-    return grid.run_key(params, config, seed, inputs(params, config, code))
-
-
-def load_result(params: Params, config: str, seed: int) -> dict[str, Any] | None:
-    path = result_path(params, config, seed)
-    try:
-        return dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable result ({exc}); delete it to run again") from exc
-
-
-def is_done(params: Params, config: str, seed: int, code: str | None = None) -> bool:
-    result = load_result(params, config, seed)
-    return result is not None and result.get("key") == current_key(params, config, seed, code)
-
-
 def run(params: Params, config: str, seed: int, parent_run_id: str | None = None,
         fault: FaultPlan | None = None) -> dict[str, Any]:
     """Train and score one grid run; returns its result (also written to result.json). `fault` is a test
-    hook: the training loop kills this process once at a given step (tasks/train_loop.py)."""
+    hook: the training loop kills this process once at a given step (tasks/training/loop.py)."""
     import torch
 
     from rain_model.network import RAIN
-    from tasks.evaluate import row_label, score_trial, summarise
-    from tasks.imagestore import ImageStore
-    from tasks.loaders import read_rows
-    from tasks.train import NonFiniteTraining, flat_params
-    from tasks.train_loop import TrainJob, WorkerContext, train_loop
+    from tasks.evaluation.scoring import row_label, score_trial, summarise
+    from tasks.images.loaders import read_rows
+    from tasks.images.store import ImageStore
+    from tasks.training.loop import NonFiniteTraining, TrainJob, WorkerContext, train_loop
 
     key = current_key(params, config, seed)
     existing = load_result(params, config, seed)
@@ -156,7 +103,7 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
             client.log_metric(run_id, f"{name}_{metric}", float(values[metric]))
     client.log_metric(run_id, "train_seconds", result["train_seconds"])
     client.set_terminated(run_id, status="FINISHED")
-    _write_atomic(result_path(params, config, seed), json.dumps(result, indent=2))
+    write_atomic(result_path(params, config, seed), json.dumps(result, indent=2))
     log.info("experiment %s seed %d: LR rank-1 %.1f%%, r8 rank-1 %.1f%% (train %.0f s, eval %.0f s)", config, seed,
              100 * table["lr"]["rank1"], 100 * table.get("r8", table["lr"])["rank1"], train_seconds, eval_seconds)
     return result
@@ -167,10 +114,10 @@ def _start_mlflow_run(params: Params, run_params: Params, config: str, seed: int
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from tasks.tracking import experiment, git_commit, tracking_uri
+    from tasks.infra.tracking import git_commit, mlflow_experiment_id, tracking_uri
 
     client = MlflowClient(tracking_uri())
-    exp_id = experiment(client, experiments_mlflow_name(params))
+    exp_id = mlflow_experiment_id(client, experiments_mlflow_name(params))
     tags = {"config": config, "seed": str(seed), "trial": str(trial), "result_key": key, "git_commit": git_commit(),
             "dataset": params.dataset.name, "stage": "experiment"}
     if parent_run_id:
@@ -180,17 +127,6 @@ def _start_mlflow_run(params: Params, run_params: Params, config: str, seed: int
     for i in range(0, len(logged), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=logged[i:i + 100])
     return client, str(run_id)
-
-
-def experiments_mlflow_name(params: Params) -> str:
-    return f"rain-{params.dataset.name}-experiments"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:

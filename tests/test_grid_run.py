@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import experiment
+from tasks import grid_run
 from tasks.config import Params, ParamsError
+from tasks.grid import runs
 from tests.micro_project import micro_params, prepare_data
 
 
@@ -28,9 +29,9 @@ def test_a_run_writes_its_result_and_is_then_up_to_date(project: tuple[Path, Par
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     root, params = project
     monkeypatch.chdir(root)
-    result = experiment.run(params, "baseline_hrlr", 0)
+    result = grid_run.run(params, "baseline_hrlr", 0)
 
-    written = json.loads(experiment.result_path(params, "baseline_hrlr", 0).read_text())
+    written = json.loads(runs.result_path(params, "baseline_hrlr", 0).read_text())
     assert written == result
     assert set(result["rows"]) == {"lr", "r2", "r3", "r4", "r8", "hr"}
     for row in result["rows"].values():
@@ -38,31 +39,31 @@ def test_a_run_writes_its_result_and_is_then_up_to_date(project: tuple[Path, Par
     losses = result["final_losses"]
     assert losses["L_adv"] == losses["L_D"] == 0.0 and min(losses["L_rec"], losses["L_cls"]) > 0  # Eq. 7 w/o L_adv
     assert (result["config"], result["seed"], result["trial"], result["epochs"]) == ("baseline_hrlr", 0, 0, 1)
-    assert experiment.is_done(params, "baseline_hrlr", 0)
+    assert runs.is_done(params, "baseline_hrlr", 0)
 
-    again = experiment.run(params, "baseline_hrlr", 0)  # up to date: returned as written, not trained
+    again = grid_run.run(params, "baseline_hrlr", 0)  # up to date: returned as written, not trained
     assert again == result
 
     longer = dataclasses.replace(params, experiments=dataclasses.replace(params.experiments, epochs=2))
-    assert not experiment.is_done(longer, "baseline_hrlr", 0)  # a changed param makes it stale
-    assert experiment.is_done(params, "baseline_hrlr", 0, code="other code") is False
+    assert not runs.is_done(longer, "baseline_hrlr", 0)  # a changed param makes it stale
+    assert runs.is_done(params, "baseline_hrlr", 0, code="other code") is False
 
 
 def test_a_torn_result_is_refused_by_path_and_an_unknown_configuration_by_name(
         project: tuple[Path, Params], monkeypatch: pytest.MonkeyPatch) -> None:
     root, params = project
     monkeypatch.chdir(root)
-    path = experiment.result_path(params, "no_tri", 0)
+    path = runs.result_path(params, "no_tri", 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('{"config": "no_t')
     with pytest.raises(ValueError, match=str(path)):
-        experiment.is_done(params, "no_tri", 0)
+        runs.is_done(params, "no_tri", 0)
     with pytest.raises(ParamsError, match="'no_such'"):
-        experiment.run(params, "no_such", 0)
+        grid_run.run(params, "no_such", 0)
 
 
 def test_the_flow_refuses_a_dataset_params_yaml_does_not_name(tmp_path: Path) -> None:
-    from flows.experiments import experiments
+    from flows.grid import experiments
     from tests.micro_project import write_params
 
     write_params(tmp_path, {})

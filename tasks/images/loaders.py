@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from tasks.imageio import load_rgb
+from tasks.images.imageio import load_rgb
 
 # Stored LR images are PNG; HR images are whatever the dataset ships (all checked at ingest).
 LOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "PPM", "WEBP")

@@ -1,4 +1,4 @@
-"""Stage `experiments_report`: the grid's tables, mean and standard deviation over seeds, beside the paper's.
+"""Stage `grid_report`: the grid's tables, mean and standard deviation over seeds, beside the paper's.
 
 Reads every <experiments>/<dataset>/runs/<config>/seed-<s>/result.json the tables need and writes, in
 <experiments>/<dataset>/: results.md (the tables, with the paper's figures and what each run cost),
@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from tasks import grid
 from tasks.config import Params, load_params
-from tasks.experiment import experiments_mlflow_name, load_result
-from tasks.logs import setup_logging
+from tasks.grid import configs as grid
+from tasks.grid import tables as grid_tables
+from tasks.grid.runs import experiments_mlflow_name, load_result
+from tasks.infra.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def collect(params: Params, seeds: tuple[int, ...], configs: list[str]) -> dict[
                 results[(config, seed)] = result
     if missing:
         raise MissingRuns(f"{len(missing)} grid run(s) have no result yet: {', '.join(missing)} "
-                          "(run `prefect deployment run rain/experiments` or `dvc repro`)")
+                          "(run `prefect deployment run rain-grid/experiments` or `dvc repro`)")
     return results
 
 
@@ -59,7 +60,7 @@ def stat(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def table_rows(table: grid.Table, results: dict[tuple[str, int], dict[str, Any]],
+def table_rows(table: grid_tables.Table, results: dict[tuple[str, int], dict[str, Any]],
                seeds: tuple[int, ...]) -> list[dict[str, Any]]:
     """One dict per table row: label, config, query_set, seeds, and <metric>/<metric>_std as fractions."""
     out = []
@@ -74,7 +75,7 @@ def table_rows(table: grid.Table, results: dict[tuple[str, int], dict[str, Any]]
     return out
 
 
-def markdown(table: grid.Table, rows: list[dict[str, Any]]) -> str:
+def markdown(table: grid_tables.Table, rows: list[dict[str, Any]]) -> str:
     heads = ["Method", *(METRIC_NAMES[m] for m in table.metrics), f"Paper rank 1 ({table.paper_dataset})"]
     lines = [f"### {table.title}", "", "| " + " | ".join(heads) + " |", "|:---|" + "---:|" * (len(heads) - 1)]
     for r in rows:
@@ -170,7 +171,7 @@ def runs_markdown(results: dict[tuple[str, int], dict[str, Any]], configs: list[
 
 
 def cost_markdown(results: dict[tuple[str, int], dict[str, Any]], configs: list[str],
-                  tables: tuple[grid.Table, ...]) -> str:
+                  tables: tuple[grid_tables.Table, ...]) -> str:
     """Seconds per configuration and compute per table (a shared configuration counts in each table)."""
     lines = ["### What each configuration cost (one run, this machine)", "",
              "| Configuration | Runs | Epochs | Train s (mean) | Eval s (mean) |", "|:---|---:|---:|---:|---:|"]
@@ -195,8 +196,8 @@ def cost_markdown(results: dict[tuple[str, int], dict[str, Any]], configs: list[
 def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str | None = None,
         table_keys: tuple[str, ...] | None = None) -> dict[str, Any]:
     seeds = tuple(seeds or params.experiments.seeds)
-    selected = grid.tables(table_keys)
-    configs = grid.configs_of(selected)
+    selected = grid_tables.tables(table_keys)
+    configs = grid_tables.configs_of(selected)
     results = collect(params, seeds, configs)
     out_dir = params.experiments_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,24 +231,24 @@ def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str
                                           "mlflow_run_id": r["mlflow_run_id"]} for (c, s), r in results.items()}}
     summary["parent_run_id"] = _mlflow_parent(params, results, flat, out_dir, parent_run_id)
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    log.info("experiments_report: %d tables from %d runs -> %s", len(selected), len(results), out_dir / "results.md")
+    log.info("grid_report: %d tables from %d runs -> %s", len(selected), len(results), out_dir / "results.md")
     return summary
 
 
 def _plots(results: dict[tuple[str, int], dict[str, Any]], configs: list[str], seeds: tuple[int, ...],
            out_dir: Path, default_fraction: float, rates: dict[str, dict[str, tuple[float, float]]]) -> None:
-    from tasks.reporting import plot_label_fraction, plot_rate_bars
+    from tasks.evaluation.reporting import plot_label_fraction, plot_rate_bars
 
     def rank1(config: str) -> tuple[float, float]:
         return stat([results[(config, s)]["rows"]["lr"]["rank1"] for s in seeds])
 
-    curve = {row.config for t in grid.tables(("figure5",)) for row in t.rows} - set(BASELINES)
+    curve = {row.config for t in grid_tables.tables(("figure5",)) for row in t.rows} - set(BASELINES)
     points = sorted((float(grid.CONFIGS[c].overrides.get("train.label_fraction", default_fraction)), c)
                     for c in configs if c in curve)
     if points:
         stats = [rank1(c) for _, c in points]
         curves = {"RAIN (this grid)": ([x for x, _ in points], [m for m, _ in stats], [s for _, s in stats])}
-        paper = sorted(grid.FIGURE5_PAPER.items())
+        paper = sorted(grid_tables.FIGURE5_PAPER.items())
         curves["RAIN, paper (the points its text gives, MLR-CUHK03)"] = (
             [x for x, _ in paper], [y / 100 for _, y in paper], [0.0] * len(paper))
         refs = {grid.CONFIGS[c].description: rank1(c) for c in BASELINES if c in configs}
@@ -260,10 +261,10 @@ def open_parent_run(params: Params) -> str:
     """A new MLflow parent run for one grid; its runs nest under it, the report finishes it."""
     from mlflow import MlflowClient
 
-    from tasks.tracking import experiment, git_commit, tracking_uri
+    from tasks.infra.tracking import git_commit, mlflow_experiment_id, tracking_uri
 
     client = MlflowClient(tracking_uri())
-    exp_id = experiment(client, experiments_mlflow_name(params))
+    exp_id = mlflow_experiment_id(client, experiments_mlflow_name(params))
     return str(client.create_run(exp_id, run_name=f"grid-{time.strftime('%Y%m%d-%H%M%S')}", tags={
         "stage": "experiments", "dataset": params.dataset.name, "git_commit": git_commit()}).info.run_id)
 
@@ -274,7 +275,7 @@ def _mlflow_parent(params: Params, results: dict[tuple[str, int], dict[str, Any]
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-    from tasks.tracking import tracking_uri
+    from tasks.infra.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri())
     if parent_run_id is None:

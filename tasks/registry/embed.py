@@ -10,8 +10,8 @@ import torch
 
 from rain_model.config import ModelConfig
 from rain_model.network import RAIN
-from tasks.imagestore import ImageStore
-from tasks.loaders import load_tensor
+from tasks.images.loaders import load_tensor
+from tasks.images.store import ImageStore
 
 
 def load_model(weights: Path, cfg: ModelConfig, num_classes: int, device: str = "cpu") -> RAIN:

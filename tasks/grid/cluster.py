@@ -1,11 +1,11 @@
-"""The experiment grid on a Ray cluster: each (configuration, seed) of tasks/grid.py is one Ray task.
+"""The experiment grid on a Ray cluster: each (configuration, seed) of tasks/grid/configs.py is one Ray task.
 
-A run is `tasks.experiment.run` inside a Ray worker, which asks for `experiments.cpus_per_run` CPUs and,
+A run is `tasks.grid_run.run` inside a Ray worker, which asks for `experiments.cpus_per_run` CPUs and,
 with `experiments.use_gpu`, one GPU (Ray sets CUDA_VISIBLE_DEVICES). Ray's scheduler decides how many runs
 go at once and on which node. A run whose worker is lost (process killed, node gone) is run again, up to
 `ray.max_failures` times; an exception raised by the run itself is a real failure and is not retried.
 
-The cluster is the one `ray.address` / RAY_ADDRESS names, else an embedded local one (tasks/raycluster.py).
+The cluster is the one `ray.address` / RAY_ADDRESS names, else an embedded local one (tasks/infra/raycluster.py).
 A run reads its data and writes its result.json relative to the project folder, as the DVC command does:
 on a multi-node cluster that folder (with `paths.experiments` in it) must be storage every node sees at
 the same path, and every node needs this code installed.
@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Params
-from tasks.raycluster import connect
+from tasks.infra.raycluster import connect
 
 if TYPE_CHECKING:
     from ray import ObjectRef
 
-    from tasks.train_loop import FaultPlan
+    from tasks.training.loop import FaultPlan
 
 # Read by a run from the driver's environment, not the worker's: a node started by `ray start` elsewhere
 # would otherwise log to its own default (the project's sqlite file) instead of the grid's MLflow server.
@@ -55,7 +55,7 @@ def cluster(address: str | None) -> Iterator[None]:
 def submit(params: Params, config: str, seed: int, project_dir: Path, parent_run_id: str | None,
            fault: FaultPlan | None = None) -> ObjectRef[dict[str, Any]]:
     """Queue run (`config`, `seed`) on the cluster; `ray.get` of the reference gives `grid_run`'s summary.
-    `fault` is a test hook: the run's training loop kills its worker once (tasks/train_loop.py)."""
+    `fault` is a test hook: the run's training loop kills its worker once (tasks/training/loop.py)."""
     connect(params.ray.address)
     import ray
 
@@ -84,8 +84,8 @@ def grid_run(params: Params, config: str, seed: int, project_dir: str, parent_ru
     import ray
     import torch
 
-    from tasks import experiment
-    from tasks.logs import setup_logging
+    from tasks import grid_run
+    from tasks.infra.logs import setup_logging
 
     setup_logging()
     torch.set_num_threads(params.experiments.cpus_per_run)
@@ -94,7 +94,7 @@ def grid_run(params: Params, config: str, seed: int, project_dir: str, parent_ru
     os.environ.update(env)
     started = time.perf_counter()
     try:
-        experiment.run(params, config, seed, parent_run_id, fault=fault)
+        grid_run.run(params, config, seed, parent_run_id, fault=fault)
     finally:  # the worker process serves other tasks afterwards
         os.chdir(before_dir)
         for key, value in before_env.items():

@@ -1,0 +1,97 @@
+"""Scoring a trained model under the MLR protocol: CMC and mAP of every query set of a trial, for
+each single-shot gallery draw, and their mean and spread. Shared by the evaluate stage and grid runs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import Params
+from tasks.images.store import ImageStore
+
+RANKS = (1, 5, 10, 20)
+
+
+METRIC_KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
+
+
+def row_names(rows: list[dict], unseen: tuple[int, ...]) -> dict[str, list[int]]:
+    """Row name -> indices into `rows` (the query rows of one trial)."""
+    names: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if r["query_set"] == "mlr":
+            names["lr"].append(i)
+            names[f"r{r['rate']}"].append(i)
+        else:  # "hr" or "r<unseen>"
+            names[r["query_set"]].append(i)
+    order = ["lr"] + sorted((n for n in names if n[1:].isdigit() and int(n[1:]) not in unseen),
+                            key=lambda n: int(n[1:])) + [f"r{u}" for u in unseen if f"r{u}" in names] + ["hr"]
+    return {n: names[n] for n in order if n in names}
+
+
+def score_trial(model: Any, params: Params, mlr_path: Path, trial: int, store: ImageStore
+                ) -> tuple[dict[str, list[tuple[int, np.ndarray, float]]], dict[str, Any]]:
+    """(CMC, AP) of every evaluation row of `trial` for each gallery draw, and what the pictures need."""
+    from rain_model.metrics import evaluate_rank, pairwise_distance, single_shot_gallery
+    from tasks.images.loaders import read_rows
+    from tasks.registry.embed import embed_store
+
+    cfg = params.evaluate
+    queries = read_rows(str(mlr_path), trial, ["query"])
+    gallery_rows = read_rows(str(mlr_path), trial, ["gallery", "gallery_pool"])
+    if not queries or not gallery_rows:
+        raise ValueError(f"{mlr_path}: trial {trial} has no queries or no gallery")
+    paths = sorted({r["path"] for r in queries} | {r["path"] for r in gallery_rows})
+    feats = embed_store(model, store, paths, (params.train.height, params.train.width), cfg.batch_size, cfg.flip)
+    index = {p: i for i, p in enumerate(paths)}
+    q_feat = feats[[index[r["path"]] for r in queries]]
+    g_feat = feats[[index[r["path"]] for r in gallery_rows]]
+    dist = pairwise_distance(q_feat, g_feat, metric="cosine" if cfg.distance == "cosine" else "euclidean")
+    q_pids = np.array([r["person_id"] for r in queries])
+    q_cams = np.array([r["camera_id"] for r in queries])
+    g_pids = np.array([r["person_id"] for r in gallery_rows])
+    g_cams = np.array([r["camera_id"] for r in gallery_rows])
+    first = np.array([i for i, r in enumerate(gallery_rows) if r["role"] == "gallery"])
+    draws = [first, *single_shot_gallery(g_pids, g_cams, seed=params.protocol.seed + trial,
+                                         repeats=cfg.gallery_repeats - 1)]
+    results: dict[str, list[tuple[int, np.ndarray, float]]] = defaultdict(list)
+    for name, rows_idx in row_names(queries, params.protocol.unseen_rates).items():
+        idx = np.asarray(rows_idx)
+        for g_idx in draws:
+            cmc, mean_ap = evaluate_rank(dist[np.ix_(idx, g_idx)], q_pids[idx], g_pids[g_idx],
+                                         q_cams[idx], g_cams[g_idx], max_rank=max(RANKS))
+            results[name].append((trial, cmc, mean_ap))
+    pictures = {"queries": queries, "gallery": [gallery_rows[i] for i in first], "q_feat": q_feat,
+                "g_feat": g_feat[first], "dist": dist[:, first]}
+    return results, pictures
+
+
+def summarise(name: str, evals: list[tuple[int, np.ndarray, float]]) -> dict[str, Any]:
+    """Mean over gallery draws within each trial, then mean and std over trials; with one trial the
+    std is over its gallery draws (metrics.json says which in `std_over`)."""
+    trials = sorted({t for t, _, _ in evals})
+    cmcs = np.stack([c for _, c, _ in evals])  # (E, max_rank)
+    maps = np.array([m for _, _, m in evals])  # (E,)
+    if len(trials) > 1:
+        cmcs = np.stack([np.mean([c for t, c, _ in evals if t == k], axis=0) for k in trials])  # (T, max_rank)
+        maps = np.array([np.mean([m for t, _, m in evals if t == k]) for k in trials])  # (T,)
+    out: dict[str, Any] = {"row": name}
+    for r in RANKS:
+        out[f"rank{r}"] = round(float(cmcs[:, r - 1].mean()), 6)
+        out[f"rank{r}_std"] = round(float(cmcs[:, r - 1].std()), 6)
+    out["mAP"] = round(float(maps.mean()), 6)
+    out["mAP_std"] = round(float(maps.std()), 6)
+    return out
+
+
+ROW_LABELS = {"lr": "LR queries (MLR)", "hr": "HR queries (no down-sampling)"}
+
+
+def row_label(name: str, unseen: tuple[int, ...]) -> str:
+    if name in ROW_LABELS:
+        return ROW_LABELS[name]
+    rate = int(name[1:])
+    return f"LR r={rate}" + (" (unseen)" if rate in unseen else "")

@@ -1,0 +1,104 @@
+"""The paper's comparisons as one grid of named run configurations (the tables that read them are in
+tasks/grid/tables.py).
+
+A configuration is a set of parameter overrides on top of params.yaml (plus, for Tables 2 and 4, the
+down-sampling rates of the training LR images). Tables name configurations, so a configuration shared by
+several tables (the full RAIN model is Table 1's multi-level row, Table 3's "Ours", Table 4's {2, 3, 4}
+row and Figure 5's 100% point) is trained once per seed. "w/o L_adv" is the HR & LR baseline itself:
+both are Eq. 7 without the adversarial term (the paper's rows are identical too, 65.9 / 92.1 / 97.4 / 98.9).
+
+Seed s trains with `train.seed = s` on protocol trial `s mod protocol.trials`, so the spread over seeds
+covers both the initialisation and the train/test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.config import Params, ParamsError, flat_params
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # dotted params key -> value
+    train_rates: tuple[int, ...] | None = None  # LR rates of the training images; None: protocol.train_rates
+    description: str = ""
+
+
+def _labels(fraction: float) -> Configuration:
+    return Configuration(f"labels_{fraction:.1f}", {"train.label_fraction": fraction},
+                     description=f"RAIN with {fraction:.0%} of the training identities labelled")
+
+
+CONFIGS: dict[str, Configuration] = {c.name: c for c in (
+    Configuration("baseline_hr", {"objective.variant": "baseline_hr"}, description="L_cls + L_tri on HR images only"),
+    Configuration("baseline_hrlr", {"objective.variant": "baseline_hrlr"},
+              description="HR and LR images, Eq. 7 without L_adv (also Table 3's w/o L_adv)"),
+    Configuration("single_level", {"model.levels": (5,)}, description="RAIN, one discriminator on f5"),
+    Configuration("multi_level", {"model.levels": (4, 5)}, description="RAIN, discriminators on f4 and f5"),
+    Configuration("rates_1234", {}, (1, 2, 3, 4), "RAIN trained with LR rates {1, 2, 3, 4}"),
+    Configuration("no_cls", {"objective.w_cls": 0.0}, description="RAIN without L_cls"),
+    Configuration("no_tri", {"objective.w_tri": 0.0}, description="RAIN without L_tri"),
+    Configuration("no_rec", {"objective.w_rec": 0.0}, description="RAIN without L_rec"),
+    Configuration("rates_2", {}, (2,), "RAIN trained with LR rate 2 only"),
+    Configuration("rates_3", {}, (3,), "RAIN trained with LR rate 3 only"),
+    Configuration("rates_4", {}, (4,), "RAIN trained with LR rate 4 only"),
+    *(_labels(f) for f in (0.0, 0.2, 0.4, 0.6, 0.8)),
+)}
+
+
+def rate_variants(params: Params, names: list[str] | None = None) -> list[tuple[int, ...]]:
+    """Training-rate sets that need their own LR images (the pipeline's protocol.train_rates has them)."""
+    rates = {CONFIGS[n].train_rates for n in (names or list(CONFIGS))}
+    return sorted(r for r in rates if r is not None and r != tuple(params.protocol.train_rates))
+
+
+def rates_key(rates: tuple[int, ...]) -> str:
+    return "rates-" + "-".join(str(r) for r in rates)
+
+
+def trial_of(params: Params, seed: int) -> int:
+    return seed % params.protocol.trials
+
+
+def configure(params: Params, name: str, seed: int) -> Params:
+    """params.yaml with configuration `name` and `seed` applied: what that grid run trains and tests."""
+    if name not in CONFIGS:
+        raise ParamsError(f"unknown experiment configuration {name!r}: choose from {list(CONFIGS)}")
+    cfg = CONFIGS[name]
+    overrides: dict[str, Any] = {
+        "train.epochs": params.experiments.epochs, "train.seed": seed, "train.trials": (trial_of(params, seed),),
+        **cfg.overrides}
+    if cfg.train_rates is not None:
+        overrides["protocol.train_rates"] = cfg.train_rates
+    out = params
+    for dotted, value in overrides.items():
+        out = _replace(out, dotted.split("."), value)
+    return out
+
+
+def _replace(obj: Any, path: list[str], value: Any) -> Any:
+    head, *rest = path
+    new = _replace(getattr(obj, head), rest, value) if rest else value
+    return dataclasses.replace(obj, **{head: new})
+
+
+def run_key(params: Params, name: str, seed: int, inputs: Mapping[str, str]) -> str:
+    """What a finished run was computed from: its configured params and its input hashes. A result whose
+    key differs (params.yaml, the data or the code changed) does not count as done."""
+    flat = flat_params(configure(params, name, seed))
+    for volatile in ("experiments.seeds", "experiments.cpus_per_run", "experiments.use_gpu",
+                     "register.model_name", "register.alias", "ray.address", "ray.max_failures",
+                     "ray.keep_checkpoints", "evaluate.tsne_identities", "evaluate.sheet_queries",
+                     "evaluate.batch_size", "train.checkpoint_every_epochs", "train.checkpoint_every_seconds",
+                     "train.loader_workers"):
+        flat.pop(volatile, None)
+    flat = {k: v for k, v in flat.items() if not k.startswith(("paths.", "sources.", "ray."))}
+    text = json.dumps({"config": name, "seed": seed, "params": flat, "inputs": dict(inputs)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()

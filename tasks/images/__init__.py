@@ -1,0 +1,1 @@
+"""Images: strict decoding (imageio), manifest rows as tensors (loaders), the decoded-image store (store)."""

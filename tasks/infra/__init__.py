@@ -1,0 +1,1 @@
+"""Infrastructure the stages share: process pools, the Ray cluster, MLflow tracking, logging."""

@@ -1,0 +1,1 @@
+"""The MLR protocol: down-sampled LR copies, train/test splits and the MLR manifest."""
