@@ -22,19 +22,17 @@ ProjectOption = Annotated[Path, typer.Option("--project", "-C", help="Project fo
 
 def configure_environment(project: Path) -> None:
     """Settings every entry point needs before Prefect, Ray or DVC are imported (measured pitfalls)."""
+    from tasks.infra.environment import set_quiet_local_defaults
+
     os.environ.setdefault("PREFECT_HOME", str(project / ".prefect"))
-    # A fresh temporary server takes ~19 s to start on 2 cores; the default timeout is 20 s.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    set_quiet_local_defaults()
 
 
 def print_results(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from tasks.evaluation.reporting import METRIC_LABELS
 
     console = Console(width=max(110, Console().width))
     stages = Table(title="Stages")
@@ -44,11 +42,11 @@ def print_results(result: dict[str, Any]) -> None:
         stages.add_row(s["stage"], s["status"], f"{s['seconds']:.1f}")
     console.print(stages)
     metrics = Table(title=f"Cross-resolution re-ID (%), mean ± std over {result['metrics']['std_over']}")
-    for col in ("query set", "rank 1", "rank 5", "rank 10", "rank 20", "mAP"):
-        metrics.add_column(col, justify="right" if col != "query set" else "left")
+    metrics.add_column("query set", justify="left")
+    for label in METRIC_LABELS.values():
+        metrics.add_column(label, justify="right")
     for row in result["metrics"]["rows"].values():
-        cells = [f"{100 * row[k]:.1f} ± {100 * row[k + '_std']:.1f}"
-                 for k in ("rank1", "rank5", "rank10", "rank20", "mAP")]
+        cells = [f"{100 * row[k]:.1f} ± {100 * row[k + '_std']:.1f}" for k in METRIC_LABELS]
         metrics.add_row(row["label"], *cells)
     console.print(metrics)
     reg = result["registration"]

@@ -120,7 +120,7 @@ def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[
     create_markdown_artifact(key=f"rain-experiments-{_slug(params.dataset.name)}", markdown=results_md)
     create_table_artifact(key=f"rain-experiments-table-{_slug(params.dataset.name)}", table=[
         {"table": r["table"], "row": r["row"], "config": r["config"],
-         **{m: f"{100 * r[m]:.1f} ± {100 * r[m + '_std']:.1f}" for m in ("rank1", "mAP") if m in r}}
+         **{m: f"{100 * r[m]:.1f} ± {100 * r[m + '_std']:.1f}" for m in grid_tables.RANK1_AND_MAP if m in r}}
         for rows in summary["tables"].values() for r in rows], description="Mean ± std over seeds (%)")
     return summary | {"grid": record}
 

@@ -1,8 +1,9 @@
 """Frozen model and objective configurations (built from ``params.yaml`` by a generic loader).
 
-Every field has a default and one of the types str, int, float, bool, tuple[int, ...], tuple[str, ...]
-or ``str | None``. Values are validated in ``__post_init__``; a bad value raises ``ValueError`` naming
-the field and the value.
+Every field has a default, equal to the value ``params.yaml`` gives it (a test keeps the two equal), and one
+of the types str, int, float, bool, tuple[int, ...], tuple[str, ...] or ``str | None``. Values are
+validated in ``__post_init__``; a bad value raises ``InvalidValue`` (a ``ValueError``) naming the field
+and the value. ``require`` is the one validation check of the project: ``tasks/config.py`` uses it too.
 """
 
 from __future__ import annotations
@@ -16,8 +17,21 @@ MINING = ("batch_hard", "sampled")
 ADV_LOSSES = ("non_saturating", "minimax")
 
 
-def _bad(name: str, value: object, why: str) -> ValueError:
-    return ValueError(f"{name}={value!r}: {why}")
+class InvalidValue(ValueError):
+    """A configuration field holds a value it cannot take. ``key`` names the field, ``why`` says what it
+    must be. Subclasses change only ``template`` (how the message reads), never the check."""
+
+    template = "{key}={value!r}: {why}"
+
+    def __init__(self, key: str, value: object, why: str) -> None:
+        super().__init__(self.template.format(key=key, value=value, why=why))
+        self.key, self.value, self.why = key, value, why
+
+
+def require(ok: bool, key: str, value: object, why: str, error: type[InvalidValue] = InvalidValue) -> None:
+    """Raise ``error(key, value, why)`` unless ``ok``: every config check goes through here."""
+    if not ok:
+        raise error(key, value, why)
 
 
 def _as_tuples(obj: object) -> None:
@@ -29,26 +43,25 @@ def _as_tuples(obj: object) -> None:
 
 
 def _positive_ints(name: str, value: tuple[int, ...]) -> None:
-    if not isinstance(value, tuple) or not value:
-        raise _bad(name, value, "must be a non-empty tuple of ints")
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise _bad(name, value, "every entry must be an int >= 1")
+    require(isinstance(value, tuple) and len(value) > 0, name, value, "must be a non-empty tuple of ints")
+    require(all(not isinstance(v, bool) and isinstance(v, int) and v >= 1 for v in value), name, value,
+            "every entry must be an int >= 1")
 
 
 def _finite(name: str, value: float, minimum: float, strict: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _bad(name, value, "must be a finite number")
-    if value < minimum or (strict and value == minimum):
-        raise _bad(name, value, f"must be {'>' if strict else '>='} {minimum}")
+    require(not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value), name, value,
+            "must be a finite number")
+    require(value > minimum or (not strict and value == minimum), name, value,
+            f"must be {'>' if strict else '>='} {minimum}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of RAIN: F (ResNet), G (HR decoder), D_j (one per level), C (linear classifier)."""
 
-    backbone: str = "resnet50"
-    """F: torchvision ResNet, resnet18 | resnet34 | resnet50, trained from scratch unless pretrained_path."""
+    backbone: str = "resnet18"
+    """F: torchvision ResNet, resnet18 | resnet34 | resnet50 (the paper's), trained from scratch unless
+    pretrained_path."""
     levels: tuple[int, ...] = (4, 5)
     """Feature levels j with a resolution discriminator D_j; (5,) = single-level, (4, 5) = multi-level."""
     pretrained_path: str | None = None
@@ -60,16 +73,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _as_tuples(self)
-        if self.backbone not in BACKBONES:
-            raise _bad("backbone", self.backbone, f"must be one of {', '.join(BACKBONES)}")
+        require(self.backbone in BACKBONES, "backbone", self.backbone, f"must be one of {', '.join(BACKBONES)}")
         _positive_ints("levels", self.levels)
-        if any(j > 5 for j in self.levels) or list(self.levels) != sorted(set(self.levels)):
-            raise _bad("levels", self.levels, "must be strictly increasing feature levels in 1..5")
-        if self.pretrained_path is not None and (not isinstance(self.pretrained_path, str) or not self.pretrained_path):
-            raise _bad("pretrained_path", self.pretrained_path, "must be a non-empty path or None")
+        require(all(j <= 5 for j in self.levels) and list(self.levels) == sorted(set(self.levels)), "levels",
+                self.levels, "must be strictly increasing feature levels in 1..5")
+        require(self.pretrained_path is None or (isinstance(self.pretrained_path, str) and self.pretrained_path != ""),
+                "pretrained_path", self.pretrained_path, "must be a non-empty path or None")
         _positive_ints("decoder_channels", self.decoder_channels)
-        if len(self.decoder_channels) > 5:
-            raise _bad("decoder_channels", self.decoder_channels, "must have at most 5 entries (x2 stages)")
+        require(len(self.decoder_channels) <= 5, "decoder_channels", self.decoder_channels,
+                "must have at most 5 entries (x2 stages)")
         _positive_ints("disc_channels", self.disc_channels)
 
 
@@ -110,8 +122,7 @@ class ObjectiveConfig:
     with bf16 on tensor-core GPUs; the same outputs up to float rounding anywhere."""
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise _bad("variant", self.variant, f"must be one of {', '.join(VARIANTS)}")
+        require(self.variant in VARIANTS, "variant", self.variant, f"must be one of {', '.join(VARIANTS)}")
         for name in ("w_adv", "w_rec", "w_cls", "w_tri", "weight_decay"):
             _finite(name, getattr(self, name), 0.0, strict=False)
         for name in ("margin", "lr", "lr_d"):
@@ -119,18 +130,13 @@ class ObjectiveConfig:
         for name in ("beta1", "beta1_d"):
             value = getattr(self, name)
             _finite(name, value, 0.0, strict=False)
-            if value >= 1.0:
-                raise _bad(name, value, "must be < 1")
-        if self.mining not in MINING:
-            raise _bad("mining", self.mining, f"must be one of {', '.join(MINING)}")
-        if self.adv_loss not in ADV_LOSSES:
-            raise _bad("adv_loss", self.adv_loss, f"must be one of {', '.join(ADV_LOSSES)}")
+            require(value < 1.0, name, value, "must be < 1")
+        require(self.mining in MINING, "mining", self.mining, f"must be one of {', '.join(MINING)}")
+        require(self.adv_loss in ADV_LOSSES, "adv_loss", self.adv_loss, f"must be one of {', '.join(ADV_LOSSES)}")
         for name in ("bf16_autocast", "channels_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise _bad(name, getattr(self, name), "must be true or false")
-        if not self.active_terms():
-            weights = "w_cls, w_tri" if self.variant == "baseline_hr" else "w_adv, w_rec, w_cls, w_tri"
-            raise _bad("variant", self.variant, f"every loss it uses ({weights}) has weight 0")
+            require(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
+        weights = "w_cls, w_tri" if self.variant == "baseline_hr" else "w_adv, w_rec, w_cls, w_tri"
+        require(len(self.active_terms()) > 0, "variant", self.variant, f"every loss it uses ({weights}) has weight 0")
 
     def active_terms(self) -> tuple[str, ...]:
         """Names of the Eq. 7 terms this variant computes (weight > 0 and used by the variant)."""

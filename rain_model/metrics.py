@@ -39,20 +39,25 @@ the result is the same as ranking with the stable argsort.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
 
 __all__ = [
-    "SingleShotResult",
+    "METRIC_KEYS",
     "evaluate_rank",
-    "evaluate_single_shot",
+    "mean_std",
     "pairwise_distance",
     "single_shot_gallery",
 ]
+
+METRIC_KEYS: tuple[str, ...] = ("rank1", "rank5", "rank10", "rank20", "mAP")
+"""The reported metrics, in the paper's column order: CMC at ranks 1, 5, 10, 20 (``rank<k>`` is
+``cmc[k - 1]``) and mAP. The names of metrics.json, MLflow metrics and tags, and every table column;
+``<key>_std`` is the spread ``mean_std`` gives."""
 
 # Default chunk: about this many distance entries (rows x gallery) are processed at a time.
 CHUNK_ELEMENTS = 1 << 21
@@ -334,59 +339,18 @@ def single_shot_gallery(
     return draws
 
 
-@dataclass(frozen=True)
-class SingleShotResult:
-    """Mean and spread of CMC/mAP over single-shot gallery draws.
+def mean_std(values: ArrayLike, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample standard deviation of `values` along `axis`: the one mean ± std of the project.
 
-    ``cmc``/``mAP`` are means over the draws, ``cmc_std``/``mAP_std`` the population standard deviation
-    (ddof = 0, so one draw gives 0), ``cmc_runs`` ``(repeats, max_rank)`` and ``mAP_runs`` ``(repeats,)``
-    the per-draw values.
+    The std is the sample one (ddof = 1, the n - 1 divisor): the values are a few draws (gallery draws,
+    protocol trials, training seeds) from a distribution whose spread is what is reported, and with
+    n = 2 or 3 of them the population std (ddof = 0) understates it by 29% or 18%. One value has no
+    spread: its std is 0 (not NaN). Returns arrays (0-d for 1-D input); empty input is an error.
     """
-
-    cmc: np.ndarray
-    mAP: float
-    cmc_std: np.ndarray
-    mAP_std: float
-    cmc_runs: np.ndarray
-    mAP_runs: np.ndarray
-
-
-def evaluate_single_shot(
-    distmat: np.ndarray,
-    q_pids: np.ndarray,
-    g_pids: np.ndarray,
-    q_camids: np.ndarray,
-    g_camids: np.ndarray,
-    seed: int,
-    repeats: int,
-    max_rank: int = 20,
-    *,
-    chunk_size: int | None = None,
-) -> SingleShotResult:
-    """``evaluate_rank`` on ``repeats`` single-shot galleries drawn by ``single_shot_gallery``.
-
-    Returns a ``SingleShotResult`` (means, population std and per-draw values). A draw in which no
-    query has a correct match raises ``ValueError`` like ``evaluate_rank``.
-    """
-    distmat = np.asarray(distmat)
-    g_pids, g_camids = np.asarray(g_pids), np.asarray(g_camids)
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if distmat.ndim != 2 or distmat.shape[1] != g_pids.shape[0]:
-        raise ValueError(f"distmat {distmat.shape} does not match {g_pids.shape[0]} gallery ids")
-    cmcs, maps = [], []
-    for idx in single_shot_gallery(g_pids, g_camids, seed, repeats):
-        cmc, m_ap = evaluate_rank(
-            distmat[:, idx], q_pids, g_pids[idx], q_camids, g_camids[idx], max_rank, chunk_size=chunk_size
-        )
-        cmcs.append(cmc)
-        maps.append(m_ap)
-    cmc_runs, map_runs = np.stack(cmcs), np.asarray(maps, dtype=np.float64)
-    return SingleShotResult(
-        cmc=cmc_runs.mean(axis=0),
-        mAP=float(map_runs.mean()),
-        cmc_std=cmc_runs.std(axis=0),
-        mAP_std=float(map_runs.std()),
-        cmc_runs=cmc_runs,
-        mAP_runs=map_runs,
-    )
+    arr = np.asarray(values, dtype=np.float64)
+    n = arr.shape[axis]
+    if n == 0:
+        raise ValueError("mean_std of no values")
+    mean = np.asarray(arr.mean(axis=axis))
+    std = np.asarray(arr.std(axis=axis, ddof=1)) if n > 1 else np.zeros_like(mean)
+    return mean, std

@@ -153,22 +153,6 @@ def forward_generator(
     return out
 
 
-def discriminator_step(
-    discriminators: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    feats: Sequence[Tensor],
-    n_hr: int,
-    obj: ObjectiveConfig,
-    step: int,
-) -> Tensor:
-    """The max side of Eq. 8: one update of all D_j on detached features; returns L_D (detached).
-
-    ``feats``: f_j for j in the discriminators' levels, each (2B, d_j, h, w), HR rows first (n_hr of
-    them) then LR rows. The features are detached here, so F, G and C get no gradient from this step.
-    """
-    return _discriminator_update(discriminators, optimizer, [(feats, n_hr)], obj, step)
-
-
 def _discriminator_update(
     discriminators: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -176,7 +160,12 @@ def _discriminator_update(
     obj: ObjectiveConfig,
     step: int,
 ) -> Tensor:
-    """One D update whose gradient is the mean over `parts` (micro-batches) of each part's L_D gradient."""
+    """The max side of Eq. 8: one update of all D_j whose gradient is the mean over `parts` (micro-batches)
+    of each part's L_D gradient; returns the mean L_D (detached).
+
+    A part is (f_j for j in the discriminators' levels, each (2B, d_j, h, w) with HR rows first; n_hr).
+    The features are detached here, so F, G and C get no gradient from this update.
+    """
     optimizer.zero_grad(set_to_none=True)
     total = None
     for feats, n_hr in parts:
@@ -233,25 +222,6 @@ def generator_losses(
     return losses
 
 
-def generator_step(
-    generator: nn.Module,
-    discriminators: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    out: GeneratorOutput,
-    batch: Batch,
-    obj: ObjectiveConfig,
-    step: int,
-) -> dict[str, Tensor]:
-    """The min side of Eq. 8: one update of F, G, C on L_total = sum_t w_t L_t (Eq. 7).
-
-    Only the generator optimizer steps; the D_j are used with detached parameters and do not change.
-    Terms whose weight is 0 are not computed, so they contribute exactly zero gradient; parameters of a
-    head that was not run (G or C) end the step with ``grad = None`` and are skipped by the optimizer.
-    Returns the detached terms and ``L_total``.
-    """
-    return _generator_update(generator, discriminators, optimizer, [(out, batch)], obj, step)
-
-
 def _average_grads(optimizer: torch.optim.Optimizer, parts: int) -> None:
     """Sum of the parts' gradients, then one division: the order DDP's all-reduce averages in, so a
     single worker with micro-batches reproduces several workers' steps to the last bit where it can."""
@@ -271,7 +241,13 @@ def _generator_update(
     obj: ObjectiveConfig,
     step: int,
 ) -> dict[str, Tensor]:
-    """One F/G/C update whose gradient is the mean over `parts` (micro-batches); returns mean terms."""
+    """The min side of Eq. 8: one update of F, G, C on L_total = sum_t w_t L_t (Eq. 7), its gradient the
+    mean over `parts` (micro-batches); returns the mean detached terms and ``L_total``.
+
+    Only the generator optimizer steps; the D_j are used with detached parameters and do not change.
+    Terms whose weight is 0 are not computed, so they contribute exactly zero gradient; parameters of a
+    head that was not run (G or C) end the step with ``grad = None`` and are skipped by the optimizer.
+    """
     plan = StepPlan.of(obj)
     weights = {"L_adv": obj.w_adv, "L_rec": obj.w_rec, "L_cls": obj.w_cls, "L_tri": obj.w_tri}
     optimizer.zero_grad(set_to_none=True)

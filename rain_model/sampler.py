@@ -104,11 +104,8 @@ class IdentityBalancedSampler:
         self._epoch = int(state["epoch"])
         self._position = position
 
-    def global_batches(self, epoch: int) -> list[list[list[int]]]:
-        """The whole epoch as every rank sees it: per batch, P groups of K dataset indices."""
-        return [[[int(i) for i in g] for g in groups] for groups in self._global_batches(epoch)]
-
     def _global_batches(self, epoch: int) -> Iterator[list[np.ndarray]]:
+        """The whole epoch as every rank draws it: per batch, P groups of K dataset indices."""
         rng = np.random.default_rng([self.seed, epoch])
         n_identities = len(self._images_of)
         unlabelled = rng.permutation(self._unlabelled)

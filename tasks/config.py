@@ -2,7 +2,9 @@
 
 Every section of params.yaml maps to a frozen dataclass. Parsing is strict: an unknown or mistyped
 key is refused with its dotted name (and the nearest known key), a value of the wrong type is refused
-with its dotted name, so a bad params.yaml fails before any stage runs.
+with its dotted name, so a bad params.yaml fails before any stage runs. Every field's default is the value
+params.yaml gives it (tests/test_config.py keeps the two equal); values are checked with rain_model's
+``require``, the one validation check, which names the dotted key.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from rain_model.config import ModelConfig, ObjectiveConfig
+from rain_model.config import InvalidValue, ModelConfig, ObjectiveConfig, require
 
 PARAMS_FILE = "params.yaml"
 T = TypeVar("T")
@@ -28,6 +30,12 @@ T = TypeVar("T")
 
 class ParamsError(ValueError):
     """params.yaml does not describe a valid pipeline; the message names the key."""
+
+
+class InvalidParam(ParamsError, InvalidValue):
+    """A params.yaml value out of range: rain_model's check (``require``), worded with the dotted key."""
+
+    template = "params.yaml: {key} = {value!r} is invalid: {why}"
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,7 @@ class TrainConfig:
     trials: tuple[int, ...] = (0,)
     height: int = 128
     width: int = 64
-    epochs: int = 10
+    epochs: int = 20
     p: int = 8
     k: int = 4
     seed: int = 0
@@ -138,13 +146,16 @@ class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS if set, else an embedded local cluster
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = 2
     max_failures: int = 1
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "ray.num_workers", self.num_workers, ">= 1")
         _require(self.cpus_per_worker >= 1, "ray.cpus_per_worker", self.cpus_per_worker, ">= 1")
+        _require(self.max_failures >= 0, "ray.max_failures", self.max_failures, ">= 0 (0: a lost worker fails the run)")
+        _require(self.keep_checkpoints >= 1, "ray.keep_checkpoints", self.keep_checkpoints,
+                 ">= 1 (the last checkpoint holds the final weights)")
 
 
 @dataclass(frozen=True)
@@ -237,8 +248,7 @@ class Params:
 
 
 def _require(ok: bool, key: str, value: object, expected: str) -> None:
-    if not ok:
-        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid: expected {expected}")
+    require(ok, key, value, f"expected {expected}", InvalidParam)
 
 
 def parse(cls: type[T], data: object, where: str) -> T:
@@ -260,6 +270,8 @@ def parse(cls: type[T], data: object, where: str) -> T:
         return cls(**values)
     except ParamsError:
         raise
+    except InvalidValue as exc:  # a rain_model config's check: name the field by its dotted key
+        raise InvalidParam(_dotted(where, exc.key), exc.value, exc.why) from exc
     except (TypeError, ValueError) as exc:
         raise ParamsError(f"params.yaml: {where}: {exc}") from exc
 

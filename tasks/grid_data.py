@@ -1,7 +1,7 @@
 """Stage `grid_data`: the training LR images Tables 2 and 4 need, one folder per rate set.
 
-Each rate set of the grid other than protocol.train_rates is synthesized by the synthesize stage's own
-code with only the rates changed, and decoded by the decode stage's own code, into
+Each rate set of the grid other than protocol.train_rates is synthesized by the MLR protocol's code
+(tasks/protocol/mlr.py) with only the rates changed, and decoded as the decode stage does, into
 <experiments>/<dataset>/data/rates-<r...>/ (lr/, mlr.parquet and store/).
 The train/test split does not depend on the rates, so these runs train on the same identities as the
 pipeline's and are tested on the pipeline's MLR queries (rates {2, 3, 4} and the unseen ones).

@@ -7,8 +7,8 @@ rate_bars.png (rank-1 per test rate). It opens an MLflow parent run for the grid
 read under it (runs trained by an earlier, interrupted grid are moved under this one), so the MLflow UI
 shows one grid with one child per configuration and seed.
 
-Standard deviations are over seeds (sample std, n - 1); each seed's figure is already the mean over
-`evaluate.gallery_repeats` single-shot gallery draws.
+Standard deviations are over seeds (sample std, n - 1: rain_model.metrics.mean_std); each seed's figure is
+already the mean over `evaluate.gallery_repeats` single-shot gallery draws.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from rain_model.metrics import mean_std
 from tasks.config import Params, load_params
+from tasks.evaluation.reporting import METRIC_LABELS
 from tasks.grid import configs as grid
 from tasks.grid import tables as grid_tables
 from tasks.grid.runs import experiments_mlflow_name, load_result
@@ -31,7 +33,6 @@ from tasks.infra.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = {"rank1": "Rank 1", "rank5": "Rank 5", "rank10": "Rank 10", "rank20": "Rank 20", "mAP": "mAP"}
 BASELINES = ("baseline_hr", "baseline_hrlr")
 RATE_BAR_CONFIGS = (*BASELINES, "single_level", "multi_level", "rates_1234")
 
@@ -56,8 +57,9 @@ def collect(params: Params, seeds: tuple[int, ...], configs: list[str]) -> dict[
 
 
 def stat(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    """``mean_std`` of per-seed values, as floats."""
+    mean, std = mean_std(values)
+    return float(mean), float(std)
 
 
 def table_rows(table: grid_tables.Table, results: dict[tuple[str, int], dict[str, Any]],
@@ -76,7 +78,7 @@ def table_rows(table: grid_tables.Table, results: dict[tuple[str, int], dict[str
 
 
 def markdown(table: grid_tables.Table, rows: list[dict[str, Any]]) -> str:
-    heads = ["Method", *(METRIC_NAMES[m] for m in table.metrics), f"Paper rank 1 ({table.paper_dataset})"]
+    heads = ["Method", *(METRIC_LABELS[m] for m in table.metrics), f"Paper rank 1 ({table.paper_dataset})"]
     lines = [f"### {table.title}", "", "| " + " | ".join(heads) + " |", "|:---|" + "---:|" * (len(heads) - 1)]
     for r in rows:
         cells = [f"{100 * r[m]:.1f} ± {100 * r[m + '_std']:.1f}" for m in table.metrics]
@@ -289,7 +291,7 @@ def _mlflow_parent(params: Params, results: dict[tuple[str, int], dict[str, Any]
     now = int(time.time() * 1000)
     metrics = [Metric(f"{r['config']}.{r['query_set']}.{m}_{kind}", float(r[m if kind == 'mean' else f'{m}_std']),
                       now, 0)
-               for r in rows for m in ("rank1", "mAP") if m in r for kind in ("mean", "std")]
+               for r in rows for m in grid_tables.RANK1_AND_MAP if m in r for kind in ("mean", "std")]
     unique = {m.key: m for m in metrics}  # a configuration read by several tables is logged once
     values = list(unique.values())
     for i in range(0, len(values), 1000):

@@ -1,4 +1,4 @@
-"""Stage `experiment` (a dvc.yaml matrix over configuration x seed): one run of the paper's grid.
+"""Stage `grid_run` (a grid/dvc.yaml matrix over configuration x seed): one run of the paper's grid.
 
 The run trains configuration `config` (tasks/grid/configs.py) with `seed` in this process (the shared training
 loop, tasks/training/loop.py, as one worker: grid runs are small and many, so they go side by side rather
@@ -6,7 +6,8 @@ than each over a Ray worker group), then scores it exactly as the evaluate stage
 MLR queries of its trial. It writes <experiments>/<dataset>/runs/<config>/seed-<seed>/result.json, last
 and atomically: a run stopped half-way leaves no result, so it counts as missing and runs again.
 
-A result carries a key: the hash of the run's configured params, its input manifests and the code it ran.
+A result carries a key (tasks/grid/runs.py): the hash of the run's resolved params, its input manifests
+and the code it executes.
 A run whose result has the current key is up to date and is not trained again, whichever of `dvc repro`
 or the Prefect flow `rain-grid/experiments` asks for it.
 
@@ -22,6 +23,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from rain_model.metrics import METRIC_KEYS
 from tasks.config import Params, flat_params, load_params
 from tasks.grid import configs as grid
 from tasks.grid.data import train_manifest, train_store
@@ -29,41 +31,83 @@ from tasks.grid.runs import current_key, experiments_mlflow_name, inputs, load_r
 from tasks.infra.logs import setup_logging
 
 if TYPE_CHECKING:
-    from tasks.training.loop import FaultPlan
+    import torch
+
+    from tasks.training.loop import FaultPlan, TrainJob
 
 log = logging.getLogger(__name__)
 
-# What a grid run executes; a change to any of these makes every result stale (dvc.yaml lists the same).
 def run(params: Params, config: str, seed: int, parent_run_id: str | None = None,
         fault: FaultPlan | None = None) -> dict[str, Any]:
     """Train and score one grid run; returns its result (also written to result.json). `fault` is a test
     hook: the training loop kills this process once at a given step (tasks/training/loop.py)."""
-    import torch
-
-    from rain_model.network import RAIN
-    from tasks.evaluation.scoring import row_label, score_trial, summarise
-    from tasks.images.loaders import read_rows
-    from tasks.images.store import ImageStore
-    from tasks.training.loop import NonFiniteTraining, TrainJob, WorkerContext, train_loop
+    from tasks.training.loop import TrainJob
 
     key = current_key(params, config, seed)
     existing = load_result(params, config, seed)
     if existing is not None and existing.get("key") == key:
         log.info("experiment %s seed %d: up to date (%s)", config, seed, result_path(params, config, seed))
         return existing
+    run_params = _run_params(params, config, seed)
+    trial = grid.trial_of(params, seed)
+    rows = _training_rows(params, config, trial)
+    device = _device(params)
+
+    client, run_id = _start_mlflow_run(params, run_params, config, seed, trial, key, parent_run_id, flat_params)
+    try:
+        job = TrainJob(params=run_params, rows=rows, store=str(train_store(params, config).resolve()),
+                       tracking_uri=client.tracking_uri, run_id=run_id, fault=fault)
+        state, final_metrics, train_seconds = _train(job, device, f"experiment {config} seed {seed}")
+        scores, eval_seconds = _score(params, run_params, state, trial, device)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    table = _table(params, scores)
+    result = {
+        "config": config, "seed": seed, "trial": trial, "key": key, "inputs": inputs(params, config),
+        "description": grid.CONFIGS[config].description, "epochs": run_params.train.epochs,
+        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+        "final_losses": {k: round(float(v), 5) for k, v in final_metrics.items() if k.startswith("L_")},
+        "rows": table, "mlflow_run_id": run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _finish_mlflow_run(client, run_id, result)
+    write_atomic(result_path(params, config, seed), json.dumps(result, indent=2))
+    log.info("experiment %s seed %d: LR rank-1 %.1f%%, r8 rank-1 %.1f%% (train %.0f s, eval %.0f s)", config, seed,
+             100 * table["lr"]["rank1"], 100 * table.get("r8", table["lr"])["rank1"], train_seconds, eval_seconds)
+    return result
+
+
+def _run_params(params: Params, config: str, seed: int) -> Params:
+    """The params configuration `config` trains with under `seed`, checkpointing after the last epoch only."""
     run_params = grid.configure(params, config, seed)
     # Held in memory, not written: only the last epoch's state is needed.
-    run_params = dataclasses.replace(run_params, train=dataclasses.replace(
+    return dataclasses.replace(run_params, train=dataclasses.replace(
         run_params.train, checkpoint_every_epochs=run_params.train.epochs))
-    trial = grid.trial_of(params, seed)
+
+
+def _training_rows(params: Params, config: str, trial: int) -> list[dict[str, Any]]:
+    from tasks.images.loaders import read_rows
+
     rows = read_rows(str(train_manifest(params, config)), trial, ["train"])
     if not rows:
         raise ValueError(f"{train_manifest(params, config)}: trial {trial} has no training rows")
+    return rows
+
+
+def _device(params: Params) -> torch.device:
+    import torch
+
     device = torch.device("cuda") if params.experiments.use_gpu else torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("experiments.use_gpu is true but this process sees no CUDA device")
+    return device
 
-    client, run_id = _start_mlflow_run(params, run_params, config, seed, trial, key, parent_run_id, flat_params)
+
+def _train(job: TrainJob, device: torch.device, what: str) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """The shared training loop as one worker in this process; returns (final checkpoint state, last
+    epoch's report, seconds). A non-finite loss raises NonFiniteTraining naming `what`."""
+    from tasks.training.loop import NonFiniteTraining, WorkerContext, train_loop
+
     final: dict[str, Any] = {}
 
     def keep(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
@@ -72,41 +116,42 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
             final["state"] = state
 
     started = time.perf_counter()
-    try:
-        train_loop(TrainJob(params=run_params, rows=rows, store=str(train_store(params, config).resolve()),
-                            tracking_uri=client.tracking_uri, run_id=run_id, fault=fault),
-                   WorkerContext(device=device, report=keep))
-        if "nonfinite" in final.get("metrics", {}):
-            raise NonFiniteTraining(f"experiment {config} seed {seed}: {final['metrics']['nonfinite']}")
-        train_seconds = time.perf_counter() - started
-        state = final["state"]
-        model = RAIN(run_params.model, state["num_classes"])
-        model.load_state_dict(state["model"])
-        model = model.to(device).eval()
-        started = time.perf_counter()
-        scores, _ = score_trial(model, run_params, params.mlr_manifest_path(), trial, ImageStore(params.store_dir()))
-        eval_seconds = time.perf_counter() - started
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
+    train_loop(job, WorkerContext(device=device, report=keep))
+    if "nonfinite" in final.get("metrics", {}):
+        raise NonFiniteTraining(f"{what}: {final['metrics']['nonfinite']}")
+    return final["state"], final["metrics"], time.perf_counter() - started
+
+
+def _score(params: Params, run_params: Params, state: dict[str, Any], trial: int,
+           device: torch.device) -> tuple[dict[str, Any], float]:
+    """The trained model scored exactly as the evaluate stage scores, on the pipeline's MLR queries of
+    `trial`; returns (scores per query set, seconds)."""
+    from rain_model.network import RAIN
+    from tasks.evaluation.scoring import score_trial
+    from tasks.images.store import ImageStore
+
+    model = RAIN(run_params.model, state["num_classes"])
+    model.load_state_dict(state["model"])
+    model = model.to(device).eval()
+    started = time.perf_counter()
+    scores, _ = score_trial(model, run_params, params.mlr_manifest_path(), trial, ImageStore(params.store_dir()))
+    return scores, time.perf_counter() - started
+
+
+def _table(params: Params, scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One summary row per query set, labelled as the grid's tables label it."""
+    from tasks.evaluation.scoring import row_label, summarise
+
     unseen = params.protocol.unseen_rates
-    table = {name: summarise(name, evals) | {"label": row_label(name, unseen)} for name, evals in scores.items()}
-    result = {
-        "config": config, "seed": seed, "trial": trial, "key": key, "inputs": inputs(params, config),
-        "description": grid.CONFIGS[config].description, "epochs": run_params.train.epochs,
-        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-        "final_losses": {k: round(float(v), 5) for k, v in final["metrics"].items() if k.startswith("L_")},
-        "rows": table, "mlflow_run_id": run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    for name, values in table.items():
-        for metric in ("rank1", "rank5", "rank10", "rank20", "mAP"):
+    return {name: summarise(name, evals) | {"label": row_label(name, unseen)} for name, evals in scores.items()}
+
+
+def _finish_mlflow_run(client: Any, run_id: str, result: dict[str, Any]) -> None:
+    for name, values in result["rows"].items():
+        for metric in METRIC_KEYS:
             client.log_metric(run_id, f"{name}_{metric}", float(values[metric]))
     client.log_metric(run_id, "train_seconds", result["train_seconds"])
     client.set_terminated(run_id, status="FINISHED")
-    write_atomic(result_path(params, config, seed), json.dumps(result, indent=2))
-    log.info("experiment %s seed %d: LR rank-1 %.1f%%, r8 rank-1 %.1f%% (train %.0f s, eval %.0f s)", config, seed,
-             100 * table["lr"]["rank1"], 100 * table.get("r8", table["lr"])["rank1"], train_seconds, eval_seconds)
-    return result
 
 
 def _start_mlflow_run(params: Params, run_params: Params, config: str, seed: int, trial: int, key: str,

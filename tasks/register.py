@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from rain_model.metrics import METRIC_KEYS
 from tasks.config import Params, load_params
 from tasks.infra.logs import setup_logging
 from tasks.infra.tracking import file_hash, git_commit, tracking_uri
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ("torch", "torchvision", "mlflow", "pillow", "numpy", "pandas", "safetensors", "pyyaml",
                 "pyarrow")
-METRIC_TAGS = ("rank1", "rank5", "rank10", "rank20", "mAP")
 # Stages whose parameters shaped the model and its figures (register's own do not).
 UPSTREAM_STAGES = ("download", "manifest", "synthesize", "decode", "train", "evaluate")
 
@@ -153,7 +153,7 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
         "variant": params.objective.variant, "backbone": params.model.backbone,
         "mlr_manifest_sha256": file_hash(mlr_path), "params_sha256": file_hash(params_file),
         "weights_sha256": file_hash(weights), "mlflow_run_id": info["mlflow_run_id"],
-    } | dvc_lineage(lock_file, params) | {k: f"{metrics[k]:.6f}" for k in METRIC_TAGS}
+    } | dvc_lineage(lock_file, params) | {k: f"{metrics[k]:.6f}" for k in METRIC_KEYS}
     if "rank1_std" in metrics.get("rows", {}).get("lr", {}):
         tags["rank1_std"] = f"{metrics['rows']['lr']['rank1_std']:.6f}"
     # Tags go in with the version, so no reader ever sees a version without its lineage and metrics.

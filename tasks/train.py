@@ -33,14 +33,10 @@ __all__ = ["FaultPlan", "NonFiniteTraining", "run", "train_worker"]
 
 def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_dir: Path,
         fault: FaultPlan | None = None) -> dict[str, Any]:
+    """Train each listed trial on a Ray worker group; write its weights and the stage's summary."""
     import mlflow
 
-    connect(params.ray.address)  # before `ray.train` is imported: it imports ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from tasks.images.loaders import read_rows
-
+    connect(params.ray.address)  # before `ray.train` is imported (by _torch_trainer): it imports ray
     model_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri()
     client = mlflow.MlflowClient(uri)
@@ -49,60 +45,95 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_d
     summary: dict[str, Any] = {"trials": {}}
     data_hash = file_hash(mlr_path)
     for trial in params.train.trials:
-        rows = read_rows(str(mlr_path), trial, ["train"])
-        if not rows:
-            raise ValueError(f"{mlr_path}: trial {trial} has no training rows (protocol.trials too small?)")
+        rows = _training_rows(mlr_path, trial)
         name = f"{params.dataset.name}-trial{trial}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        mlflow_run = client.create_run(exp_id, run_name=name, tags={
-            "git_commit": git_commit(), "data_hash": data_hash, "params_hash": params_hash(params),
-            "dataset": params.dataset.name,
-            "trial": str(trial), "variant": params.objective.variant, "stage": "train"})
-        run_id = mlflow_run.info.run_id
-        for key, value in flat_params(params).items():
-            client.log_param(run_id, key, value[:6000])
+        run_id = _start_mlflow_run(client, exp_id, name, params, trial, data_hash)
         # Workers do not share the driver's working folder: the store's path is absolute.
         job = TrainJob(params=params, rows=rows, store=str(store_dir.resolve()), tracking_uri=uri, run_id=run_id,
                        fault=fault)
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"job": job},
-            torch_config=TorchConfig(backend=ddp_backend(torch.device("cuda" if params.ray.use_gpu else "cpu"))),
-            scaling_config=ScalingConfig(num_workers=params.ray.num_workers, use_gpu=params.ray.use_gpu,
-                                         resources_per_worker={"CPU": params.ray.cpus_per_worker}),
-            run_config=RunConfig(
-                name=name, storage_path=str(runs_dir.resolve() / "ray"),
-                failure_config=FailureConfig(max_failures=params.ray.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=params.ray.keep_checkpoints)),
-        )
-        started = time.perf_counter()
-        try:
-            result = trainer.fit()
-        except Exception:
-            client.set_terminated(run_id, status="FAILED")
-            raise
-        if result.metrics and "nonfinite" in result.metrics:
-            client.set_terminated(run_id, status="FAILED")
-            raise NonFiniteTraining(f"train: trial {trial} stopped on a non-finite loss: {result.metrics['nonfinite']}"
-                                    " (no model written; lower objective.lr or check the data)")
-        if result.checkpoint is None:
-            client.set_terminated(run_id, status="FAILED")
-            raise RuntimeError(f"train: Ray run {name} finished without a checkpoint")
-        with result.checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
-        _save_weights(state["model"], weights_path(model_dir, trial))
-        seconds = time.perf_counter() - started
-        client.log_metric(run_id, "train_seconds", seconds)
-        client.set_terminated(run_id, status="FINISHED")
-        summary["trials"][str(trial)] = {
-            "weights": weights_path(model_dir, trial).name, "mlflow_run_id": run_id, "ray_run": name,
-            "num_classes": state["num_classes"], "epochs": state["epoch"] + 1, "seconds": round(seconds, 1),
-            "ray_nodes": int((result.metrics or {}).get("nodes", 1)), "workers": params.ray.num_workers,
-            "final_losses": {k: round(v, 5) for k, v in (result.metrics or {}).items()
-                             if k.startswith("L_")},
-        }
-        log.info("train: trial %d done in %.0f s, %s", trial, seconds, summary["trials"][str(trial)]["final_losses"])
+        summary["trials"][str(trial)] = _train_trial(job, trial, name, client, run_id, model_dir, runs_dir)
     summary_path(model_dir).write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
+
+
+def _training_rows(mlr_path: Path, trial: int) -> list[dict[str, Any]]:
+    from tasks.images.loaders import read_rows
+
+    rows = read_rows(str(mlr_path), trial, ["train"])
+    if not rows:
+        raise ValueError(f"{mlr_path}: trial {trial} has no training rows (protocol.trials too small?)")
+    return rows
+
+
+def _start_mlflow_run(client: Any, exp_id: str, name: str, params: Params, trial: int, data_hash: str) -> str:
+    """A new MLflow run for one trial, tagged with its lineage and holding every param; returns its id."""
+    mlflow_run = client.create_run(exp_id, run_name=name, tags={
+        "git_commit": git_commit(), "data_hash": data_hash, "params_hash": params_hash(params),
+        "dataset": params.dataset.name,
+        "trial": str(trial), "variant": params.objective.variant, "stage": "train"})
+    run_id = str(mlflow_run.info.run_id)
+    for key, value in flat_params(params).items():
+        client.log_param(run_id, key, value[:6000])
+    return run_id
+
+
+def _train_trial(job: TrainJob, trial: int, name: str, client: Any, run_id: str, model_dir: Path,
+                 runs_dir: Path) -> dict[str, Any]:
+    """Fit one trial, write its final weights and finish its MLflow run; returns the trial's summary."""
+    trainer = _torch_trainer(job, name, runs_dir)
+    started = time.perf_counter()
+    result, state = _fit(trainer, client, run_id, trial, name)
+    _save_weights(state["model"], weights_path(model_dir, trial))
+    seconds = time.perf_counter() - started
+    client.log_metric(run_id, "train_seconds", seconds)
+    client.set_terminated(run_id, status="FINISHED")
+    trial_summary = {
+        "weights": weights_path(model_dir, trial).name, "mlflow_run_id": run_id, "ray_run": name,
+        "num_classes": state["num_classes"], "epochs": state["epoch"] + 1, "seconds": round(seconds, 1),
+        "ray_nodes": int((result.metrics or {}).get("nodes", 1)), "workers": job.params.ray.num_workers,
+        "final_losses": {k: round(v, 5) for k, v in (result.metrics or {}).items()
+                         if k.startswith("L_")},
+    }
+    log.info("train: trial %d done in %.0f s, %s", trial, seconds, trial_summary["final_losses"])
+    return trial_summary
+
+
+def _torch_trainer(job: TrainJob, name: str, runs_dir: Path) -> Any:
+    """`train_worker` on `ray.num_workers` DDP workers, checkpointing under <runs>/ray/<name>."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray_params = job.params.ray
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend=ddp_backend(torch.device("cuda" if ray_params.use_gpu else "cpu"))),
+        scaling_config=ScalingConfig(num_workers=ray_params.num_workers, use_gpu=ray_params.use_gpu,
+                                     resources_per_worker={"CPU": ray_params.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=str(runs_dir.resolve() / "ray"),
+            failure_config=FailureConfig(max_failures=ray_params.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=ray_params.keep_checkpoints)),
+    )
+
+
+def _fit(trainer: Any, client: Any, run_id: str, trial: int, name: str) -> tuple[Any, dict[str, Any]]:
+    """(Ray result, final checkpoint state); a failed, non-finite or checkpoint-less fit fails the MLflow run."""
+    try:
+        result = trainer.fit()
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    if result.metrics and "nonfinite" in result.metrics:
+        client.set_terminated(run_id, status="FAILED")
+        raise NonFiniteTraining(f"train: trial {trial} stopped on a non-finite loss: {result.metrics['nonfinite']}"
+                                " (no model written; lower objective.lr or check the data)")
+    if result.checkpoint is None:
+        client.set_terminated(run_id, status="FAILED")
+        raise RuntimeError(f"train: Ray run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    return result, state
 
 
 def _save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tasks.infra.environment import set_quiet_local_defaults
+
 # Before any test imports Prefect, Ray, DVC or MLflow.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+set_quiet_local_defaults()
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tasks.config import Params, parse
@@ -90,3 +91,13 @@ def prepare_data(root: Path, params: Params) -> Path:
     synthesize.run(params, params.raw_dir(), params.manifest_path(), params.lr_dir(), params.mlr_manifest_path())
     decode.run(params, params.mlr_manifest_path(), params.store_dir())
     return params.mlr_manifest_path()
+
+
+def prepared(factory: pytest.TempPathFactory, name: str, overrides: dict[str, Any]) -> tuple[Path, Params]:
+    """A folder with the micro dataset downloaded, synthesized and decoded (module-scoped fixtures)."""
+    root = factory.mktemp(name)
+    params = micro_params(overrides)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        prepare_data(root, params)
+    return root, params

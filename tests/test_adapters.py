@@ -23,10 +23,11 @@ from dataset_fixtures import (
 from PIL import Image
 
 from tasks import download, manifest, synthesize
-from tasks.config import Params, SourceConfig
+from tasks.config import Params, SourceConfig, load_params
 from tasks.datasets import RawImage, get_adapter
 from tasks.datasets.acquire import ChecksumError, DownloadError
 from tasks.datasets.base import DatasetError
+from tests.micro_project import REPO
 
 __all__ = ["http_server"]
 
@@ -174,7 +175,8 @@ def test_cuhk03_detected_images(tmp_path: Path) -> None:
     placed = tmp_path / "data" / "downloads" / "cuhk03_release.zip"
     placed.parent.mkdir(parents=True)
     placed.write_bytes(built.data)
-    params = make_params(tmp_path, "cuhk03-detected", {"cuhk03": SourceConfig(md5=built.md5)})
+    params = make_params(tmp_path, "cuhk03-detected",
+                         {"cuhk03": SourceConfig(md5=built.md5, filename="cuhk03_release.zip")})
     images = acquire_and_scan(params)
     stored = built.extra["stored"]["detected"]  # type: ignore[index]
     first = images[0]
@@ -243,6 +245,18 @@ def test_custom_table_errors_name_file_row_and_column(tmp_path: Path, header: st
     with pytest.raises(DatasetError) as info:
         download.run(params, params.raw_dir())
     assert str(table) in str(info.value) and message in str(info.value)
+
+
+def test_sources_are_read_from_params_only(tmp_path: Path) -> None:
+    # params.yaml `sources` is the one place a url/md5 is written: every adapter that downloads has an
+    # entry in the repository's params.yaml, and with none in params it refuses by key instead of
+    # falling back to a copy of its own.
+    sources = load_params(REPO / "params.yaml").sources
+    for name in ("viper", "cuhk03", "caviar", "market1501", "custom"):
+        assert name in sources, name
+    for name, key in (("viper", "viper"), ("cuhk03-detected", "cuhk03"), ("market1501", "market1501")):
+        with pytest.raises(DownloadError, match=rf"params\.yaml has no sources\.{key}:"):
+            download.run(make_params(tmp_path, name), tmp_path / "raw" / name)
 
 
 def test_custom_needs_a_table(tmp_path: Path) -> None:

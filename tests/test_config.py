@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tasks.config import Params, ParamsError, load_params
+from rain_model.config import ModelConfig
+from tasks.config import Params, ParamsError, load_params, parse
 from tests.micro_project import REPO
 
 
@@ -46,6 +48,8 @@ def test_unknown_key_inside_a_model_config_is_refused(tmp_path: Path) -> None:
     ({"protocol": {"train_rates": [2, "x"]}}, r"protocol.train_rates\[1\]"),
     ({"evaluate": {"distance": "manhattan"}}, "evaluate.distance"),
     ({"model": {"backbone": "vgg16"}}, "backbone"),
+    ({"ray": {"max_failures": -1}}, "ray.max_failures"),
+    ({"ray": {"keep_checkpoints": 0}}, "ray.keep_checkpoints"),
 ])
 def test_wrong_types_and_values_name_the_key(tmp_path: Path, data: dict, key: str) -> None:
     with pytest.raises(ParamsError, match=key):
@@ -54,14 +58,60 @@ def test_wrong_types_and_values_name_the_key(tmp_path: Path, data: dict, key: st
 
 def test_values_are_typed_and_frozen(tmp_path: Path) -> None:
     params = load_params(write(tmp_path, {"objective": {"margin": 1}, "model": {"levels": [5]}}))
-    assert params.objective.margin == 1.0 and isinstance(params.objective.margin, float)
+    assert params.objective.margin == 1.0 and type(params.objective.margin) is float
     assert params.model.levels == (5,)
     with pytest.raises(AttributeError):
         params.train.epochs = 3  # type: ignore[misc]
-    assert isinstance(params, Params)
+    sections = [getattr(params, f.name) for f in dataclasses.fields(params)]
+    assert all(type(s).__dataclass_params__.frozen for s in sections if dataclasses.is_dataclass(s))  # type: ignore[attr-defined]
 
 
 def test_derived_paths_follow_paths_and_dataset(tmp_path: Path) -> None:
     params = load_params(write(tmp_path, {"paths": {"manifests": "m"}, "dataset": {"name": "viper"}}))
     assert params.mlr_manifest_path() == Path("m/viper-mlr.parquet")
     assert params.raw_dir() == Path("data/raw/viper")
+
+
+def _fields(obj: object, prefix: str = "") -> dict[str, object]:
+    """Every leaf field of a (nested) params dataclass by dotted key."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= _fields(value, f"{prefix}{f.name}.")
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def test_params_yaml_names_every_field_with_the_code_default() -> None:
+    # params.yaml is "every parameter of the pipeline": each field of each params dataclass is written
+    # there, and the dataclass default is that value, so a config built in code (Params(), ModelConfig())
+    # and the pipeline's own run the same thing and cannot drift apart.
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = _fields(Params())
+    del defaults["sources"]  # a mapping of datasets, no defaults: B keeps it in params.yaml only
+    missing = []
+    for key in defaults:
+        section, name = key.split(".")
+        if name not in (data.get(section) or {}):
+            missing.append(key)
+    assert not missing, f"params.yaml lacks {missing}"
+    parsed = _fields(parse(Params, data, ""))
+    differ = {k: (parsed[k], v) for k, v in defaults.items() if parsed[k] != v}
+    assert not differ, f"params.yaml value != code default: {differ}"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"train": {"epochs": 0}}, r"^params\.yaml: train\.epochs = 0 is invalid: expected >= 1$"),
+    ({"model": {"levels": [5, 4]}}, r"^params\.yaml: model\.levels = \(5, 4\) is invalid: must be strictly"),
+    ({"objective": {"lr": 0}}, r"^params\.yaml: objective\.lr = 0\.0 is invalid: must be > 0"),
+])
+def test_every_config_check_names_the_dotted_key_and_is_a_value_error(tmp_path: Path, data: dict,
+                                                                      message: str) -> None:
+    # One check (rain_model.config.require) for the pipeline's and the model's configs: the same wording,
+    # the dotted key, and a ValueError for callers that catch that.
+    with pytest.raises(ValueError, match=message):  # as callers that only know ValueError catch it
+        load_params(write(tmp_path, data))
+    with pytest.raises(ValueError, match=r"^levels=\(5, 4\): must be strictly"):
+        ModelConfig(levels=(5, 4))

@@ -26,11 +26,12 @@ def test_several_trials_average_draws_first_then_spread_over_trials() -> None:
     evals = [(0, cmc(0.2), 0.1), (0, cmc(0.4), 0.3), (1, cmc(0.7), 0.6)]
     row = summarise("lr", evals)
     assert row["rank1"] == pytest.approx(0.5)  # mean of 0.3 and 0.7, not of the three draws
-    assert row["rank1_std"] == pytest.approx(0.2)
-    assert row["mAP"] == pytest.approx(0.4) and row["mAP_std"] == pytest.approx(0.2)
+    # the sample std (n - 1) of the two trial means: |0.7 - 0.3| / sqrt(2); the population one would be 0.2
+    assert row["rank1_std"] == pytest.approx(0.4 / np.sqrt(2), abs=1e-6)
+    assert row["mAP"] == pytest.approx(0.4) and row["mAP_std"] == pytest.approx(0.4 / np.sqrt(2), abs=1e-6)
     assert row["rank20"] == 1.0 and row["rank20_std"] == 0.0
 
 
 def test_one_trial_spreads_over_gallery_draws() -> None:
     row = summarise("lr", [(0, cmc(0.2), 0.1), (0, cmc(0.4), 0.3)])
-    assert row["rank1"] == pytest.approx(0.3) and row["rank1_std"] == pytest.approx(0.1)
+    assert row["rank1"] == pytest.approx(0.3) and row["rank1_std"] == pytest.approx(0.2 / np.sqrt(2), abs=1e-6)

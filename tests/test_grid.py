@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -74,7 +78,14 @@ def test_run_key_follows_what_changes_a_result_and_nothing_else() -> None:
     params = micro_params()
     inputs = {"train_manifest": "a", "eval_manifest": "b", "code": "c"}
     key = grid.run_key(params, "multi_level", 0, inputs)
-    assert key == grid.run_key(params, "multi_level", 0, dict(inputs))
+    assert re.fullmatch(r"[0-9a-f]{64}", key)  # a sha256 digest
+    assert grid.run_key(params, "multi_level", 0, dict(reversed(inputs.items()))) == key  # inputs are a mapping
+    # result.json keeps the key for later processes: another interpreter (other str hashes) computes the same.
+    code = ("from tests.micro_project import micro_params; from tasks.grid import configs as grid; "
+            f"print(grid.run_key(micro_params(), 'multi_level', 0, {inputs!r}))")
+    other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONHASHSEED": "12345"},
+                           capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == key
     same = [
         dataclasses.replace(params, experiments=dataclasses.replace(params.experiments, seeds=(0, 5), cpus_per_run=4)),
         dataclasses.replace(params, paths=dataclasses.replace(params.paths, experiments="elsewhere")),

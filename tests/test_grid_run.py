@@ -12,17 +12,12 @@ import pytest
 from tasks import grid_run
 from tasks.config import Params, ParamsError
 from tasks.grid import runs
-from tests.micro_project import micro_params, prepare_data
+from tests.micro_project import prepared
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
-    root = tmp_path_factory.mktemp("grid-stage")
-    params = micro_params({"experiments": {"epochs": 1}})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        prepare_data(root, params)
-    return root, params
+    return prepared(tmp_path_factory, "grid-stage", {"experiments": {"epochs": 1}})
 
 
 def test_a_run_writes_its_result_and_is_then_up_to_date(project: tuple[Path, Params],

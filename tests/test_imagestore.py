@@ -20,19 +20,14 @@ from tasks.config import Params
 from tasks.images.loaders import load_tensor, read_rows
 from tasks.images.store import ImageStore, StorePairs, as_batch, manifest_images
 from tasks.registry.embed import embed_paths, embed_store
-from tests.micro_project import micro_params, prepare_data
+from tests.micro_project import prepared
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
-    root = tmp_path_factory.mktemp("store")
-    params = micro_params({"protocol": {"workers": 2}})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        prepare_data(root, params)  # download, manifest, synthesize, decode
-    return root, params
+    return prepared(tmp_path_factory, "store", {"protocol": {"workers": 2}})
 
 
 @pytest.fixture()

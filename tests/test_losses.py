@@ -134,15 +134,15 @@ def test_discriminator_and_adversarial_losses_match_eq1() -> None:
     torch.manual_seed(0)
     logits_hr = [torch.randn(5), torch.randn(5)]
     logits_lr = [torch.randn(5), torch.randn(5)]
-    eq1 = sum(
+    eq1 = torch.stack([
         torch.log(torch.sigmoid(hr)).mean() + torch.log(1 - torch.sigmoid(lr)).mean()
         for hr, lr in zip(logits_hr, logits_lr, strict=True)
-    )
-    assert isinstance(eq1, torch.Tensor)
+    ]).sum()
+    assert float(eq1) < 0  # a sum of log-probabilities
     torch.testing.assert_close(discriminator_loss(logits_hr, logits_lr), -eq1)
     torch.testing.assert_close(adversarial_loss(logits_hr, logits_lr, "minimax"), eq1)
-    non_saturating = -sum(torch.log(torch.sigmoid(lr)).mean() for lr in logits_lr)
-    assert isinstance(non_saturating, torch.Tensor)
+    non_saturating = -torch.stack([torch.log(torch.sigmoid(lr)).mean() for lr in logits_lr]).sum()
+    assert float(non_saturating) > 0  # minus a sum of log-probabilities
     torch.testing.assert_close(adversarial_loss(logits_hr, logits_lr, "non_saturating"), non_saturating)
     with pytest.raises(ValueError, match="adv_loss"):
         adversarial_loss(logits_hr, logits_lr, "wasserstein")

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from rain_model.metrics import (
-    SingleShotResult,
     evaluate_rank,
-    evaluate_single_shot,
+    mean_std,
     pairwise_distance,
     single_shot_gallery,
 )
@@ -58,7 +57,7 @@ def test_known_cmc_and_map():
     cmc, m_ap = evaluate_rank(dist, ids(1), ids(2, 1, 3, 1), ids(0), ids(1, 1, 1, 1), max_rank=4)
     np.testing.assert_array_equal(cmc, [0.0, 1.0, 1.0, 1.0])
     assert m_ap == pytest.approx((1 / 2 + 2 / 4) / 2)
-    assert cmc.dtype == np.float64 and isinstance(m_ap, float)
+    assert cmc.dtype == np.float64 and cmc.shape == (4,) and type(m_ap) is float  # a builtin float, not numpy's
 
 
 def test_average_over_queries():
@@ -284,26 +283,37 @@ def test_single_shot_draws_one_image_per_identity_reproducibly():
     assert np.unique(many).shape[0] == g_pids.shape[0]
 
 
-def test_evaluate_single_shot_is_mean_and_std_of_draws():
+def test_single_shot_draws_give_one_match_per_query_and_a_spread():
+    """On a single-shot draw each query has exactly one correct match, so its AP is 1 / (the match's rank):
+    mAP is the mean reciprocal rank and cmc[k] the share of matches within rank k + 1. Draws differ, so
+    the spread over them is not zero."""
     rng = np.random.default_rng(5)
     g_pids, g_cams = gallery(rng, n_ids=30, per_id=4)
     q_pids = rng.choice(np.unique(g_pids), 50)
     q_cams = np.zeros(50, dtype=np.int64)  # gallery cameras are 1..3: no junk
-    dist = rng.random((50, g_pids.shape[0]))
-    res = evaluate_single_shot(dist, q_pids, g_pids, q_cams, g_cams, seed=3, repeats=5, max_rank=10)
-    assert isinstance(res, SingleShotResult)
-    runs = [
-        evaluate_rank(dist[:, idx], q_pids, g_pids[idx], q_cams, g_cams[idx], 10)
-        for idx in single_shot_gallery(g_pids, g_cams, seed=3, repeats=5)
-    ]
-    cmcs = np.stack([c for c, _ in runs])
-    maps = np.array([m for _, m in runs])
-    np.testing.assert_allclose(res.cmc, cmcs.mean(0))
-    np.testing.assert_allclose(res.cmc_std, cmcs.std(0))
-    assert res.mAP == pytest.approx(maps.mean()) and res.mAP_std == pytest.approx(maps.std())
-    assert res.cmc_runs.shape == (5, 10) and res.mAP_runs.shape == (5,)
-    assert res.mAP_std > 0  # the draws really differ
-    again = evaluate_single_shot(dist, q_pids, g_pids, q_cams, g_cams, seed=3, repeats=5, max_rank=10)
-    np.testing.assert_array_equal(again.cmc_runs, res.cmc_runs)
-    one = evaluate_single_shot(dist, q_pids, g_pids, q_cams, g_cams, seed=3, repeats=1, max_rank=10)
-    assert one.mAP_std == 0.0 and np.all(one.cmc_std == 0.0)
+    dist = rng.random((50, g_pids.shape[0]))  # continuous: no ties
+    maps = []
+    for idx in single_shot_gallery(g_pids, g_cams, seed=3, repeats=5):
+        cmc, m_ap = evaluate_rank(dist[:, idx], q_pids, g_pids[idx], q_cams, g_cams[idx], max_rank=10)
+        d = dist[:, idx]  # (Q, 30)
+        match = np.array([np.flatnonzero(g_pids[idx] == q)[0] for q in q_pids])  # (Q,) the one match
+        rank = 1 + (d < d[np.arange(50), match][:, None]).sum(axis=1)  # (Q,) 1-based
+        assert m_ap == pytest.approx(np.mean(1.0 / rank))
+        np.testing.assert_allclose(cmc, [np.mean(rank <= k) for k in range(1, 11)])
+        maps.append(m_ap)
+    _, map_std = mean_std(maps)
+    assert map_std > 0  # the draws really differ
+
+
+def test_mean_std_is_the_sample_std_and_zero_for_one_value():
+    mean, std = mean_std([0.2, 0.4, 0.6])
+    assert float(mean) == pytest.approx(0.4)
+    assert float(std) == pytest.approx(0.2)  # sqrt(((-0.2)^2 + 0 + 0.2^2) / (3 - 1)): n - 1, not n
+    mean, std = mean_std([0.7])
+    assert float(mean) == 0.7 and float(std) == 0.0  # no spread, not NaN
+    rows = np.array([[0.0, 1.0], [2.0, 1.0]])  # (draws, ranks): spread per column
+    mean, std = mean_std(rows)
+    np.testing.assert_allclose(mean, [1.0, 1.0])
+    np.testing.assert_allclose(std, [np.sqrt(2.0), 0.0])
+    with pytest.raises(ValueError, match="no values"):
+        mean_std([])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +147,76 @@ def test_yaml_lists_become_tuples() -> None:
     assert cfg.levels == (5,) and cfg.decoder_channels == (8, 8)
 
 
-def test_importing_the_package_does_no_work() -> None:
-    code = "import sys, rain_model; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+# Run in a fresh interpreter: imports the third-party packages every project module imports at its top
+# level first (their own import-time habits are not ours), then, under an audit hook, every module of
+# rain_model and tasks, and prints what that second phase did to the process and the machine.
+_IMPORT_PROBE = r"""
+import ast, importlib, json, logging, os, pkgutil, sys, threading
+from pathlib import Path
+
+def project_modules():
+    names = []
+    for pkg in ("rain_model", "tasks"):
+        spec = importlib.util.find_spec(pkg)
+        names.append(pkg)
+        names += [m.name for m in pkgutil.walk_packages(spec.submodule_search_locations, pkg + ".")]
+    return names
+
+def top_level_imports(name):
+    tree = ast.parse(Path(importlib.util.find_spec(name).origin).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+
+names = project_modules()
+for dep in sorted({d for n in names for d in top_level_imports(n)}):
+    if dep.split(".")[0] not in ("rain_model", "tasks", "__future__"):
+        importlib.import_module(dep)
+
+import torch
+WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+EFFECTS = {"socket.connect", "socket.bind", "socket.getaddrinfo", "subprocess.Popen", "os.fork", "os.system",
+           "os.posix_spawn", "os.mkdir", "os.rename", "os.remove", "shutil.rmtree"}
+events = []
+
+def audit(event, args):
+    writes = event == "open" and (
+        (isinstance(args[1], str) and set(args[1]) & set("wax+")) or (isinstance(args[2], int) and args[2] & WRITES))
+    if writes or event in EFFECTS:
+        events.append(f"{event} {args[0]!r}")
+
+def os_threads():
+    return len(os.listdir("/proc/self/task"))
+
+root = logging.getLogger()
+before = {"os_threads": os_threads(), "python_threads": threading.active_count(), "root_handlers": len(root.handlers),
+          "root_level": root.level, "torch_threads": torch.get_num_threads(), "torch_seed": torch.initial_seed()}
+sys.addaudithook(audit)
+for name in names:
+    importlib.import_module(name)
+after = {"os_threads": os_threads(), "python_threads": threading.active_count(), "root_handlers": len(root.handlers),
+         "root_level": root.level, "torch_threads": torch.get_num_threads(), "torch_seed": torch.initial_seed()}
+print(json.dumps({"modules": names, "events": events, "before": before, "after": after,
+                  "cuda_initialized": torch.cuda.is_initialized()}))
+"""
+
+
+def test_importing_every_module_does_no_work(tmp_path: Path) -> None:
+    """Importing rain_model and tasks starts no thread (a torch op would start its pool), writes no file,
+    opens no socket, spawns no process, configures no logging and touches no torch global state."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1",  # a .pyc would count as a file
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert {"rain_model.objective", "tasks.train", "tasks.registry.search", "tasks.training.loop"} <= set(
+        report["modules"])  # the walk really reached the modules, not only the packages
+    assert report["events"] == []
+    assert report["after"] == report["before"]
+    assert not report["cuda_initialized"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["home"]

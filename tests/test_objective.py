@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,8 @@ from rain_model.network import RAIN, GeneratorOutput
 from rain_model.objective import (
     Batch,
     NonFiniteLossError,
-    discriminator_step,
     forward_generator,
     generator_losses,
-    generator_step,
     make_optimizers,
     train_step,
 )
@@ -55,29 +54,56 @@ def _changed(module: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, p in module.named_parameters() if not torch.equal(p, before[name])]
 
 
+@dataclass
+class _AfterStep:
+    """A module's parameters and gradients right after an optimizer's step (see `_after_step`)."""
+
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+
+def _after_step(optimizer: torch.optim.Optimizer, module: nn.Module) -> _AfterStep:
+    """Filled in by every ``optimizer.step()``. train_step runs the D update, then the F/G/C update,
+    each with its own optimizer, so a hook on one optimizer sees the model between the two."""
+    seen = _AfterStep()
+
+    def record(*_: object) -> None:
+        seen.params = _snapshot(module)
+        seen.grads = {n: None if p.grad is None else p.grad.clone() for n, p in module.named_parameters()}
+
+    optimizer.register_step_post_hook(record)
+    return seen
+
+
 def test_fgc_step_gives_every_fgc_parameter_a_gradient_and_leaves_every_d_unchanged() -> None:
     model, obj, batch = _model(), ObjectiveConfig(), _batch(0)
     optimizers = make_optimizers(model, obj)
-    d_before = _snapshot(model.discriminators)
-    out = forward_generator(model.generator, batch, obj, levels=(4, 5))
-    losses = generator_step(model.generator, model.discriminators, optimizers.generator, out, batch, obj, step=0)
+    d_after_d_step = _after_step(optimizers.discriminator, model.discriminators)
+    losses = train_step(model.generator, model.discriminators, optimizers, batch, obj, step=0)
     assert all(float(losses[t]) > 0 for t in TERMS)
     no_grad = [n for n, p in model.generator.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
     assert no_grad == []
-    assert _changed(model.discriminators, d_before) == []
-    assert all(p.grad is None for p in model.discriminators.parameters())
+    # The F/G/C update came after the D update: the D_j are as that left them, weights and gradients.
+    assert d_after_d_step.params, "the D update ran"
+    assert _changed(model.discriminators, d_after_d_step.params) == []
+    grads = d_after_d_step.grads
+    assert all(p.grad is not None and (g := grads[n]) is not None and torch.equal(p.grad, g)
+               for n, p in model.discriminators.named_parameters())
 
 
 def test_d_step_trains_every_d_and_leaves_f_g_c_unchanged() -> None:
     model, obj, batch = _model(), ObjectiveConfig(), _batch(0)
     optimizers = make_optimizers(model, obj)
     g_before, d_before = _snapshot(model.generator), _snapshot(model.discriminators)
-    out = forward_generator(model.generator, batch, obj, levels=(4, 5))
-    l_d = discriminator_step(model.discriminators, optimizers.discriminator, out.feats, 6, obj, step=0)
-    assert float(l_d) > 0
-    assert _changed(model.generator, g_before) == []
-    assert all(p.grad is None for p in model.generator.parameters())
-    assert sorted(_changed(model.discriminators, d_before)) == sorted(d_before)
+    g_after_d_step = _after_step(optimizers.discriminator, model.generator)
+    d_after_d_step = _after_step(optimizers.discriminator, model.discriminators)
+    losses = train_step(model.generator, model.discriminators, optimizers, batch, obj, step=0)
+    assert float(losses["L_D"]) > 0
+    assert g_after_d_step.params and d_after_d_step.params, "the D update ran"
+    assert [n for n, p in g_before.items() if not torch.equal(p, g_after_d_step.params[n])] == []
+    assert all(grad is None for grad in g_after_d_step.grads.values())
+    d_moved = [n for n, p in d_before.items() if not torch.equal(p, d_after_d_step.params[n])]
+    assert sorted(d_moved) == sorted(d_before)
 
 
 @pytest.mark.parametrize("term", TERMS)
@@ -90,10 +116,11 @@ def test_a_term_with_weight_zero_contributes_exactly_zero_gradient(term: str) ->
     reference = copy.deepcopy(model)
 
     optimizers = make_optimizers(model, off)
-    out = forward_generator(model.generator, batch, off, levels=(4, 5))
-    losses = generator_step(model.generator, model.discriminators, optimizers.generator, out, batch, off, step=0)
+    losses = train_step(model.generator, model.discriminators, optimizers, batch, off, step=0)
     assert float(losses[term]) == 0.0
 
+    # The F/G/C update met the D_j as train_step's D update had just left them (it changes no D_j itself).
+    reference.discriminators.load_state_dict(model.discriminators.state_dict())
     out_ref = forward_generator(reference.generator, batch, full, levels=(4, 5))
     terms_ref = generator_losses(reference.discriminators, out_ref, batch, full)
     sum(terms_ref[t] for t in TERMS if t != term).backward()  # type: ignore[union-attr]
@@ -207,8 +234,7 @@ def test_unlabelled_batch_trains_on_rec_and_adv_only() -> None:
     model, obj = _model(), ObjectiveConfig()
     optimizers = make_optimizers(model, obj)
     batch = _batch(0, labels=[-1] * 6)
-    out = forward_generator(model.generator, batch, obj, levels=(4, 5))
-    losses = generator_step(model.generator, model.discriminators, optimizers.generator, out, batch, obj, 0)
+    losses = train_step(model.generator, model.discriminators, optimizers, batch, obj, 0)
     assert float(losses["L_cls"]) == 0.0 and float(losses["L_tri"]) == 0.0
     assert float(losses["L_rec"]) > 0 and float(losses["L_adv"]) > 0
     assert all(p.grad is None or not torch.any(p.grad != 0) for p in model.generator.classifier.parameters())

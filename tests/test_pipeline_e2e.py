@@ -54,6 +54,27 @@ def test_flow_runs_every_stage_and_registers_a_candidate(first_run: tuple[Path, 
         assert (project / "reports/synthetic" / picture).stat().st_size > 0
 
 
+def _changed_pipeline_stages(project: Path) -> set[str]:
+    """Stages of the pipeline's dvc.yaml that `dvc status` reports (the grid's never ran here)."""
+    out = dvc(project, "status", "dvc.yaml")
+    return {m for m in re.findall(r"^(\w+):", out, flags=re.M)}
+
+
+def test_editing_the_training_loop_makes_train_stale_and_nothing_upstream(
+        first_run: tuple[Path, dict[str, Any]]) -> None:
+    project, _ = first_run
+    loop = project / "tasks/training/loop.py"
+    original = loop.read_text()
+    assert _changed_pipeline_stages(project) == set()
+    loop.write_text(original + "\n# a learning-rate warm-up\n")
+    try:
+        # register too: the registered model bundles the project's code (MLflow code_paths), loop included
+        assert _changed_pipeline_stages(project) == {"train", "register"}
+    finally:
+        loop.write_text(original)
+    assert _changed_pipeline_stages(project) == set()
+
+
 def test_second_run_is_up_to_date_and_a_train_param_reruns_only_downstream(
         first_run: tuple[Path, dict[str, Any]]) -> None:
     from flows.pipeline import rain

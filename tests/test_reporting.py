@@ -1,11 +1,16 @@
-"""Report pictures and tables in tasks.evaluation.reporting: written, readable, of the size asked for."""
+"""Report pictures and tables in tasks.evaluation.reporting: written, readable, of the size asked for, and
+showing the data given (read back from each matplotlib figure as it was saved)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from matplotlib.axes import Axes
+from matplotlib.container import BarContainer, ErrorbarContainer
+from matplotlib.figure import Figure
 from PIL import Image
 
 from tasks.evaluation.reporting import (
@@ -36,6 +41,26 @@ def assert_size_within_1px(img: Image.Image, size: tuple[int, int]) -> None:
     assert abs(img.size[0] - size[0]) <= 1 and abs(img.size[1] - size[1]) <= 1, (img.size, size)
 
 
+@pytest.fixture
+def saved_axes(monkeypatch: pytest.MonkeyPatch) -> list[Axes]:
+    """The single axes of every matplotlib figure saved during the test, in saving order."""
+    saved: list[Axes] = []
+    savefig = Figure.savefig
+
+    def recording_savefig(fig: Figure, *args: Any, **kwargs: Any) -> None:
+        (ax,) = fig.axes
+        saved.append(ax)
+        savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    return saved
+
+
+def scatter_groups(ax: Axes) -> dict[str, np.ndarray]:
+    """Legend label -> (n, 2) points of every scatter in `ax`, in drawing order."""
+    return {str(c.get_label()): np.asarray(c.get_offsets()) for c in ax.collections}
+
+
 # --- CMC ------------------------------------------------------------------------------------------
 
 
@@ -47,6 +72,19 @@ def test_plot_cmc_writes_picture_of_requested_size(tmp_path, size):
     img = open_picture(out)
     assert_size_within_1px(img, size)
     assert len(set(img.convert("RGB").getdata())) > 10  # something was drawn
+
+
+def test_plot_cmc_draws_each_curve_in_percent_against_rank(tmp_path, saved_axes):
+    curves = {"LR r=2": [0.4, 0.55, 0.7, 0.9], "HR": [0.6, 0.8, 0.85, 1.0]}
+    plot_cmc(curves, tmp_path / "cmc.png", size_px=(400, 300))
+    (ax,) = saved_axes
+    lines = {str(line.get_label()): line.get_xydata() for line in ax.get_lines()}
+    assert list(lines) == list(curves)
+    for label, values in curves.items():
+        np.testing.assert_array_equal(lines[label][:, 0], [1, 2, 3, 4])  # ranks, 1-based
+        np.testing.assert_allclose(lines[label][:, 1], [100 * v for v in values])
+    legend = ax.get_legend()
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == list(curves)
 
 
 def test_cmc_plot_rows_wide_format():
@@ -65,7 +103,7 @@ def test_cmc_plot_rows_wide_format():
 # --- t-SNE ----------------------------------------------------------------------------------------
 
 
-def test_plot_tsne_by_identity_and_by_rate(tmp_path):
+def test_plot_tsne_by_identity_and_by_rate(tmp_path, saved_axes):
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((12, 32)) * 4
     identity = np.repeat(np.arange(12), 5)  # (60,)
@@ -76,11 +114,30 @@ def test_plot_tsne_by_identity_and_by_rate(tmp_path):
     assert_size_within_1px(open_picture(out_id), (500, 420))
     assert_size_within_1px(open_picture(out_r), (901, 899))
 
+    by_identity, by_rate = (scatter_groups(ax) for ax in saved_axes)
+    assert list(by_identity) == [str(i) for i in range(12)]  # one colour per identity, in numeric order
+    assert all(points.shape == (5, 2) for points in by_identity.values())
+    colours = {tuple(c.get_facecolor()[0]) for c in saved_axes[0].collections}
+    assert len(colours) == 12
+    # Each identity is a tight cluster in the features, so a point coloured as identity i has a
+    # nearest neighbour coloured i: colours follow the points they belong to.
+    xy = np.concatenate(list(by_identity.values()))  # (60, 2)
+    owner = np.repeat(np.arange(12), 5)
+    d = np.linalg.norm(xy[:, None] - xy[None], axis=-1) + np.diag(np.full(60, np.inf))  # (60, 60)
+    assert np.mean(owner[d.argmin(axis=1)] == owner) >= 0.9
 
-def test_plot_tsne_few_points_and_bad_input(tmp_path):
+    assert list(by_rate) == ["r=1", "r=2", "r=4", "r=8"]  # natural order of the rates
+    assert {k: len(v) for k, v in by_rate.items()} == {"r=1": 12, "r=2": 24, "r=4": 12, "r=8": 12}
+    legend = saved_axes[1].get_legend()
+    assert legend is not None and legend.get_title().get_text() == "rate"
+
+
+def test_plot_tsne_few_points_and_bad_input(tmp_path, saved_axes):
     feats = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 2.0], [2.0, 2.0, 0.0]])
     out = plot_tsne(feats, ["a", "b", "a"], tmp_path / "few.png", size_px=(300, 300))
     assert_size_within_1px(open_picture(out), (300, 300))
+    (ax,) = saved_axes
+    assert {k: len(v) for k, v in scatter_groups(ax).items()} == {"a": 2, "b": 1}  # all three points
     with pytest.raises(ValueError, match="at least 2"):
         plot_tsne(feats[:1], ["a"], tmp_path / "one.png")
     with pytest.raises(ValueError, match="colour_by"):
@@ -195,6 +252,38 @@ def test_label_fraction_and_rate_bar_plots_have_the_requested_size(tmp_path):
     out2 = plot_rate_bars(bars, tmp_path / "bars.png", size_px=(500, 400))
     with Image.open(out) as a, Image.open(out2) as b:
         assert a.size == (640, 480) and b.size == (500, 400)
+
+
+def test_label_fraction_plot_draws_each_curve_and_reference_in_percent(tmp_path, saved_axes):
+    curve = {"RAIN": ([0.0, 0.5, 1.0], [0.1, 0.5, 0.7], [0.01, 0.05, 0.02])}
+    plot_label_fraction(curve, tmp_path / "f5.png", {"baseline": (0.3, 0.02)}, size_px=(640, 480))
+    (ax,) = saved_axes
+    (errorbar,) = (c for c in ax.containers if isinstance(c, ErrorbarContainer))
+    assert errorbar.get_label() == "RAIN"
+    data_line, _, (bars,) = errorbar.lines
+    np.testing.assert_allclose(data_line.get_xydata(), [[0, 10], [50, 50], [100, 70]])
+    np.testing.assert_allclose([seg[:, 1] for seg in bars.get_segments()], [[9, 11], [45, 55], [68, 72]])
+    (reference,) = (line for line in ax.get_lines() if line.get_label() == "baseline")
+    np.testing.assert_allclose(reference.get_ydata(), [30, 30])
+    (band,) = ax.patches  # the reference's mean +- std
+    ys = band.get_path().transformed(band.get_patch_transform()).vertices[:, 1]
+    assert (ys.min(), ys.max()) == (pytest.approx(28), pytest.approx(32))
+
+
+def test_rate_bar_plot_draws_a_bar_per_method_and_test_set_in_percent(tmp_path, saved_axes):
+    bars = {"RAIN": {"r=2": (0.7, 0.1), "r=8": (0.4, 0.05)}, "baseline": {"r=2": (0.2, 0.0)}}
+    plot_rate_bars(bars, tmp_path / "bars.png", size_px=(500, 400))
+    (ax,) = saved_axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["r=2", "r=8"]  # test sets in first-seen order
+    groups = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [g.get_label() for g in groups] == ["RAIN", "baseline"]
+    heights = [[p.get_height() for p in g.patches] for g in groups]
+    np.testing.assert_allclose(heights, [[70, 40], [20, np.nan]])  # baseline has no r=8 bar
+    centres = [[p.get_x() + p.get_width() / 2 for p in g.patches] for g in groups]
+    assert centres[0][0] < centres[1][0] < 1 and 0 < centres[0][1] < centres[1][1]  # grouped by test set
+    assert groups[0].errorbar is not None
+    (rain_err,) = groups[0].errorbar.lines[2]
+    np.testing.assert_allclose([seg[:, 1] for seg in rain_err.get_segments()], [[60, 80], [35, 45]])
 
 
 def test_grid_plots_refuse_bad_input(tmp_path):

@@ -22,9 +22,14 @@ def _sampler(**kwargs: object) -> IdentityBalancedSampler:
     return IdentityBalancedSampler(**args)  # type: ignore[arg-type]
 
 
+def _groups(sampler: IdentityBalancedSampler) -> list[list[list[int]]]:
+    """The batches of one pass over `sampler`, each cut into consecutive groups of K indices."""
+    return [[batch[i:i + sampler.k] for i in range(0, len(batch), sampler.k)] for batch in sampler]
+
+
 def test_every_global_batch_has_p_identities_times_k_images() -> None:
     sampler = _sampler(drop_unlabelled=True)
-    batches = sampler.global_batches(0)
+    batches = _groups(sampler)
     assert len(batches) == len(sampler) == sum(label >= 0 for label in LABELS) // (4 * 3)
     for groups in batches:
         assert len(groups) == 4 and all(len(group) == 3 for group in groups)
@@ -37,7 +42,7 @@ def test_identities_are_visited_evenly_and_their_images_before_repeats() -> None
     sampler = _sampler(drop_unlabelled=True, p=2, k=2)
     visits: Counter[int] = Counter()
     images: dict[int, list[int]] = {}
-    for groups in sampler.global_batches(0):
+    for groups in _groups(sampler):
         for group in groups:
             visits[LABELS[group[0]]] += 1
             images.setdefault(LABELS[group[0]], []).extend(group)
@@ -52,18 +57,20 @@ def test_ranks_get_disjoint_identities_that_cover_the_global_batch() -> None:
     world = [_sampler(rank=r, world_size=2, p=4) for r in range(2)]
     assert len(world[0]) == len(world[1])
     per_rank = [list(s) for s in world]
-    for b, groups in enumerate(world[0].global_batches(0)):
+    whole = list(_sampler(p=4))  # one process (world_size 1) takes the whole global batch
+    assert len(whole) == len(per_rank[0])
+    for b, batch in enumerate(whole):
         shares = [per_rank[r][b] for r in range(2)]
         assert all(len(share) == 2 * 3 for share in shares)  # P / world_size identities x K
-        assert shares[0] + shares[1] == [i for group in groups for i in group]
+        assert shares[0] + shares[1] == batch
         ids = [{LABELS[i] for i in share if LABELS[i] >= 0} for share in shares]
         assert not ids[0] & ids[1]
 
 
 def test_unlabelled_images_fill_slots_unless_dropped() -> None:
-    kept = {i for groups in _sampler().global_batches(0) for group in groups for i in group}
+    kept = {i for batch in _sampler() for i in batch}
     assert {i for i, label in enumerate(LABELS) if label < 0} <= kept  # one epoch uses all of them
-    dropped = {i for groups in _sampler(drop_unlabelled=True).global_batches(0) for g in groups for i in g}
+    dropped = {i for batch in _sampler(drop_unlabelled=True) for i in batch}
     assert all(LABELS[i] >= 0 for i in dropped)
 
 

@@ -78,3 +78,15 @@ def test_the_walk_follows_lazy_imports_and_skips_type_checking_ones(tmp_path: Pa
     files = [f.as_posix() for f in module_files("tasks.stage", tmp_path)]
     assert files == ["tasks/__init__.py", "tasks/helper.py", "tasks/lazy.py", "tasks/stage.py"]
 
+
+
+def test_tasks_holds_exactly_the_stage_commands_and_config() -> None:
+    commands = {module for _, _, module, _ in STAGES}
+    top = {f"tasks.{p.stem}" for p in (REPO / "tasks").glob("*.py")} - {"tasks.__init__", "tasks.config"}
+    assert top == commands
+
+
+@pytest.mark.parametrize("module", sorted({module for _, _, module, _ in STAGES}))
+def test_no_stage_module_imports_another(module: str) -> None:
+    stage_files = {f"{m.replace('.', '/')}.py" for _, _, m, _ in STAGES} - {f"{module.replace('.', '/')}.py"}
+    assert stage_files.isdisjoint(f.as_posix() for f in module_files(module))

@@ -187,19 +187,20 @@ def _copy_url(url: str, out: BinaryIO, timeout: float) -> str:
     return digest.hexdigest()
 
 
-def source_for(params: Params, name: str, default: SourceConfig) -> SourceConfig:
-    """params.yaml ``sources.<name>``, each empty field falling back to the adapter's known default."""
-    given = params.sources.get(name)
-    if given is None:
-        return default
-    return SourceConfig(url=given.url or default.url, md5=given.md5 or default.md5,
-                        filename=given.filename or default.filename)
+def source_for(params: Params, name: str) -> SourceConfig:
+    """params.yaml ``sources.<name>``: the one place a dataset's url, md5 and archive name are written
+    (adapters keep no copies, so a corrected md5 or moved url is changed there alone)."""
+    source = params.sources.get(name)
+    if source is None:
+        raise DownloadError(f"params.yaml has no sources.{name}: add its url, md5 and filename "
+                            f"(an empty url if the archive must be put in {params.downloads_dir()} by hand)")
+    return source
 
 
-def acquire_archive(params: Params, name: str, default: SourceConfig, raw_dir: Path, folder: str, *,
+def acquire_archive(params: Params, name: str, raw_dir: Path, folder: str, *,
                     homepage: str = "", limits: ArchiveLimits | None = None) -> Path:
     """Fetch the archive of dataset `name` and extract it into ``raw_dir/folder`` (replaced if present)."""
-    archive = fetch_source(source_for(params, name, default), name, params.downloads_dir(), homepage=homepage)
+    archive = fetch_source(source_for(params, name), name, params.downloads_dir(), homepage=homepage)
     raw_dir.mkdir(parents=True, exist_ok=True)
     target = raw_dir / folder
     if target.exists():

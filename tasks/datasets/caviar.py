@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.config import Params, SourceConfig
+from tasks.config import Params
 from tasks.datasets.acquire import acquire_archive
 from tasks.datasets.base import DatasetError, RawImage
 
@@ -29,11 +29,10 @@ class CaviarDataset:
     name = "caviar"
     image_formats: tuple[str, ...] = ("JPEG",)
     homepage = "https://lorisbaz.github.io/caviar4reid.html"
-    folder = "CAVIAR4REID"
-    default_source = SourceConfig(url="", md5="", filename="CAVIAR4REID.zip")
+    folder = "CAVIAR4REID"  # url, md5 and archive name: params.yaml sources.caviar
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
-        acquire_archive(params, self.name, self.default_source, raw_dir, self.folder, homepage=self.homepage)
+        acquire_archive(params, self.name, raw_dir, self.folder, homepage=self.homepage)
         next(iter(self.scan(raw_dir)))
 
     def scan(self, raw_dir: Path) -> Iterator[RawImage]:

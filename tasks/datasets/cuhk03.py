@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.config import Params, SourceConfig
+from tasks.config import Params
 from tasks.datasets.acquire import fetch_source, source_for
 from tasks.datasets.archive import extract
 from tasks.datasets.base import DatasetError, RawImage
@@ -44,9 +44,7 @@ PAIR_STRIDE = 1000  # person_id = PAIR_STRIDE * pair + person
 class CUHK03Dataset:
     image_formats: tuple[str, ...] = ("PNG",)
     homepage = "http://www.ee.cuhk.edu.hk/~xgwang/CUHK_identification.html"
-    source_name = "cuhk03"
-    default_source = SourceConfig(url="", md5="728939e58ad9f0ff53e521857dd8fb43",
-                                  filename="cuhk03_release.zip")
+    source_name = "cuhk03"  # both image kinds come from params.yaml sources.cuhk03 (url, md5, archive name)
 
     def __init__(self, images: str = "labeled") -> None:
         if images not in ("labeled", "detected"):
@@ -55,7 +53,7 @@ class CUHK03Dataset:
         self.name = "cuhk03" if images == "labeled" else "cuhk03-detected"
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
-        source = source_for(params, self.source_name, self.default_source)
+        source = source_for(params, self.source_name)
         archive = fetch_source(source, self.source_name, params.downloads_dir(), homepage=self.homepage)
         scratch = Path(tempfile.mkdtemp(dir=archive.parent, prefix=".cuhk03-"))
         try:

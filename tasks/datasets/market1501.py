@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.config import Params, SourceConfig
+from tasks.config import Params
 from tasks.datasets.acquire import acquire_archive
 from tasks.datasets.base import DatasetError, RawImage
 
@@ -29,14 +29,10 @@ class Market1501Dataset:
     name = "market1501"
     image_formats: tuple[str, ...] = ("JPEG",)
     homepage = ""
-    folder = "Market-1501"
-    default_source = SourceConfig(
-        url="https://drive.usercontent.google.com/download?id=0B8-rUzbwVRk0c054eEozWG9COHM"
-            "&export=download&confirm=t",
-        md5="65005ab7d12ec1c44de4eeafe813e68a", filename="Market-1501-v15.09.15.zip")
+    folder = "Market-1501"  # url, md5 and archive name: params.yaml sources.market1501
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
-        acquire_archive(params, self.name, self.default_source, raw_dir, self.folder, homepage=self.homepage)
+        acquire_archive(params, self.name, raw_dir, self.folder, homepage=self.homepage)
         next(iter(self.scan(raw_dir)))
 
     def scan(self, raw_dir: Path) -> Iterator[RawImage]:

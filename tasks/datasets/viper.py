@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.config import Params, SourceConfig
+from tasks.config import Params
 from tasks.datasets.acquire import acquire_archive
 from tasks.datasets.base import DatasetError, RawImage
 
@@ -27,12 +27,10 @@ class VIPeRDataset:
     name = "viper"
     image_formats: tuple[str, ...] = ("BMP",)
     homepage = "https://vision.soe.ucsc.edu/node/178"
-    folder = "VIPeR.v1.0"
-    default_source = SourceConfig(url="http://users.soe.ucsc.edu/~manduchi/VIPeR.v1.0.zip",
-                                  md5="1c2d9fc1cc800332567a0da25a1ce68c", filename="VIPeR.v1.0.zip")
+    folder = "VIPeR.v1.0"  # url, md5 and archive name: params.yaml sources.viper
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
-        acquire_archive(params, self.name, self.default_source, raw_dir, self.folder, homepage=self.homepage)
+        acquire_archive(params, self.name, raw_dir, self.folder, homepage=self.homepage)
         next(iter(self.scan(raw_dir)))  # fail now, naming the problem, if the layout is not VIPeR's
 
     def scan(self, raw_dir: Path) -> Iterator[RawImage]:

@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rain_model.metrics import METRIC_KEYS
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
 __all__ = [
+    "METRIC_LABELS",
     "SHEET_BORDER",
     "SHEET_GAP",
     "SHEET_LABEL_H",
@@ -380,8 +383,9 @@ def ranked_gallery_sheet(
 # ---------------------------------------------------------------------------------------------------
 # Table 1
 
-TABLE1_COLUMNS = (("rank1", "Rank 1"), ("rank5", "Rank 5"), ("rank10", "Rank 10"), ("rank20", "Rank 20"))
-_TABLE_KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
+METRIC_LABELS = {k: f"Rank {k.removeprefix('rank')}" if k.startswith("rank") else k for k in METRIC_KEYS}
+"""Column header of each metric: rank1 -> "Rank 1", ..., mAP -> "mAP"."""
+TABLE1_COLUMNS = tuple((k, METRIC_LABELS[k]) for k in METRIC_KEYS if k.startswith("rank"))
 
 
 def _fraction(row: str, key: str, value: Any, is_std: bool) -> float:
@@ -407,7 +411,7 @@ def table1_markdown(
     paper does). Any other key is an error that names it. ``bold_best`` bolds the highest value of each
     column (every row that reaches it). Returns the table without a trailing newline.
     """
-    allowed = {"row", *_TABLE_KEYS, *(f"{k}_std" for k in _TABLE_KEYS)}
+    allowed = {"row", *METRIC_KEYS, *(f"{k}_std" for k in METRIC_KEYS)}
     parsed: list[tuple[str, dict[str, tuple[float, float | None]]]] = []
     for i, row in enumerate(rows):
         unknown = sorted(set(row) - allowed)
@@ -417,7 +421,7 @@ def table1_markdown(
             raise ValueError(f"table row {i}: missing the 'row' label")
         label = str(row["row"])
         cells: dict[str, tuple[float, float | None]] = {}
-        for key in _TABLE_KEYS:
+        for key in METRIC_KEYS:
             std_key = f"{key}_std"
             if key not in row or row[key] is None:
                 if row.get(std_key) is not None:
@@ -430,12 +434,12 @@ def table1_markdown(
             )
         parsed.append((label, cells))
 
-    best = {key: max((c[key][0] for _, c in parsed if key in c), default=None) for key in _TABLE_KEYS}
-    headers = [name_header, *(h for _, h in TABLE1_COLUMNS), "mAP"]
+    best = {key: max((c[key][0] for _, c in parsed if key in c), default=None) for key in METRIC_KEYS}
+    headers = [name_header, *(METRIC_LABELS[k] for k in METRIC_KEYS)]
     lines = ["| " + " | ".join(headers) + " |", "|:---|" + "---:|" * (len(headers) - 1)]
     for label, cells in parsed:
         texts = [label.replace("|", "\\|")]
-        for key in _TABLE_KEYS:
+        for key in METRIC_KEYS:
             if key not in cells:
                 texts.append("-")
                 continue

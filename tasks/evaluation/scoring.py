@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from rain_model.metrics import METRIC_KEYS, mean_std
 from tasks.config import Params
 from tasks.images.store import ImageStore
 
-RANKS = (1, 5, 10, 20)
+RANKS = tuple(int(k.removeprefix("rank")) for k in METRIC_KEYS if k.startswith("rank"))  # (1, 5, 10, 20)
 
-
-METRIC_KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
+__all__ = ["METRIC_KEYS", "RANKS", "row_label", "row_names", "score_trial", "summarise"]
 
 
 def row_names(rows: list[dict], unseen: tuple[int, ...]) -> dict[str, list[int]]:
@@ -71,19 +71,22 @@ def score_trial(model: Any, params: Params, mlr_path: Path, trial: int, store: I
 
 def summarise(name: str, evals: list[tuple[int, np.ndarray, float]]) -> dict[str, Any]:
     """Mean over gallery draws within each trial, then mean and std over trials; with one trial the
-    std is over its gallery draws (metrics.json says which in `std_over`)."""
+    std is over its gallery draws (metrics.json says which in `std_over`). The std is the sample one
+    (``rain_model.metrics.mean_std``)."""
     trials = sorted({t for t, _, _ in evals})
     cmcs = np.stack([c for _, c, _ in evals])  # (E, max_rank)
     maps = np.array([m for _, _, m in evals])  # (E,)
     if len(trials) > 1:
         cmcs = np.stack([np.mean([c for t, c, _ in evals if t == k], axis=0) for k in trials])  # (T, max_rank)
         maps = np.array([np.mean([m for t, _, m in evals if t == k]) for k in trials])  # (T,)
+    cmc_mean, cmc_std = mean_std(cmcs)  # (max_rank,) each
+    map_mean, map_std = mean_std(maps)
     out: dict[str, Any] = {"row": name}
     for r in RANKS:
-        out[f"rank{r}"] = round(float(cmcs[:, r - 1].mean()), 6)
-        out[f"rank{r}_std"] = round(float(cmcs[:, r - 1].std()), 6)
-    out["mAP"] = round(float(maps.mean()), 6)
-    out["mAP_std"] = round(float(maps.std()), 6)
+        out[f"rank{r}"] = round(float(cmc_mean[r - 1]), 6)
+        out[f"rank{r}_std"] = round(float(cmc_std[r - 1]), 6)
+    out["mAP"] = round(float(map_mean), 6)
+    out["mAP_std"] = round(float(map_std), 6)
     return out
 
 

@@ -175,7 +175,17 @@ def _embed(model: Any, blobs: Sequence[bytes]) -> list[np.ndarray | str]:
     return [item for blob in blobs for item in _embed(model, [blob])]
 
 
+@dataclass(frozen=True)
+class _GalleryVectors:
+    kept: list[tuple[Path, str]]  # gallery files the model accepted, in path order, with their content hash
+    vectors: dict[str, np.ndarray]  # by content hash
+    skipped: tuple[tuple[Path, str], ...]  # gallery files the model refused, with the reason
+    embedded: int
+    cached: int
+
+
 def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
+    """Rank the gallery for every query with one pinned model version; write the HTML page and the sheet."""
     import mlflow.pyfunc
 
     gallery = image_files(cfg.gallery_dir)
@@ -183,11 +193,35 @@ def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
         raise SearchError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {cfg.gallery_dir}")
     uri = resolve_model_uri(cfg.model_uri)
     model = mlflow.pyfunc.load_model(uri)
-    model_key = str(getattr(model.unwrap_python_model(), "fingerprint", "")) or \
-        hashlib.sha256(f"{mlflow.get_tracking_uri()} {uri}".encode()).hexdigest()
-    cache = EmbeddingCache(cfg.cache_dir, model_key)
+    model_key = _model_key(model, uri)
+    found = _gallery_vectors(model, gallery, EmbeddingCache(cfg.cache_dir, model_key), cfg, progress)
 
-    # Gallery: content hash per file, vectors from the cache, the rest embedded in batches.
+    q_feat = _query_vectors(model, cfg.queries)  # (Q, d)
+    g_feat = np.stack([found.vectors[sha] for _, sha in found.kept]).astype(np.float32)  # (G, d)
+    dist = np.sqrt(np.clip(2.0 - 2.0 * (q_feat @ g_feat.T), 0.0, None))  # (Q, G), unit vectors
+    results, rank1 = _rank_queries(cfg, [p for p, _ in found.kept], dist)
+
+    sheet = cfg.out_html.with_suffix(".png")
+    contact_sheet(results, sheet, cfg.top_k)
+    result = SearchResult(cfg.out_html, sheet, uri, model_key, len(gallery), found.embedded, found.cached,
+                          found.skipped, tuple(results), rank1)
+    write_html(result, cfg)
+    log.info("search: %d queries against %d gallery images (%d embedded, %d cached) -> %s",
+             len(cfg.queries), len(gallery), result.embedded, result.cached, cfg.out_html)
+    return result
+
+
+def _model_key(model: Any, uri: str) -> str:
+    """The model's fingerprint (weights and settings); a model without one is keyed by where it came from."""
+    import mlflow
+
+    return str(getattr(model.unwrap_python_model(), "fingerprint", "")) or \
+        hashlib.sha256(f"{mlflow.get_tracking_uri()} {uri}".encode()).hexdigest()
+
+
+def _gallery_vectors(model: Any, gallery: list[Path], cache: EmbeddingCache, cfg: SearchConfig,
+                     progress: Progress | None) -> _GalleryVectors:
+    """A vector per distinct gallery content: from the cache, else embedded in batches (and cached)."""
     shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in gallery]
     vectors: dict[str, np.ndarray] = {}
     for sha in set(shas):
@@ -195,11 +229,25 @@ def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
             vectors[sha] = hit
     n_cached = len(vectors)
     todo = sorted({sha: p for p, sha in zip(gallery, shas, strict=True) if sha not in vectors}.items())
+    rejected = _embed_into_cache(model, todo, cache, vectors, cfg.batch_size, progress)
+    kept = [(p, sha) for p, sha in zip(gallery, shas, strict=True) if sha in vectors]
+    if not kept:
+        raise SearchError(f"none of the {len(gallery)} files under {cfg.gallery_dir} is a usable image")
+    skipped = tuple((p, rejected[sha]) for p, sha in zip(gallery, shas, strict=True) if sha in rejected)
+    for path, reason in skipped:
+        log.warning("search: skipped gallery file %s: %s", path, reason)
+    return _GalleryVectors(kept, vectors, skipped, len(todo) - len(rejected), n_cached)
+
+
+def _embed_into_cache(model: Any, todo: list[tuple[str, Path]], cache: EmbeddingCache,
+                      vectors: dict[str, np.ndarray], batch_size: int, progress: Progress | None) -> dict[str, str]:
+    """Embed `todo` (content hash, file) in batches into `vectors` and the cache; returns the refused
+    hashes with the model's reason."""
     rejected: dict[str, str] = {}
     if progress:
         progress(0, len(todo))
-    for start in range(0, len(todo), cfg.batch_size):
-        chunk = todo[start:start + cfg.batch_size]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
         for (sha, _), out in zip(chunk, _embed(model, [p.read_bytes() for _, p in chunk]), strict=True):
             if isinstance(out, str):
                 rejected[sha] = out
@@ -207,45 +255,35 @@ def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
                 cache.put(sha, out)
                 vectors[sha] = out
         if progress:
-            progress(min(start + cfg.batch_size, len(todo)), len(todo))
-    kept = [(p, sha) for p, sha in zip(gallery, shas, strict=True) if sha in vectors]
-    if not kept:
-        raise SearchError(f"none of the {len(gallery)} files under {cfg.gallery_dir} is a usable image")
-    skipped = tuple((p, rejected[sha]) for p, sha in zip(gallery, shas, strict=True) if sha in rejected)
-    for path, reason in skipped:
-        log.warning("search: skipped gallery file %s: %s", path, reason)
+            progress(min(start + batch_size, len(todo)), len(todo))
+    return rejected
 
-    # Queries: embedded every time (a few images), refused loudly if unreadable.
-    q_out = _embed(model, [p.read_bytes() for p in cfg.queries])
-    for path, out in zip(cfg.queries, q_out, strict=True):
+
+def _query_vectors(model: Any, queries: Sequence[Path]) -> np.ndarray:
+    """(Q, d) query embeddings, computed every time (a few images); an unreadable query is an error."""
+    q_out = _embed(model, [p.read_bytes() for p in queries])
+    for path, out in zip(queries, q_out, strict=True):
         if isinstance(out, str):
             raise SearchError(f"query {path}: {out}")
-    q_feat = np.stack([np.asarray(v, dtype=np.float32) for v in q_out])  # (Q, d)
-    g_feat = np.stack([vectors[sha] for _, sha in kept]).astype(np.float32)  # (G, d)
-    dist = np.sqrt(np.clip(2.0 - 2.0 * (q_feat @ g_feat.T), 0.0, None))  # (Q, G), unit vectors
+    return np.stack([np.asarray(v, dtype=np.float32) for v in q_out])
 
+
+def _rank_queries(cfg: SearchConfig, gallery: list[Path], dist: np.ndarray) -> tuple[list[QueryResult], float | None]:
+    """Each query's top-k gallery files by distance (ties in path order), marked right or wrong when
+    `id_pattern` gives identities; with the rank-1 rate over queries whose identity is in the gallery."""
     identity = _identity_fn(cfg.id_pattern)
     results = []
     hits = []
-    g_ids = [identity(p) for p, _ in kept]
+    g_ids = [identity(p) for p in gallery]
     for qi, query in enumerate(cfg.queries):
         order = np.argsort(dist[qi], kind="stable")[: cfg.top_k]
         q_id = identity(query)
-        matches = tuple(Match(kept[j][0], float(dist[qi, j]),
+        matches = tuple(Match(gallery[j], float(dist[qi, j]),
                               None if q_id is None else g_ids[j] == q_id) for j in order)
         results.append(QueryResult(query, matches))
         if q_id is not None and q_id in g_ids:
             hits.append(bool(matches[0].correct))
-    rank1 = float(np.mean(hits)) if hits else None
-
-    sheet = cfg.out_html.with_suffix(".png")
-    contact_sheet(results, sheet, cfg.top_k)
-    result = SearchResult(cfg.out_html, sheet, uri, model_key, len(gallery), len(todo) - len(rejected),
-                          n_cached, skipped, tuple(results), rank1)
-    write_html(result, cfg)
-    log.info("search: %d queries against %d gallery images (%d embedded, %d cached) -> %s",
-             len(cfg.queries), len(gallery), result.embedded, result.cached, cfg.out_html)
-    return result
+    return results, float(np.mean(hits)) if hits else None
 
 
 def _identity_fn(pattern: str | None) -> Callable[[Path], str | None]:

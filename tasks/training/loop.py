@@ -17,11 +17,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tasks.config import Params, TrainConfig
+
+if TYPE_CHECKING:  # imported where used: the Ray driver imports this module and needs none of them
+    from torch.optim.lr_scheduler import LRScheduler
+    from torch.utils.data import DataLoader
+
+    from rain_model.network import RAIN
+    from rain_model.objective import Optimizers
+    from rain_model.sampler import IdentityBalancedSampler
 
 
 @dataclass(frozen=True)
@@ -62,109 +70,180 @@ def ddp_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+@dataclass
+class _Training:
+    """What one worker trains: built once, advanced batch by batch, and checkpointed as a whole."""
+
+    model: RAIN
+    optimizers: Optimizers
+    schedulers: list[LRScheduler]  # generator's, then discriminator's
+    sampler: IdentityBalancedSampler
+    loader: DataLoader[Any]
+    generator: torch.nn.Module  # model.generator, DDP-wrapped when there are several ranks
+    discriminators: torch.nn.Module  # model.discriminators, likewise
+    num_classes: int
+    nodes: list[str]  # the node of every rank
+    next_epoch: int = 0
+    step: int = 0  # global training steps taken so far
+
+
 def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
     """The RAIN min-max game (Eq. 8) on this rank's share of every identity-balanced batch."""
-    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(job.params.train.seed)
+    training = _build_training(job, ctx)
+    if ctx.resume is not None:
+        _resume_from(training, ctx.resume)
+    logger = _RankZeroLogger(job, resumed=ctx.resume is not None, nodes=training.nodes) if ctx.rank == 0 else None
+    try:
+        _train_epochs(job, ctx, training, logger)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _build_training(job: TrainJob, ctx: WorkerContext) -> _Training:
+    """This rank's loader, the model on its device, both optimizers and LR schedules, DDP-wrapped."""
+    from rain_model.network import RAIN
+    from rain_model.objective import make_optimizers, place_model
+
+    params, cfg = job.params, job.params.train
+    sampler, loader = _build_loader(job, ctx)
+    num_classes = len({r["label"] for r in job.rows})
+    model = place_model(RAIN(params.model, num_classes), params.objective, ctx.device)
+    optimizers = make_optimizers(model, params.objective)
+    schedulers: list[LRScheduler] = [
+        torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_decay_epochs), gamma=cfg.lr_decay)
+        for opt in (optimizers.generator, optimizers.discriminator)]
+    generator, discriminators, nodes = _wrap_for_ddp(model, ctx)
+    return _Training(model=model, optimizers=optimizers, schedulers=schedulers, sampler=sampler, loader=loader,
+                     generator=generator, discriminators=discriminators, num_classes=num_classes, nodes=nodes)
+
+
+def _build_loader(job: TrainJob, ctx: WorkerContext) -> tuple[IdentityBalancedSampler, DataLoader[Any]]:
+    """This rank's share of P x K identity-balanced batches, read from the decoded-image store."""
     from torch.utils.data import DataLoader
 
-    from rain_model.network import RAIN
-    from rain_model.objective import Batch, NonFiniteLossError, make_optimizers, place_model, train_step
     from rain_model.sampler import IdentityBalancedSampler
     from tasks.images.loaders import semi_supervised_labels
     from tasks.images.store import ImageStore, StorePairs, as_batch
 
-    params, cfg, device = job.params, job.params.train, ctx.device
-    torch.manual_seed(cfg.seed)
+    cfg = job.params.train
     labels = semi_supervised_labels([r["label"] for r in job.rows], cfg.label_fraction, cfg.seed)
-    num_classes = len({r["label"] for r in job.rows})
     dataset = StorePairs(ImageStore(job.store), job.rows, (cfg.height, cfg.width), labels)
     sampler = IdentityBalancedSampler([r["label"] for r in job.rows], cfg.p, cfg.k, cfg.seed, ctx.rank, ctx.world)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=as_batch, num_workers=cfg.loader_workers,
-                        persistent_workers=cfg.loader_workers > 0, pin_memory=device.type == "cuda")
+                        persistent_workers=cfg.loader_workers > 0, pin_memory=ctx.device.type == "cuda")
+    return sampler, loader
 
-    model = place_model(RAIN(params.model, num_classes), params.objective, device)
-    optimizers = make_optimizers(model, params.objective)
-    schedulers = [torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_decay_epochs), gamma=cfg.lr_decay)
-                  for opt in (optimizers.generator, optimizers.discriminator)]
+
+def _wrap_for_ddp(model: RAIN, ctx: WorkerContext) -> tuple[torch.nn.Module, torch.nn.Module, list[str]]:
+    """(generator, discriminators, node of every rank): the model's halves as they are on one rank,
+    DDP-wrapped over the process group on several."""
+    from torch.nn.parallel import DistributedDataParallel
+
     generator: torch.nn.Module = model.generator
     discriminators: torch.nn.Module = model.discriminators
-    nodes = [ctx.node]
-    if ctx.world > 1:  # the process group was set up by Ray Train (tasks/train.py asks for ddp_backend)
-        backend = torch.distributed.get_backend()
-        if backend != ddp_backend(device):
-            raise RuntimeError(f"process group uses {backend}, {device.type} training needs {ddp_backend(device)}")
-        ids = [device.index] if device.type == "cuda" else None
-        generator = DistributedDataParallel(generator, device_ids=ids)
-        if any(True for _ in discriminators.parameters()):
-            discriminators = DistributedDataParallel(discriminators, device_ids=ids)
-        gathered: list[Any] = [None] * ctx.world
-        torch.distributed.all_gather_object(gathered, ctx.node)
-        nodes = [str(n) for n in gathered]
+    if ctx.world <= 1:
+        return generator, discriminators, [ctx.node]
+    # The process group was set up by Ray Train (tasks/train.py asks for ddp_backend).
+    backend = torch.distributed.get_backend()
+    if backend != ddp_backend(ctx.device):
+        raise RuntimeError(f"process group uses {backend}, {ctx.device.type} training needs {ddp_backend(ctx.device)}")
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    generator = DistributedDataParallel(generator, device_ids=ids)
+    if any(True for _ in discriminators.parameters()):
+        discriminators = DistributedDataParallel(discriminators, device_ids=ids)
+    gathered: list[Any] = [None] * ctx.world
+    torch.distributed.all_gather_object(gathered, ctx.node)
+    return generator, discriminators, [str(n) for n in gathered]
 
-    start_epoch, step = 0, 0
-    if ctx.resume is not None:
-        state = ctx.resume
-        model.load_state_dict(state["model"])
-        optimizers.load_state_dict(state["optimizers"])
-        for sched, sched_state in zip(schedulers, state["schedulers"], strict=True):
-            sched.load_state_dict(sched_state)
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"].cpu())
-        start_epoch, step = state["epoch"] + 1, state["step"]
 
-    logger = _RankZeroLogger(job, resumed=ctx.resume is not None, nodes=nodes) if ctx.rank == 0 else None
+def _resume_from(training: _Training, state: dict[str, Any]) -> None:
+    """Continue exactly where `state` (a `_checkpoint_state`) left off: the epoch after its epoch."""
+    training.model.load_state_dict(state["model"])
+    training.optimizers.load_state_dict(state["optimizers"])
+    for sched, sched_state in zip(training.schedulers, state["schedulers"], strict=True):
+        sched.load_state_dict(sched_state)
+    training.sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["rng"].cpu())
+    training.next_epoch, training.step = state["epoch"] + 1, state["step"]
+
+
+def _train_epochs(job: TrainJob, ctx: WorkerContext, training: _Training, logger: _RankZeroLogger | None) -> None:
+    """The remaining epochs, each ending in exactly one report (with a checkpoint state when one is due)."""
+    from rain_model.objective import NonFiniteLossError
+
+    cfg = job.params.train
     last_checkpoint = time.monotonic()
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            sampler.set_epoch(epoch)
-            model.train()
-            sums: dict[str, float] = {}
-            batches, images, started, start_time = 0, 0, time.perf_counter(), time.time()
-            try:
-                for x_hr, x_lr, y in loader:  # uint8 (B, 3, H, W) twice, labels (B,)
-                    _maybe_fail(job.fault, ctx.rank, step)
-                    batch = Batch(x_hr=x_hr.to(device, non_blocking=True).float().div_(255),
-                                  x_lr=x_lr.to(device, non_blocking=True).float().div_(255),
-                                  labels=y.to(device, non_blocking=True))
-                    losses = train_step(generator, discriminators, optimizers, batch, params.objective, step,
-                                        micro_batches=cfg.micro_batches)
-                    values = {k: float(v) for k, v in losses.items()}
-                    for k, v in values.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    if logger is not None:
-                        logger.step(values, step)
-                    step += 1
-                    batches += 1
-                    images += int(y.shape[0])
-            except NonFiniteLossError as exc:
-                # Every rank sees the same non-finite step (the check is all-reduced), so every rank
-                # reports once more and stops: no hang, and no pointless restart from a checkpoint.
-                # Result.metrics only carries checkpointed reports, so rank 0 attaches a marker state.
-                failure = {"nonfinite": str(exc), "epoch": epoch}
-                ctx.report(failure, failure if ctx.rank == 0 else None)
-                return
-            for sched in schedulers:
-                sched.step()
-            seconds = time.perf_counter() - started
-            metrics: dict[str, Any] = {k: v / max(batches, 1) for k, v in sums.items()}
-            # Identity images per second on this rank (each is seen at HR and LR).
-            metrics |= {"epoch": epoch, "nodes": len(set(nodes)), "images": images,
-                        "images_per_second": images / max(seconds, 1e-9), "epoch_start_time": start_time,
-                        "epoch_end_time": time.time()}
-            if logger is not None:
-                logger.epoch(metrics, epoch)
-            if ctx.rank == 0 and checkpoint_due(cfg, epoch, time.monotonic() - last_checkpoint):
-                last_checkpoint = time.monotonic()
-                ctx.report(metrics, {
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizers": optimizers.state_dict(), "schedulers": [s.state_dict() for s in schedulers],
-                    "sampler": sampler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch, "step": step,
-                    "num_classes": num_classes})
-            else:
-                ctx.report(metrics, None)
-    finally:
+    for epoch in range(training.next_epoch, cfg.epochs):
+        try:
+            metrics = _one_epoch(job, ctx, training, epoch, logger)
+        except NonFiniteLossError as exc:
+            # Every rank sees the same non-finite step (the check is all-reduced), so every rank
+            # reports once more and stops: no hang, and no pointless restart from a checkpoint.
+            # Result.metrics only carries checkpointed reports, so rank 0 attaches a marker state.
+            failure = {"nonfinite": str(exc), "epoch": epoch}
+            ctx.report(failure, failure if ctx.rank == 0 else None)
+            return
         if logger is not None:
-            logger.close()
+            logger.epoch(metrics, epoch)
+        if ctx.rank == 0 and checkpoint_due(cfg, epoch, time.monotonic() - last_checkpoint):
+            last_checkpoint = time.monotonic()
+            ctx.report(metrics, _checkpoint_state(training, epoch))
+        else:
+            ctx.report(metrics, None)
+
+
+def _one_epoch(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: int,
+               logger: _RankZeroLogger | None) -> dict[str, Any]:
+    """Train on every batch of `epoch`, step the LR schedules, and return the epoch's report."""
+    training.sampler.set_epoch(epoch)
+    training.model.train()
+    started, start_time = time.perf_counter(), time.time()
+    sums, batches, images = _train_batches(job, ctx, training, logger)
+    for sched in training.schedulers:
+        sched.step()
+    seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {k: v / max(batches, 1) for k, v in sums.items()}
+    # Identity images per second on this rank (each is seen at HR and LR).
+    metrics |= {"epoch": epoch, "nodes": len(set(training.nodes)), "images": images,
+                "images_per_second": images / max(seconds, 1e-9), "epoch_start_time": start_time,
+                "epoch_end_time": time.time()}
+    return metrics
+
+
+def _train_batches(job: TrainJob, ctx: WorkerContext, training: _Training,
+                   logger: _RankZeroLogger | None) -> tuple[dict[str, float], int, int]:
+    """One `train_step` per batch of the loader; returns (sum of each loss, batches, images)."""
+    from rain_model.objective import Batch, train_step
+
+    device = ctx.device
+    sums: dict[str, float] = {}
+    batches, images = 0, 0
+    for x_hr, x_lr, y in training.loader:  # uint8 (B, 3, H, W) twice, labels (B,)
+        _maybe_fail(job.fault, ctx.rank, training.step)
+        batch = Batch(x_hr=x_hr.to(device, non_blocking=True).float().div_(255),
+                      x_lr=x_lr.to(device, non_blocking=True).float().div_(255),
+                      labels=y.to(device, non_blocking=True))
+        losses = train_step(training.generator, training.discriminators, training.optimizers, batch,
+                            job.params.objective, training.step, micro_batches=job.params.train.micro_batches)
+        values = {k: float(v) for k, v in losses.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if logger is not None:
+            logger.step(values, training.step)
+        training.step += 1
+        batches += 1
+        images += int(y.shape[0])
+    return sums, batches, images
+
+
+def _checkpoint_state(training: _Training, epoch: int) -> dict[str, Any]:
+    """Everything a restarted worker group needs to continue exactly after `epoch` (see `_resume_from`)."""
+    return {"model": {k: v.detach().cpu() for k, v in training.model.state_dict().items()},
+            "optimizers": training.optimizers.state_dict(), "schedulers": [s.state_dict() for s in training.schedulers],
+            "sampler": training.sampler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+            "step": training.step, "num_classes": training.num_classes}
 
 
 def checkpoint_due(cfg: TrainConfig, epoch: int, since_last: float) -> bool:
