@@ -131,10 +131,11 @@ def loader_rate(rows: list[dict], store: ImageStore, cfg: dict[str, Any], device
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(len(rows), (n,), generator=g).tolist() for _ in range(max(10, cfg["steps"]))]
 
+    pin = device.type == "cuda"  # as train_loop's DataLoader does
+
     def step(i: int) -> None:
-        x_hr, x_lr, _ = pairs.__getitems__(batches[i % len(batches)])
-        x_hr.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x_hr.to(device)
-        x_lr.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x_lr.to(device)
+        for x in pairs.__getitems__(batches[i % len(batches)])[:2]:  # HR, LR
+            (x.pin_memory() if pin else x).to(device, non_blocking=pin)
 
     return n / timed_steps(step, device, 2, len(batches))
 

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ from rain_model.metrics import METRIC_KEYS
 from tasks.config import Params, flat_params, load_params
 from tasks.grid import configs as grid
 from tasks.grid.data import train_manifest, train_store
-from tasks.grid.runs import current_key, experiments_mlflow_name, inputs, load_result, result_path, write_atomic
+from tasks.grid.runs import experiments_mlflow_name, inputs, load_result, result_path, write_atomic
 from tasks.infra.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -43,7 +44,8 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
     hook: the training loop kills this process once at a given step (tasks/training/loop.py)."""
     from tasks.training.loop import TrainJob
 
-    key = current_key(params, config, seed)
+    run_inputs = inputs(params, config)  # once: the key and the result record the same inputs
+    key = grid.run_key(params, config, seed, run_inputs)
     existing = load_result(params, config, seed)
     if existing is not None and existing.get("key") == key:
         log.info("experiment %s seed %d: up to date (%s)", config, seed, result_path(params, config, seed))
@@ -64,7 +66,7 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
         raise
     table = _table(params, scores)
     result = {
-        "config": config, "seed": seed, "trial": trial, "key": key, "inputs": inputs(params, config),
+        "config": config, "seed": seed, "trial": trial, "key": key, "inputs": run_inputs,
         "description": grid.CONFIGS[config].description, "epochs": run_params.train.epochs,
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "final_losses": {k: round(float(v), 5) for k, v in final_metrics.items() if k.startswith("L_")},
@@ -78,11 +80,11 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
 
 
 def _run_params(params: Params, config: str, seed: int) -> Params:
-    """The params configuration `config` trains with under `seed`, checkpointing after the last epoch only."""
+    """The params configuration `config` trains with under `seed`, checkpointing after the last epoch only
+    (the state is held in memory, not written, and only the last one is used)."""
     run_params = grid.configure(params, config, seed)
-    # Held in memory, not written: only the last epoch's state is needed.
     return dataclasses.replace(run_params, train=dataclasses.replace(
-        run_params.train, checkpoint_every_epochs=run_params.train.epochs))
+        run_params.train, checkpoint_every_epochs=0, checkpoint_every_seconds=math.inf))
 
 
 def _training_rows(params: Params, config: str, trial: int) -> list[dict[str, Any]]:

@@ -43,6 +43,15 @@ def test_a_run_writes_its_result_and_is_then_up_to_date(project: tuple[Path, Par
     assert not runs.is_done(longer, "baseline_hrlr", 0)  # a changed param makes it stale
     assert runs.is_done(params, "baseline_hrlr", 0, code="other code") is False
 
+    index = params.store_dir() / "index.json"  # other pixels under the same manifest paths: stale
+    original = index.read_text()
+    index.write_text(json.dumps(json.loads(original) | {"sha256": "0" * 64}))
+    try:
+        assert not runs.is_done(params, "baseline_hrlr", 0)
+    finally:
+        index.write_text(original)
+    assert runs.is_done(params, "baseline_hrlr", 0)
+
 
 def test_a_torn_result_is_refused_by_path_and_an_unknown_configuration_by_name(
         project: tuple[Path, Params], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ from tasks import decode
 from tasks.config import Params
 from tasks.images.loaders import load_tensor, read_rows
 from tasks.images.store import ImageStore, StorePairs, as_batch, manifest_images
+from tasks.infra.tracking import file_hash
 from tasks.registry.embed import embed_paths, embed_store
 from tests.micro_project import prepared
 
@@ -100,3 +101,4 @@ def test_decode_rebuilds_the_store_whole(project: tuple[Path, Params], monkeypat
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "pixels.npy"]
     assert summary["images"] == len(ImageStore(out).row_of)
     np.testing.assert_array_equal(ImageStore(out).pixels, ImageStore(params.store_dir()).pixels)
+    assert ImageStore(out).digest == file_hash(out / "pixels.npy") == ImageStore(params.store_dir()).digest

@@ -11,7 +11,7 @@ from typing import Any
 
 from tasks.config import Params
 from tasks.grid import configs as grid
-from tasks.grid.data import train_manifest
+from tasks.grid.data import train_manifest, train_store
 from tasks.infra.imports import PROJECT_ROOT, module_files
 
 RESULT_FILE = "result.json"
@@ -39,10 +39,14 @@ def code_hash(root: Path = PROJECT_ROOT) -> str:
 
 
 def inputs(params: Params, config: str, code: str | None = None) -> dict[str, str]:
+    """What a run reads: the manifests (rows, labels, splits), the stores' pixels, and its code."""
+    from tasks.images.store import ImageStore
     from tasks.infra.tracking import file_hash
 
     return {"train_manifest": file_hash(train_manifest(params, config)),
-            "eval_manifest": file_hash(params.mlr_manifest_path()), "code": code or code_hash()}
+            "eval_manifest": file_hash(params.mlr_manifest_path()),
+            "train_store": ImageStore(train_store(params, config)).digest,
+            "eval_store": ImageStore(params.store_dir()).digest, "code": code or code_hash()}
 
 
 def current_key(params: Params, config: str, seed: int, code: str | None = None) -> str:

@@ -8,7 +8,8 @@ batch is one fancy-index read) and convert to float on the device.
 
 Layout of a store folder:
   pixels.npy   (N, 3, H, W) uint8, row i = image `paths[i]` resized to (H, W) like `to_tensor` does
-  index.json   {"height": H, "width": W, "paths": [...]}: the manifest's path strings, in row order
+  index.json   {"height": H, "width": W, "paths": [...], "sha256": ...}: the manifest's path strings, in
+               row order, and the digest of pixels.npy (what a grid run's key hashes: no re-read of the pixels)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch.utils.data import Dataset
 from tasks.config import Params
 from tasks.images.loaders import load_tensor
 from tasks.infra.parallel import map_chunks, worker_count
+from tasks.infra.tracking import file_hash
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ def build(paths: Sequence[str], size: tuple[int, int], folder: Path, workers: in
     del out  # header and size written; the workers fill the rows
     jobs = list(enumerate(paths))
     map_chunks(functools.partial(_decode_chunk, pixels=str(pixels), size=size), jobs, workers, chunk_size=256)
-    (folder / INDEX).write_text(json.dumps({"height": size[0], "width": size[1], "paths": list(paths)}))
+    index = {"height": size[0], "width": size[1], "paths": list(paths), "sha256": file_hash(pixels)}
+    (folder / INDEX).write_text(json.dumps(index))
     return len(paths)
 
 
@@ -86,6 +89,7 @@ class ImageStore:
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{self.folder}: no decoded-image store here (run the decode stage)") from exc
         self.size: tuple[int, int] = (int(meta["height"]), int(meta["width"]))
+        self.digest: str = meta["sha256"]  # of pixels.npy
         self.row_of = {p: i for i, p in enumerate(meta["paths"])}
         self._pixels: np.ndarray | None = None
 
