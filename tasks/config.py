@@ -107,6 +107,11 @@ class ProtocolConfig:
         _require(self.test_identities >= 0, "protocol.test_identities", self.test_identities, ">= 0")
 
 
+# Train settings that change how training goes (how often it saves, how it loads), never what it produces:
+# out of the train stage's DVC params and of every grid run's key, so changing one retrains nothing.
+OUTPUT_NEUTRAL = ("train.checkpoint_every_epochs", "train.checkpoint_every_seconds", "train.loader_workers")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     trials: tuple[int, ...] = (0,)

@@ -90,3 +90,16 @@ def test_tasks_holds_exactly_the_stage_commands_and_config() -> None:
 def test_no_stage_module_imports_another(module: str) -> None:
     stage_files = {f"{m.replace('.', '/')}.py" for _, _, m, _ in STAGES} - {f"{module.replace('.', '/')}.py"}
     assert stage_files.isdisjoint(f.as_posix() for f in module_files(module))
+
+
+def test_train_params_are_every_train_setting_but_the_output_neutral_ones() -> None:
+    import dataclasses
+
+    from tasks.config import OUTPUT_NEUTRAL, TrainConfig
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    listed = {p for p in stage["params"] if p.startswith("train.")}
+    every = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
+    assert set(OUTPUT_NEUTRAL) < every  # names that exist
+    assert listed == every - set(OUTPUT_NEUTRAL)
+    assert "train" not in stage["params"]

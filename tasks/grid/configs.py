@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.config import Params, ParamsError, flat_params
+from tasks.config import OUTPUT_NEUTRAL, Params, ParamsError, flat_params
 
 
 @dataclass(frozen=True)
@@ -94,10 +94,8 @@ def run_key(params: Params, name: str, seed: int, inputs: Mapping[str, str]) -> 
     key differs (params.yaml, the data or the code changed) does not count as done."""
     flat = flat_params(configure(params, name, seed))
     for volatile in ("experiments.seeds", "experiments.cpus_per_run", "experiments.use_gpu",
-                     "register.model_name", "register.alias", "ray.address", "ray.max_failures",
-                     "ray.keep_checkpoints", "evaluate.tsne_identities", "evaluate.sheet_queries",
-                     "evaluate.batch_size", "train.checkpoint_every_epochs", "train.checkpoint_every_seconds",
-                     "train.loader_workers"):
+                     "register.model_name", "register.alias", "evaluate.tsne_identities", "evaluate.sheet_queries",
+                     "evaluate.batch_size", *OUTPUT_NEUTRAL):
         flat.pop(volatile, None)
     flat = {k: v for k, v in flat.items() if not k.startswith(("paths.", "sources.", "ray."))}
     text = json.dumps({"config": name, "seed": seed, "params": flat, "inputs": dict(inputs)}, sort_keys=True)
