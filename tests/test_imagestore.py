@@ -3,6 +3,7 @@ Pillow, batches assembled from slices, refusals that name what is wrong."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def test_a_loader_batch_is_the_sampled_rows_hr_and_lr_images(project: tuple[Path
         assert int(y[j]) == labels[i]
 
 
-def test_store_refuses_a_missing_image_or_another_size_naming_it(store: ImageStore) -> None:
+def test_store_refuses_a_missing_image_another_size_or_an_old_index_naming_it(store: ImageStore,
+                                                                           tmp_path: Path) -> None:
     size = store.size
     with pytest.raises(KeyError, match=r"not/in/manifest\.png"):
         store.rows(["not/in/manifest.png"], size)
@@ -88,6 +90,11 @@ def test_store_refuses_a_missing_image_or_another_size_naming_it(store: ImageSto
         store.rows(list(store.row_of)[:1], (256, 128))
     with pytest.raises(FileNotFoundError, match="run the decode stage"):
         ImageStore(Path(store.folder).parent / "nothing-here")
+    old = json.loads((store.folder / "index.json").read_text())
+    del old["sha256"]
+    (tmp_path / "index.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=f"{tmp_path}: a store from an older version"):
+        ImageStore(tmp_path)
 
 
 def test_decode_rebuilds_the_store_whole(project: tuple[Path, Params], monkeypatch: pytest.MonkeyPatch,

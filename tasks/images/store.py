@@ -88,6 +88,8 @@ class ImageStore:
             meta = json.loads((self.folder / INDEX).read_text())
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{self.folder}: no decoded-image store here (run the decode stage)") from exc
+        if "sha256" not in meta:
+            raise ValueError(f"{self.folder}: a store from an older version (no digest): run the decode stage again")
         self.size: tuple[int, int] = (int(meta["height"]), int(meta["width"]))
         self.digest: str = meta["sha256"]  # of pixels.npy
         self.row_of = {p: i for i, p in enumerate(meta["paths"])}
