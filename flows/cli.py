@@ -1,5 +1,6 @@
 """The `rain` command: run the pipeline flow, serve it as the Prefect deployment `rain/full`, promote a
-registered model version to `champion`, search a gallery with a registered model."""
+registered model version to `champion`, search a gallery with a registered model, serve a registered model
+over HTTP."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def configure_environment(project: Path) -> None:
 
 def print_results(result: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from tasks.evaluation.reporting import METRIC_LABELS
@@ -50,7 +52,7 @@ def print_results(result: dict[str, Any]) -> None:
         metrics.add_row(row["label"], *cells)
     console.print(metrics)
     reg = result["registration"]
-    console.print(f"Registered [bold]{reg['model_uri']}[/bold] with alias [bold]{reg['alias']}[/bold].")
+    console.print(f"Registered [bold]{escape(reg['model_uri'])}[/bold] with alias [bold]{escape(reg['alias'])}[/bold].")
 
 
 @app.command()
@@ -65,9 +67,18 @@ def run(project: ProjectOption = Path(".")) -> None:
     except ParamsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    from flows.pipeline import rain
+    from tasks.infra import reaper
 
-    print_results(rain(project_dir=str(project)))
+    reaper.guard()  # before the temporary Prefect server starts: a killed `rain run` takes it down too
+    from flows.pipeline import StageFailed, rain
+
+    try:
+        # Called, a flow gives its return value or raises what failed it (its state only to Prefect).
+        result = cast(dict[str, Any], rain(project_dir=str(project)))
+    except StageFailed as exc:  # the stage's one-line error, not the flow's traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    print_results(result)
 
 
 @app.command()
@@ -88,9 +99,17 @@ def experiments(
     except ParamsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    from flows.grid import experiments as grid_flow
+    from tasks.infra import reaper
 
-    result = grid_flow(project_dir=str(project), seeds=seeds or None, tables=table or None)
+    reaper.guard()  # a killed `rain experiments` takes its Ray cluster and temporary Prefect server down too
+    from flows.grid import experiments as grid_flow
+    from flows.pipeline import StageFailed
+
+    try:
+        result = cast(dict[str, Any], grid_flow(project_dir=str(project), seeds=seeds or None, tables=table or None))
+    except StageFailed as exc:  # the stage's one-line error, not the flow's traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     grid = result["grid"]
     typer.echo((project / params.experiments_dir() / "results.md").read_text())
     typer.echo(f"grid: {grid['ran']} run(s) trained, {grid['reused']} up to date, {grid['wall_seconds']:.0f} s "
@@ -163,11 +182,16 @@ def _tracking(project: Path) -> str:
 
 
 def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str]]) -> None:
-    """Versions as a table; how each was measured (dataset, protocol, eval set) as a letter with a legend."""
+    """Versions as a table; how each was measured (dataset, protocol, eval set) as a letter with a legend.
+
+    Registry text (names, tags, a forced promotion's reason) is anyone's free text: it goes to rich as
+    Text, never as markup, so a `[/bold]` in a reason shows as written instead of failing every listing.
+    """
     from rich.table import Table
+    from rich.text import Text
 
     keys: dict[tuple[str, str, str], str] = {}
-    table = Table(title=f"{model} in {uri}")
+    table = Table(title=Text(f"{model} in {uri}"))
     for col in ("version", "aliases", "LR rank-1 %", "mAP %", "measured", "created (UTC)", "forced because"):
         table.add_column(col, overflow="fold")
     for r in rows:
@@ -176,12 +200,13 @@ def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str
         rank1 = f"{100 * float(r['rank1']):.1f}" if r["rank1"] else "-"
         if r["rank1"] and r["rank1_std"]:
             rank1 += f" ± {100 * float(r['rank1_std']):.1f}"
-        table.add_row(r["version"], r["aliases"], rank1, f"{100 * float(r['mAP']):.1f}" if r["mAP"] else "-",
-                      letter, r["created"], r["promotion_force_reason"])
+        cells = (r["version"], r["aliases"], rank1, f"{100 * float(r['mAP']):.1f}" if r["mAP"] else "-",
+                 letter, r["created"], r["promotion_force_reason"])
+        table.add_row(*(Text(c) for c in cells))
     console.print(table)
     for (dataset, protocol, eval_set), letter in keys.items():
-        console.print(f"{letter}: dataset {dataset or '?'}; {protocol or 'protocol ?'}; "
-                      f"eval set {eval_set[:12] or '?'}", highlight=False)
+        console.print(Text(f"{letter}: dataset {dataset or '?'}; {protocol or 'protocol ?'}; "
+                           f"eval set {eval_set[:12] or '?'}"), highlight=False)
     console.print("Only versions measured the same way (same letter) are compared by the promotion gate.")
 
 
@@ -288,6 +313,36 @@ def search(
     if result.rank1 is not None:
         typer.echo(f"rank-1: {100 * result.rank1:.1f}%")
     typer.echo(f"wrote {result.html} and {result.sheet}")
+
+
+@app.command("serve-model")
+def serve_model(
+    model: Annotated[str, typer.Option(help="Model URI.")] = "models:/rain-reid@champion",
+    host: Annotated[str, typer.Option(help="Address to listen on; the default answers this machine only.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    max_connections: Annotated[int, typer.Option(
+        help="Requests in flight at most (more get 503): bounds memory to about this many request bodies.")] = 16,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Serve a registered model on POST /invocations like `mlflow models serve`, refusing an oversized body
+    (413) or too deeply nested JSON (400) before parsing it; the model refuses more images or pixels than its
+    `serve` limits (400)."""
+    project = project.resolve()
+    configure_environment(project)
+    _tracking(project)
+    from mlflow.exceptions import MlflowException
+
+    from tasks.infra.logs import setup_logging
+    from tasks.registry.serve import serve
+
+    setup_logging()
+    try:
+        serve(model, host, port, max_connections)
+    except MlflowException as exc:  # no such model, version or alias: one line, not a traceback
+        typer.echo(f"error: {model}: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+
 
 if __name__ == "__main__":
     app()

@@ -31,18 +31,20 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
+from prefect.states import State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.pipeline import stage_env, stage_task
+from flows.pipeline import run_stages, stage_env
 from tasks.config import ExperimentsConfig, Params, ParamsError, load_params
 from tasks.grid import cluster as grid_cluster
 from tasks.grid import tables as grid_tables
+from tasks.infra import reaper
 
 if TYPE_CHECKING:
     from ray import ObjectRef
 
 GRID_FILE = "grid/dvc.yaml"  # the grid's stages, outside the pipeline's dvc.yaml
-DATA_STAGES = ("download", "manifest", "synthesize", "decode", f"{GRID_FILE}:grid_data")
+DATA_STAGES = ("fingerprint", "download", "manifest", "synthesize", "decode", f"{GRID_FILE}:grid_data")
 MAX_WAITING = 64  # Prefect tasks waiting on their Ray task at once; all runs are queued on the cluster at once
 # Prefect's decorator is typed for the base future class; this runner's futures are a subclass.
 _THREADS = cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(MAX_WAITING))
@@ -70,12 +72,13 @@ def _inside(folder: Path) -> Iterator[None]:
 
 @flow(name="rain-grid", flow_run_name="experiments", log_prints=True, task_runner=_THREADS)
 def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[int] | None = None,
-                tables: list[str] | None = None) -> dict[str, Any]:
+                tables: list[str] | None = None) -> dict[str, Any] | State:
     """The paper's Tables 1-4 and Figure 5 on `dataset` over `seeds` (defaults: params.yaml)."""
     from tasks.grid.runs import code_hash, is_done
     from tasks.grid_report import open_parent_run
     from tasks.grid_report import run as report
 
+    reaper.guard()  # nothing this flow starts outlives it (a killed flow run included)
     root = Path(project_dir).resolve()
     params = load_params(root / "params.yaml")
     if dataset is not None and dataset != params.dataset.name:
@@ -87,8 +90,10 @@ def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[
     selected = grid_tables.tables(tuple(tables) if tables else None)
     configs = grid_tables.configs_of(selected)
     logger = get_run_logger()
-    for stage in DATA_STAGES:
-        stage_task.with_options(name=stage.rpartition(":")[2])(stage, root)
+    log_dir = root / params.paths.logs / time.strftime("%Y%m%d-%H%M%S")  # this run's stage logs
+    stages = run_stages(DATA_STAGES, root, log_dir)
+    if isinstance(stages, State):  # a stage failed: calling the flow raises its StageFailed
+        return stages
 
     started = time.perf_counter()
     with _inside(root):

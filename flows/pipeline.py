@@ -16,21 +16,37 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed, State
 
 from tasks.config import load_params
 from tasks.download import TRANSIENT_MARKER
+from tasks.infra import reaper
+from tasks.infra.logs import ERROR_MARKER
 
-STAGES = ("download", "manifest", "synthesize", "decode", "train", "evaluate", "register")
+STAGES = ("fingerprint", "download", "manifest", "synthesize", "decode", "train", "evaluate", "register")
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, returncode: int, tail: str) -> None:
-        super().__init__(f"stage {stage!r} failed (exit {returncode}):\n{tail}")
-        self.stage, self.returncode, self.tail = stage, returncode, tail
+    """A stage exited non-zero. The message is its one-line error and where its whole output is kept."""
+
+    def __init__(self, stage: str, returncode: int, tail: str, log: Path | None = None) -> None:
+        where = f" (full log: {log})" if log is not None else ""
+        super().__init__(f"stage {stage!r} failed (exit {returncode}): {error_line(tail)}{where}")
+        self.stage, self.returncode, self.tail, self.log = stage, returncode, tail, log
+
+
+def error_line(output: str) -> str:
+    """The stage's own one-line error (tasks/infra/logs.py prints it last), else DVC's last ERROR line."""
+    lines = output.splitlines()
+    for prefix in (ERROR_MARKER, "ERROR:"):
+        found = [line for line in lines if line.startswith(prefix)]
+        if found:
+            return found[-1].removeprefix(ERROR_MARKER).strip()
+    return lines[-1].strip() if lines else "no output"
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,7 @@ def stage_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")  # the log file shows each line as it is written
     return env
 
 
@@ -53,38 +70,67 @@ _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 def _die_with_parent() -> None:
-    """A stage must not outlive a killed flow (a restarted flow would race it for its outputs)."""
+    """DVC dies at once with the flow's process; the watchdog (tasks/infra/reaper.py) ends the rest."""
     if _LIBC is not None:
         _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], label: str) -> list[str]:
-    """Run `cmd`, streaming its output to the Prefect log as `label | line`; returns the lines. Raises
-    StageFailed with the tail on a non-zero exit; a cancelled or interrupted task takes the process down."""
+# DVC's advice after every stage, addressed to someone running `dvc` by hand: not news in a flow's log.
+_DVC_HINTS = re.compile(r"^(To track the changes with git, run:|\s+git add |To enable auto staging, run:"
+                        r"|\s+dvc config core\.autostage|Use `dvc push` to send your updates|\s*$)")
+
+
+def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], label: str, log_file: Path) -> list[str]:
+    """Run `cmd` in its own process group with its output going to `log_file`, and stream that file to the
+    Prefect log as `label | line` (DVC's git hints left out); returns the lines. The command writes to the
+    file, not to a pipe this process reads: if the flow dies, its last words are still kept. Raises
+    StageFailed naming the command's one-line error and the log. A cancelled or interrupted task ends the
+    whole group."""
     logger = get_run_logger()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_die_with_parent)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            logger.info("%s | %s", label, line.rstrip())
-        code = proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if code != 0:
-        raise StageFailed(label, code, "\n".join(lines[-40:]))
+    with log_file.open("ab") as sink, log_file.open("r", errors="replace") as source:
+        source.seek(0, os.SEEK_END)  # a retried stage appends to its log: the earlier try stays readable
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent, start_new_session=True)
+        reaper.register_group(proc.pid)
+        try:
+            pending, in_traceback = "", False
+            while True:
+                done = proc.poll() is not None  # read once more after the end: nothing is left behind
+                pending += source.read()
+                *complete, pending = pending.split("\n")
+                for line in complete:
+                    lines.append(line.rstrip())
+                    # A traceback's frames stay in the log file; its exception line is shown.
+                    if line.startswith("Traceback (most recent call last):"):
+                        in_traceback = True
+                        logger.info("%s | (traceback in %s)", label, log_file)
+                    elif in_traceback and line.startswith(" "):
+                        continue
+                    else:
+                        in_traceback = False
+                        if not _DVC_HINTS.match(line):
+                            logger.info("%s | %s", label, line.rstrip())
+                if done:
+                    break
+                time.sleep(0.2)
+            if pending:
+                lines.append(pending.rstrip())
+        finally:
+            if proc.poll() is None:
+                reaper.end_group(proc.pid)
+                proc.wait()
+    if proc.returncode != 0:
+        raise StageFailed(label, proc.returncode, "\n".join(lines[-40:]), log_file)
     return lines
 
 
-def dvc_repro(stage: str, project_dir: Path) -> StageResult:
-    """Run one stage through DVC, streaming its output to the Prefect log."""
+def dvc_repro(stage: str, project_dir: Path, log_dir: Path) -> StageResult:
+    """Run one stage through DVC, streaming its output to the Prefect log and to <log_dir>/<stage>.log."""
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
-    lines = stream_command(cmd, project_dir, stage_env(), stage)
+    lines = stream_command(cmd, project_dir, stage_env(), stage, log_dir / f"{stage.rpartition(':')[2]}.log")
     text = "\n".join(lines)
     if re.search(rf"Stage '{stage}' didn't change, skipping", text):
         status = "up to date"
@@ -107,24 +153,49 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def _stage_state(stage: str, project_dir: Path, log_dir: Path) -> StageResult | State:
+    """The stage's result, or a failed state carrying its StageFailed: a task that raises has Prefect log
+    its traceback, and what went wrong is the stage's one line (its own traceback is in its log file)."""
+    try:
+        return dvc_repro(stage, project_dir, log_dir)
+    except StageFailed as exc:
+        return Failed(message=str(exc), data=exc)
+
+
 @task(name="download", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient)
-def download(project_dir: Path) -> StageResult:
-    return dvc_repro("download", project_dir)
+def download(project_dir: Path, log_dir: Path) -> StageResult | State:
+    return _stage_state("download", project_dir, log_dir)
 
 
 @task(name="stage")
-def stage_task(stage: str, project_dir: Path) -> StageResult:
-    return dvc_repro(stage, project_dir)
+def stage_task(stage: str, project_dir: Path, log_dir: Path) -> StageResult | State:
+    return _stage_state(stage, project_dir, log_dir)
+
+
+def run_stages(stages: tuple[str, ...], project_dir: Path, log_dir: Path) -> list[StageResult] | State:
+    """One Prefect task per stage, in order; the first failed stage's state ends it (the flow returns that
+    state, so it ends Failed with the stage's one-line message rather than a traceback of its own)."""
+    results = []
+    for stage in stages:  # download is the task with retries
+        state = (download(project_dir, log_dir, return_state=True) if stage == "download" else
+                 stage_task.with_options(name=stage.rpartition(":")[2])(stage, project_dir, log_dir,
+                                                                        return_state=True))
+        if state.is_failed():  # the flow's state message is the stage's, and calling it raises its StageFailed
+            return Failed(message=state.message, data=state.result(raise_on_failure=False))
+        results.append(cast(StageResult, state.result()))
+    return results
 
 
 @flow(name="rain", log_prints=True)
-def rain(project_dir: str = ".") -> dict[str, Any]:
+def rain(project_dir: str = ".") -> dict[str, Any] | State:
     """download -> manifest -> synthesize -> decode -> train -> evaluate -> register, as DVC decides."""
+    reaper.guard()  # nothing this flow starts outlives it (a killed flow run included)
     root = Path(project_dir).resolve()
     params = load_params(root / "params.yaml")  # refuses a bad params.yaml before any stage runs
-    results = [download(root)]
-    for stage in STAGES[1:]:
-        results.append(stage_task.with_options(name=stage)(stage, root))
+    log_dir = root / params.paths.logs / time.strftime("%Y%m%d-%H%M%S")  # this run's stage logs
+    results = run_stages(STAGES, root, log_dir)
+    if isinstance(results, State):  # a stage failed: calling the flow raises its StageFailed
+        return results
     report_dir = root / params.report_dir()
     metrics = json.loads((report_dir / "metrics.json").read_text())
     registration = json.loads((report_dir / "registration.json").read_text())

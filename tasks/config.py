@@ -13,6 +13,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -26,6 +29,11 @@ from rain_model.config import InvalidValue, ModelConfig, ObjectiveConfig, requir
 
 PARAMS_FILE = "params.yaml"
 T = TypeVar("T")
+# dataset.name values: the keys of tasks/datasets ADAPTERS (tests/test_params_validation.py keeps them equal). Not
+# imported from there: tasks.datasets imports this module, and every stage would then depend on every adapter.
+DATASETS = ("synthetic", "viper", "cuhk03", "cuhk03-detected", "caviar", "market1501", "custom")
+# Seeds feed numpy (no negatives) and torch.manual_seed (below 2**64); int64 holds every seed both take.
+SEED_LIMIT = 2**63
 
 
 class ParamsError(ValueError):
@@ -49,11 +57,29 @@ class Paths:
     reports: str = "reports"
     runs: str = "runs"
     experiments: str = "experiments"
+    logs: str = "logs"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _require(getattr(self, f.name) != "", f"paths.{f.name}", "", "a folder (an empty path would template "
+                     "dvc.yaml's outputs to /<dataset>)")
+        # Each of these holds a folder or files per dataset that is a DVC output: two sharing one folder would make
+        # DVC refuse overlapping outputs, or one stage's clean-up delete another's output.
+        roots = ("raw", "lr", "store", "models", "reports", "experiments")
+        seen: dict[str, str] = {}
+        for name in roots:
+            folder = os.path.normpath(getattr(self, name))
+            _require(folder not in seen, f"paths.{name}", getattr(self, name),
+                     f"a folder of its own (paths.{seen.get(folder)} is the same)")
+            seen[folder] = name
 
 
 @dataclass(frozen=True)
 class DatasetChoice:
     name: str = "synthetic"
+
+    def __post_init__(self) -> None:
+        _require(self.name in DATASETS, "dataset.name", self.name, f"one of {', '.join(DATASETS)}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +94,7 @@ class SyntheticConfig:
     width: int = 64
 
     def __post_init__(self) -> None:
+        _seed("synthetic.seed", self.seed)
         _require(self.identities >= 4, "synthetic.identities", self.identities, "at least 4")
         _require(self.cameras >= 2, "synthetic.cameras", self.cameras, "at least 2")
         _require(self.images_per_camera >= 1, "synthetic.images_per_camera", self.images_per_camera, ">= 1")
@@ -85,6 +112,13 @@ class SourceConfig:
     md5: str = ""
     filename: str = ""
 
+    def __post_init__(self) -> None:
+        # rain_model's InvalidValue, not InvalidParam: parse() prefixes the key with the entry's sources.<name>.
+        require(self.md5 == "" or re.fullmatch(r"[0-9a-f]{32}", self.md5) is not None, "md5", self.md5,
+                "expected 32 lower-case hex digits, or empty (the archive cannot be verified)")
+        require(self.filename == "" or (Path(self.filename).name == self.filename and self.filename not in (".", "..")),
+                "filename", self.filename, "expected a file name without folders (it is put in paths.downloads)")
+
 
 @dataclass(frozen=True)
 class ProtocolConfig:
@@ -99,12 +133,16 @@ class ProtocolConfig:
     workers: int = 0  # synthesis processes; 0 = all cores
 
     def __post_init__(self) -> None:
-        _require(len(self.train_rates) > 0 and all(r >= 1 for r in self.train_rates),
-                 "protocol.train_rates", self.train_rates, "one or more rates >= 1")
-        _require(all(r >= 2 for r in self.unseen_rates), "protocol.unseen_rates", self.unseen_rates,
-                 "rates >= 2")
+        _seed("protocol.seed", self.seed)
+        _require(len(self.train_rates) > 0 and all(r >= 1 for r in self.train_rates)
+                 and len(set(self.train_rates)) == len(self.train_rates),
+                 "protocol.train_rates", self.train_rates, "one or more distinct rates >= 1")
+        # Each unseen rate is a query set of its own: a repeated one would be evaluated and reported twice.
+        _require(all(r >= 2 for r in self.unseen_rates) and len(set(self.unseen_rates)) == len(self.unseen_rates),
+                 "protocol.unseen_rates", self.unseen_rates, "distinct rates >= 2 (or none)")
         _require(self.trials >= 1, "protocol.trials", self.trials, ">= 1")
         _require(self.test_identities >= 0, "protocol.test_identities", self.test_identities, ">= 0")
+        _require(self.workers >= 0, "protocol.workers", self.workers, ">= 0 (0: all cores)")
 
 
 # Train settings that change how training goes (how often it saves, how it loads), never what it produces:
@@ -130,11 +168,20 @@ class TrainConfig:
     micro_batches: int = 1  # split each worker's batch, BN per part, gradients averaged (see objective.train_step)
 
     def __post_init__(self) -> None:
-        _require(len(self.trials) > 0, "train.trials", self.trials, "at least one trial")
+        _require(len(self.trials) > 0 and min(self.trials) >= 0 and len(set(self.trials)) == len(self.trials),
+                 "train.trials", self.trials, "one or more distinct protocol trials >= 0")
         _require(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
-        _require(self.p >= 2 and self.k >= 2, "train.p/train.k", (self.p, self.k), "P >= 2 and K >= 2")
+        # P identities x K images: the triplet loss needs a positive (K >= 2) and a negative (P >= 2) in each batch.
+        _require(self.p >= 2, "train.p", self.p, ">= 2")
+        _require(self.k >= 2, "train.k", self.k, ">= 2")
+        _seed("train.seed", self.seed)
         _require(0.0 <= self.label_fraction <= 1.0, "train.label_fraction", self.label_fraction, "in [0, 1]")
-        _require(self.lr_decay > 0, "train.lr_decay", self.lr_decay, "> 0")
+        # The schedule steps after each epoch, so a milestone < 1 never takes effect. One >= epochs is not refused:
+        # the grid trains the same settings for experiments.epochs, which may be longer.
+        _require(all(e >= 1 for e in self.lr_decay_epochs)
+                 and list(self.lr_decay_epochs) == sorted(set(self.lr_decay_epochs)),
+                 "train.lr_decay_epochs", self.lr_decay_epochs, "increasing epochs >= 1 (or none)")
+        _require(math.isfinite(self.lr_decay) and self.lr_decay > 0, "train.lr_decay", self.lr_decay, "> 0")
         _require(self.checkpoint_every_epochs >= 0, "train.checkpoint_every_epochs", self.checkpoint_every_epochs,
                  ">= 0")
         _require(self.checkpoint_every_seconds > 0, "train.checkpoint_every_seconds", self.checkpoint_every_seconds,
@@ -142,8 +189,11 @@ class TrainConfig:
         _require(self.loader_workers >= 0, "train.loader_workers", self.loader_workers, ">= 0")
         _require(self.micro_batches >= 1 and (self.p * self.k) % self.micro_batches == 0, "train.micro_batches",
                  self.micro_batches, "a divisor of P x K")
-        _require(self.height % 32 == 0 and self.width % 32 == 0, "train.height/width",
-                 (self.height, self.width), "multiples of 32")
+        # F down-samples by 32 and G up-samples f5 back by x2 stages to the HR size it is compared with (Eq. 2);
+        # 32 (f5 of 1 x 1) is the smallest size a whole training step and the embedding run at (measured).
+        for name in ("height", "width"):
+            _require(getattr(self, name) >= 32 and getattr(self, name) % 32 == 0, f"train.{name}",
+                     getattr(self, name), "a multiple of 32, at least 32")
 
 
 @dataclass(frozen=True)
@@ -154,13 +204,17 @@ class RayConfig:
     cpus_per_worker: int = 2
     max_failures: int = 1
     keep_checkpoints: int = 2
+    keep_runs: int = 2  # interrupted Ray runs kept under paths.runs for resuming (the current one included)
 
     def __post_init__(self) -> None:
+        _require(self.address != "", "ray.address", self.address, "null (RAY_ADDRESS, else a local cluster) or an "
+                 "address")
         _require(self.num_workers >= 1, "ray.num_workers", self.num_workers, ">= 1")
         _require(self.cpus_per_worker >= 1, "ray.cpus_per_worker", self.cpus_per_worker, ">= 1")
         _require(self.max_failures >= 0, "ray.max_failures", self.max_failures, ">= 0 (0: a lost worker fails the run)")
         _require(self.keep_checkpoints >= 1, "ray.keep_checkpoints", self.keep_checkpoints,
                  ">= 1 (the last checkpoint holds the final weights)")
+        _require(self.keep_runs >= 1, "ray.keep_runs", self.keep_runs, ">= 1 (the current run)")
 
 
 @dataclass(frozen=True)
@@ -176,6 +230,11 @@ class EvaluateConfig:
         _require(self.distance in ("euclidean", "cosine"), "evaluate.distance", self.distance,
                  "euclidean or cosine")
         _require(self.gallery_repeats >= 1, "evaluate.gallery_repeats", self.gallery_repeats, ">= 1")
+        _require(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, ">= 1")
+        # The t-SNE pictures are outputs of the evaluate stage (no "off"); one identity would colour nothing apart.
+        _require(self.tsne_identities >= 2, "evaluate.tsne_identities", self.tsne_identities, ">= 2")
+        _require(self.sheet_queries >= 1, "evaluate.sheet_queries", self.sheet_queries,
+                 ">= 1 (ranked_gallery.png is an output of the evaluate stage)")
 
 
 @dataclass(frozen=True)
@@ -189,16 +248,52 @@ class ExperimentsConfig:
     use_gpu: bool = False  # true: each run asks Ray for one GPU
 
     def __post_init__(self) -> None:
-        _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
-                 "experiments.seeds", self.seeds, "one or more distinct seeds >= 0")
+        _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds)
+                 and all(0 <= s < SEED_LIMIT for s in self.seeds),
+                 "experiments.seeds", self.seeds, "one or more distinct seeds in [0, 2**63)")
         _require(self.epochs >= 1, "experiments.epochs", self.epochs, ">= 1")
         _require(self.cpus_per_run >= 1, "experiments.cpus_per_run", self.cpus_per_run, ">= 1")
+
+
+# The aliases only `rain promote` moves (tasks/registry/promote.py imports them from here, so that tasks/config.py
+# stays free of MLflow): its gate, locks and promotion tags are what make such an alias mean "beat the last one".
+CHAMPION = "champion"
+PROMOTED_ALIASES = (CHAMPION,)
+
+
+def is_promoted_alias(alias: str) -> bool:
+    # Without case: a registry on MySQL (case-insensitive collation) would take `Champion` for `champion`.
+    return alias.lower() in {a.lower() for a in PROMOTED_ALIASES}
 
 
 @dataclass(frozen=True)
 class RegisterConfig:
     model_name: str = "rain-reid"
     alias: str = "candidate"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model_name.strip()) and "/" not in self.model_name, "register.model_name",
+                 self.model_name, "a non-empty name without '/'")
+        # MLflow's alias rule: letters, digits, '_' and '-'; `latest` and `v<N>` name versions already.
+        _require(re.fullmatch(r"[A-Za-z0-9_-]+", self.alias) is not None and self.alias.lower() != "latest"
+                 and re.fullmatch(r"[vV]\d+", self.alias) is None, "register.alias", self.alias,
+                 "letters, digits, '_' or '-', and not `latest` or v<number>")
+        _require(not is_promoted_alias(self.alias), "register.alias", self.alias,
+                 f"an alias other than {', '.join(PROMOTED_ALIASES)}: only `rain promote` moves that one, "
+                 f"through its gate")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What a served model accepts per request (tasks/registry/pyfunc_model.py). Written into the model's
+    settings at register, so the limits hold wherever the registered model is served or loaded."""
+
+    max_pixels: int = 2_097_152  # per image, width x height, read from the header before any pixel is decoded
+    max_images: int = 32  # per request
+
+    def __post_init__(self) -> None:
+        _require(self.max_pixels > 0, "serve.max_pixels", self.max_pixels, "> 0")
+        _require(self.max_images > 0, "serve.max_images", self.max_images, "> 0")
 
 
 @dataclass(frozen=True)
@@ -214,7 +309,20 @@ class Params:
     ray: RayConfig = field(default_factory=RayConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
+
+    def __post_init__(self) -> None:
+        # Checks across sections: each of these would otherwise fail only once training has started.
+        trials = self.protocol.trials
+        _require(all(t < trials for t in self.train.trials), "train.trials", self.train.trials,
+                 f"trials of the protocol: 0..{trials - 1} (protocol.trials = {trials})")
+        workers = self.ray.num_workers
+        _require(self.train.p % workers == 0, "train.p", self.train.p,
+                 f"a multiple of ray.num_workers = {workers} (each worker takes P / workers identities of a batch)")
+        worker_batch = self.train.p // workers * self.train.k
+        _require(worker_batch % self.train.micro_batches == 0, "train.micro_batches", self.train.micro_batches,
+                 f"a divisor of each worker's batch, P / ray.num_workers x K = {worker_batch}")
 
     # Derived paths: written here once so every stage and dvc.yaml agree.
     def downloads_dir(self) -> Path:
@@ -230,6 +338,14 @@ class Params:
 
     def quarantine_path(self) -> Path:
         return Path(self.paths.manifests) / f"{self.dataset.name}-quarantine.parquet"
+
+    def fingerprint_path(self) -> Path:
+        """The content of what the download stage reads from outside the project (tasks/fingerprint.py)."""
+        return Path(self.paths.manifests) / f"{self.dataset.name}-fingerprint.json"
+
+    def pretrained_fingerprint_path(self) -> Path:
+        """The content of model.pretrained_path, a dep of the train stage (tasks/fingerprint.py)."""
+        return Path(self.paths.manifests) / f"{self.dataset.name}-pretrained.json"
 
     def mlr_manifest_path(self) -> Path:
         return Path(self.paths.manifests) / f"{self.dataset.name}-mlr.parquet"
@@ -254,6 +370,10 @@ class Params:
 
 def _require(ok: bool, key: str, value: object, expected: str) -> None:
     require(ok, key, value, f"expected {expected}", InvalidParam)
+
+
+def _seed(key: str, value: int) -> None:
+    _require(0 <= value < SEED_LIMIT, key, value, "a seed in [0, 2**63)")
 
 
 def parse(cls: type[T], data: object, where: str) -> T:
@@ -320,7 +440,35 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path}: not found (run from the project folder)") from exc
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
-    return parse(Params, data, "")
+    params = parse(Params, data, "")  # first: a misspelt key is reported with its suggestion, not as missing
+    missing = missing_keys(Params, data, "")
+    if missing:
+        sections = [k for k in missing if "." not in k]
+        keys = [k for k in missing if "." in k]
+        parts = ([f"missing section(s) {', '.join(sections)}"] if sections else []) + \
+                ([f"missing key(s) {', '.join(keys)}"] if keys else [])
+        raise ParamsError(f"{path}: {'; '.join(parts)} (every parameter is written in params.yaml: the repository's "
+                          f"params.yaml has each one with its default)")
+    return params
+
+
+def missing_keys(cls: type, data: object, where: str) -> list[str]:
+    """The dotted keys of dataclass `cls` that the YAML mapping `data` lacks; a missing section is named once.
+
+    params.yaml holds every parameter: dvc.yaml templates its paths and DVC tracks the values it reads there, so a
+    value left to the code's default would be neither templated nor tracked (changing the default in code would
+    re-run nothing). The entries of a mapping such as `sources` are the user's; only the mapping must be there.
+    """
+    data = data if isinstance(data, Mapping) else {}
+    hints = typing.get_type_hints(cls)
+    missing: list[str] = []
+    for f in dataclasses.fields(cls):
+        key = _dotted(where, f.name)
+        if f.name not in data:
+            missing.append(key)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            missing += missing_keys(hints[f.name], data[f.name], key)
+    return missing
 
 
 def flat_params(params: Params) -> dict[str, str]:
@@ -339,6 +487,13 @@ def flat_params(params: Params) -> dict[str, str]:
 
     walk("", params)
     return out
+
+
+def train_stage_params() -> tuple[str, ...]:
+    """What the train stage's weights depend on, as dvc.yaml lists its params (tests/test_stage_deps.py):
+    the network, the objective, every train setting but the output-neutral ones, and the DDP layout."""
+    train = (f"train.{f.name}" for f in dataclasses.fields(TrainConfig))
+    return ("model", "objective", *(k for k in train if k not in OUTPUT_NEUTRAL), "ray.num_workers", "ray.use_gpu")
 
 
 def params_hash(params: Params) -> str:

@@ -6,13 +6,17 @@ a person browsing the registry can tell where it came from and how good it is, a
 tell whether two versions were measured the same way:
 
 - where it came from: `git_commit` (with `git_dirty`: uncommitted changes to tracked files),
-  `mlflow_run_id`, `weights_sha256`, `params_sha256` (params.yaml), `mlr_manifest_sha256`, and from
+  `mlflow_run_id`, `weights_sha256`, `params_sha256` (params.yaml), `mlr_manifest_sha256`,
+  `pretrained_sha256` (the file `model.pretrained_path` that initialised training, or `none`), and from
   dvc.lock (when the stage runs under DVC) the hashes DVC recorded: `dvc_data_md5` (the raw dataset
   folder), `dvc_mlr_manifest_md5`, `dvc_models_md5` and `dvc_params_sha256` (the parameter values
   every upstream stage ran with, canonical JSON);
 - how it was measured: `dataset`, `protocol` (MLR split and evaluation settings as one string) and
   `eval_set` (sha256 of the HR and MLR manifests: the exact images and splits it was scored on);
 - how good it is: `rank1`, `rank1_std`, `rank5`, `rank10`, `rank20`, `mAP` (LR queries, fractions).
+
+The model is self-contained: its settings (`model_settings`) never name a file outside it, so it loads on
+any machine, and they carry the `serve` request limits, which it enforces wherever it is served.
 
 Writes reports/<dataset>/registration.json.
 """
@@ -33,7 +37,7 @@ from typing import Any
 import yaml
 
 from rain_model.metrics import METRIC_KEYS
-from tasks.config import Params, load_params
+from tasks.config import PROMOTED_ALIASES, Params, is_promoted_alias, load_params
 from tasks.infra.logs import setup_logging
 from tasks.infra.tracking import file_hash, git_commit, tracking_uri
 
@@ -115,10 +119,59 @@ def dvc_lineage(lock_file: Path, params: Params) -> dict[str, str]:
     }
 
 
-def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, params_file: Path,
-        manifest_path: Path | None = None, lock_file: Path | None = None) -> dict[str, Any]:
+def pretrained_provenance(path: str | None) -> dict[str, str | None] | None:
+    """Which file initialised training (name and sha256; None: trained from scratch). Provenance only: the
+    registered weights hold every parameter, so the file is never read again."""
+    if path is None:
+        return None
+    try:
+        sha: str | None = file_hash(Path(path))
+    except FileNotFoundError:
+        log.warning("register: pretrained_path %s is gone; its sha256 is not recorded", path)
+        sha = None
+    return {"file": Path(path).name, "sha256": sha}
+
+
+def model_settings(params: Params, num_classes: int, pretrained: dict[str, str | None] | None) -> dict[str, Any]:
+    """The registered model's settings (its `config` artifact), which RainEmbedder reads at load.
+
+    `model.pretrained_path` is written as None: a path on the training machine would make every load read
+    (and need) that file, though the weights artifact already holds what it initialised. `pretrained`
+    records the file for provenance and is not read at load. `serve` holds the request limits, so the
+    model enforces them wherever it is served.
+    """
+    return {"model": dataclasses.asdict(dataclasses.replace(params.model, pretrained_path=None)),
+            "num_classes": num_classes, "height": params.train.height, "width": params.train.width,
+            "flip": params.evaluate.flip, "pretrained": pretrained, "serve": dataclasses.asdict(params.serve)}
+
+
+def log_model(params: Params, weights: Path, settings: dict[str, Any]) -> Any:
+    """The pyfunc (tasks/registry/pyfunc_model.py, from code) with `weights` and `settings`, logged to the
+    active MLflow run; returns MLflow's ModelInfo (its `model_uri` is what gets registered)."""
     import mlflow
     import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "model.json"
+        config.write_text(json.dumps(settings, default=list))
+        # The signature is inferred by running the logged model on the example: a free smoke test.
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(PACKAGE_ROOT / "tasks" / "registry" / "pyfunc_model.py"),
+            artifacts={"weights": str(weights), "config": str(config)},
+            code_paths=[str(PACKAGE_ROOT / "rain_model"), str(PACKAGE_ROOT / "tasks")],
+            input_example=pd.DataFrame({"image": [_example_image(params)]}),
+            pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS],
+        )
+
+
+def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, params_file: Path,
+        manifest_path: Path | None = None, lock_file: Path | None = None) -> dict[str, Any]:
+    # RegisterConfig refuses these aliases at load; this catches a config that skipped its check (built by
+    # hand, a stand-in object), before anything is logged or registered.
+    if is_promoted_alias(params.register.alias):
+        raise ValueError(f"register: alias {params.register.alias!r} is not set by the register stage: "
+                         f"only `rain promote` moves {', '.join(PROMOTED_ALIASES)}, through its gate")
+    import mlflow
 
     from tasks.training.artifacts import summary_path
 
@@ -132,27 +185,16 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
     info = train_summary["trials"][trial]
     weights = model_dir / info["weights"]
     name = params.register.model_name
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "model.json"
-        config.write_text(json.dumps({"model": dataclasses.asdict(params.model), "num_classes": info["num_classes"],
-                                      "height": params.train.height, "width": params.train.width,
-                                      "flip": params.evaluate.flip}, default=list))
-        example = pd.DataFrame({"image": [_example_image(params)]})
-        with mlflow.start_run(run_id=info["mlflow_run_id"]):
-            # The signature is inferred by running the logged model on the example: a free smoke test.
-            logged = mlflow.pyfunc.log_model(
-                name="model", python_model=str(PACKAGE_ROOT / "tasks" / "registry" / "pyfunc_model.py"),
-                artifacts={"weights": str(weights), "config": str(config)},
-                code_paths=[str(PACKAGE_ROOT / "rain_model"), str(PACKAGE_ROOT / "tasks")],
-                input_example=example,
-                pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS],
-            )
+    pretrained = pretrained_provenance(params.model.pretrained_path)
+    with mlflow.start_run(run_id=info["mlflow_run_id"]):
+        logged = log_model(params, weights, model_settings(params, info["num_classes"], pretrained))
     tags = {
         "git_commit": git_commit(), "git_dirty": git_dirty(), "dataset": params.dataset.name, "trial": trial,
         "protocol": protocol_tag(params), "eval_set": eval_set_hash(manifest_path, mlr_path),
         "variant": params.objective.variant, "backbone": params.model.backbone,
         "mlr_manifest_sha256": file_hash(mlr_path), "params_sha256": file_hash(params_file),
         "weights_sha256": file_hash(weights), "mlflow_run_id": info["mlflow_run_id"],
+        "pretrained_sha256": "none" if pretrained is None else pretrained["sha256"] or "unknown",
     } | dvc_lineage(lock_file, params) | {k: f"{metrics[k]:.6f}" for k in METRIC_KEYS}
     if "rank1_std" in metrics.get("rows", {}).get("lr", {}):
         tags["rank1_std"] = f"{metrics['rows']['lr']['rank1_std']:.6f}"

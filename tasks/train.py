@@ -1,19 +1,24 @@
 """Stage `train`: the RAIN objective under Ray Train (`TorchTrainer`, DDP), one model per listed trial.
 
-The driver starts (or joins) a Ray cluster, opens one MLflow run per trial, and runs `train_worker` on
-`ray.num_workers` workers, over DDP with `ddp_backend` (NCCL on GPUs, gloo on CPUs). Workers read the
-decoded-image store and checkpoint (tasks/training/loop.py `checkpoint_due`) into <paths.runs>/ray (outside
-every DVC output, so a restarted worker group resumes from there); the final weights are written as
-safetensors into models/<dataset>/, the stage's DVC output.
+The driver starts (or joins) a Ray cluster, checks that it can place the worker group (else it fails at once,
+naming both sides), opens one MLflow run per trial, and runs `train_worker` on `ray.num_workers` workers,
+over DDP with `ddp_backend` (NCCL on GPUs, gloo on CPUs). Workers read the decoded-image store and
+checkpoint (tasks/training/loop.py `checkpoint_due`) into <paths.runs>/ray/<run>, outside every DVC output.
+The run's name is a key of its params, data and code (tasks/training/resume.py), so a restarted worker group
+and a re-run after a killed one both continue from the last checkpoint, in the same MLflow run. The final
+weights are written as safetensors into models/<dataset>/, the stage's DVC output. A signal (the flow was
+killed) marks the MLflow run KILLED and writes no weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +26,9 @@ import torch
 
 from tasks.config import Params, flat_params, load_params, params_hash
 from tasks.infra.logs import setup_logging
-from tasks.infra.raycluster import connect
+from tasks.infra.raycluster import connect, require_resources
 from tasks.infra.tracking import file_hash, git_commit, mlflow_experiment_id, tracking_uri
+from tasks.training import resume
 from tasks.training.artifacts import STATE_FILE, summary_path, weights_path
 from tasks.training.loop import FaultPlan, NonFiniteTraining, TrainJob, WorkerContext, ddp_backend, train_loop
 
@@ -36,7 +42,11 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_d
     """Train each listed trial on a Ray worker group; write its weights and the stage's summary."""
     import mlflow
 
+    params = _with_absolute_pretrained_path(params)
     connect(params.ray.address)  # before `ray.train` is imported (by _torch_trainer): it imports ray
+    ray_params = params.ray
+    require_resources(ray_params.num_workers, ray_params.cpus_per_worker, 1 if ray_params.use_gpu else 0,
+                      "ray.num_workers x (ray.cpus_per_worker, ray.use_gpu)")
     model_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri()
     client = mlflow.MlflowClient(uri)
@@ -44,16 +54,34 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_d
 
     summary: dict[str, Any] = {"trials": {}}
     data_hash = file_hash(mlr_path)
+    reads = resume.inputs(mlr_path, store_dir)
     for trial in params.train.trials:
         rows = _training_rows(mlr_path, trial)
-        name = f"{params.dataset.name}-trial{trial}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        run_id = _start_mlflow_run(client, exp_id, name, params, trial, data_hash)
+        name = resume.run_name(params, trial, resume.run_key(params, trial, reads))
+        ray_dir = runs_dir.resolve() / "ray"
+        pruned = resume.prune(ray_dir, ray_params.keep_runs, current=name)
+        if pruned:
+            log.info("train: deleted %d older interrupted Ray run(s) (ray.keep_runs = %d)", len(pruned),
+                     ray_params.keep_runs)
+        run_id = _open_mlflow_run(client, exp_id, ray_dir / name, params, trial, data_hash)
         # Workers do not share the driver's working folder: the store's path is absolute.
         job = TrainJob(params=params, rows=rows, store=str(store_dir.resolve()), tracking_uri=uri, run_id=run_id,
                        fault=fault)
-        summary["trials"][str(trial)] = _train_trial(job, trial, name, client, run_id, model_dir, runs_dir)
+        summary["trials"][str(trial)] = _train_trial(job, trial, name, client, run_id, model_dir, ray_dir)
     summary_path(model_dir).write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
+
+
+def _with_absolute_pretrained_path(params: Params) -> Params:
+    """Refuse a missing `model.pretrained_path` now, not in a worker; workers get it absolute (their working
+    folder is not the driver's)."""
+    path = params.model.pretrained_path
+    if path is None:
+        return params
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise FileNotFoundError(f"params.yaml model.pretrained_path = {path!r}: no such file ({file})")
+    return dataclasses.replace(params, model=dataclasses.replace(params.model, pretrained_path=str(file)))
 
 
 def _training_rows(mlr_path: Path, trial: int) -> list[dict[str, Any]]:
@@ -65,25 +93,41 @@ def _training_rows(mlr_path: Path, trial: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _start_mlflow_run(client: Any, exp_id: str, name: str, params: Params, trial: int, data_hash: str) -> str:
-    """A new MLflow run for one trial, tagged with its lineage and holding every param; returns its id."""
+def _open_mlflow_run(client: Any, exp_id: str, ray_run: Path, params: Params, trial: int, data_hash: str) -> str:
+    """The MLflow run of Ray run `ray_run`: the interrupted one it resumes, reopened, or a new one tagged with
+    its lineage and holding every param; returns its id."""
+    previous = resume.previous_mlflow_run(ray_run)
+    if previous is not None:
+        try:
+            status = client.get_run(previous).info.status
+        except Exception:  # deleted, or another tracking store
+            status = None
+        if status in ("RUNNING", "KILLED", "FAILED"):
+            client.update_run(previous, status="RUNNING")
+            client.set_tag(previous, "resumed", "true")
+            log.info("train: trial %d resumes Ray run %s from its last checkpoint (MLflow run %s)", trial,
+                     ray_run.name, previous)
+            return str(previous)
+    name = f"{params.dataset.name}-trial{trial}-{time.strftime('%Y%m%d-%H%M%S')}"
     mlflow_run = client.create_run(exp_id, run_name=name, tags={
         "git_commit": git_commit(), "data_hash": data_hash, "params_hash": params_hash(params),
-        "dataset": params.dataset.name,
+        "dataset": params.dataset.name, "ray_run": ray_run.name,
         "trial": str(trial), "variant": params.objective.variant, "stage": "train"})
     run_id = str(mlflow_run.info.run_id)
     for key, value in flat_params(params).items():
         client.log_param(run_id, key, value[:6000])
+    resume.remember_mlflow_run(ray_run, run_id)
     return run_id
 
 
 def _train_trial(job: TrainJob, trial: int, name: str, client: Any, run_id: str, model_dir: Path,
-                 runs_dir: Path) -> dict[str, Any]:
+                 ray_dir: Path) -> dict[str, Any]:
     """Fit one trial, write its final weights and finish its MLflow run; returns the trial's summary."""
-    trainer = _torch_trainer(job, name, runs_dir)
+    trainer = _torch_trainer(job, name, ray_dir)
     started = time.perf_counter()
     result, state = _fit(trainer, client, run_id, trial, name)
     _save_weights(state["model"], weights_path(model_dir, trial))
+    shutil.rmtree(ray_dir / name, ignore_errors=True)  # finished: nothing left to resume
     seconds = time.perf_counter() - started
     client.log_metric(run_id, "train_seconds", seconds)
     client.set_terminated(run_id, status="FINISHED")
@@ -98,8 +142,9 @@ def _train_trial(job: TrainJob, trial: int, name: str, client: Any, run_id: str,
     return trial_summary
 
 
-def _torch_trainer(job: TrainJob, name: str, runs_dir: Path) -> Any:
-    """`train_worker` on `ray.num_workers` DDP workers, checkpointing under <runs>/ray/<name>."""
+def _torch_trainer(job: TrainJob, name: str, ray_dir: Path) -> Any:
+    """`train_worker` on `ray.num_workers` DDP workers, checkpointing under <ray_dir>/<name> (Ray resumes a
+    run it finds there)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -111,7 +156,7 @@ def _torch_trainer(job: TrainJob, name: str, runs_dir: Path) -> Any:
         scaling_config=ScalingConfig(num_workers=ray_params.num_workers, use_gpu=ray_params.use_gpu,
                                      resources_per_worker={"CPU": ray_params.cpus_per_worker}),
         run_config=RunConfig(
-            name=name, storage_path=str(runs_dir.resolve() / "ray"),
+            name=name, storage_path=str(ray_dir),
             failure_config=FailureConfig(max_failures=ray_params.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_params.keep_checkpoints)),
     )
@@ -121,6 +166,11 @@ def _fit(trainer: Any, client: Any, run_id: str, trial: int, name: str) -> tuple
     """(Ray result, final checkpoint state); a failed, non-finite or checkpoint-less fit fails the MLflow run."""
     try:
         result = trainer.fit()
+    except (SystemExit, KeyboardInterrupt):  # a signal: Ray's driver turns SIGTERM and SIGINT into these
+        client.set_terminated(run_id, status="KILLED")
+        log.warning("train: trial %d stopped by a signal; MLflow run %s marked KILLED, no weights written; a "
+                    "re-run with the same params, data and code resumes Ray run %s", trial, run_id, name)
+        raise
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -137,9 +187,12 @@ def _fit(trainer: Any, client: Any, run_id: str, trial: int, name: str) -> tuple
 
 
 def _save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Written whole or not at all: a stage killed mid-write leaves no truncated weights."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    partial = path.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(partial))
+    os.replace(partial, path)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -151,9 +204,11 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if job.params.ray.use_gpu else torch.device("cpu")
     resume = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted worker group: continue from the last reported state
+    if checkpoint is not None:  # a restarted worker group or run: continue from the last reported state
         with checkpoint.as_directory() as ckpt_dir:
             resume = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=device, weights_only=True)
+        if "nonfinite" in resume:  # a marker, not a state: that run stopped on a NaN; start over
+            resume = None
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         if state is None:

@@ -32,6 +32,12 @@ from tests.micro_project import REPO
 __all__ = ["http_server"]
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stages run in the project folder: the custom adapter's file-hash cache (.cache/) goes to the test's own."""
+    monkeypatch.chdir(tmp_path)
+
+
 def served_params(tmp: Path, server: LocalServer, name: str, built: Built, **protocol: object) -> Params:
     url = server.serve(f"/{built.filename}", built.data)
     return make_params(tmp, name, {name: SourceConfig(url=url, md5=built.md5, filename=built.filename)},
@@ -269,3 +275,83 @@ def test_scan_of_an_empty_raw_folder_says_what_to_do(tmp_path: Path, name: str) 
     (tmp_path / "raw").mkdir()
     with pytest.raises(DatasetError, match="download stage"):
         list(get_adapter(name).scan(tmp_path / "raw"))
+
+
+def _custom_table(tmp_path: Path, rows: list[str], header: str = "path,person_id,camera_id") -> Path:
+    """A table over build_custom_folder's 8 images (imgs/0000.jpg ... imgs/0007.jpg) with the given rows."""
+    build_custom_folder(tmp_path / "mine", images=8, corrupt=0)
+    table = tmp_path / "mine" / "t.csv"
+    table.write_text("\n".join([header, *rows]) + "\n")
+    return table
+
+
+def _custom_error(tmp_path: Path, table: Path) -> str:
+    params = make_params(tmp_path, "custom", {"custom": SourceConfig(url=str(table))})
+    with pytest.raises(DatasetError) as info:
+        download.run(params, params.raw_dir())
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("cameras", "found"), [([0] * 8, "view 0 (camera_id found: 0)"),
+                                                ([0, 2] * 4, "view 0 (camera_id found: 0, 2)"),
+                                                ([1, 3] * 4, "view 1 (camera_id found: 1, 3)")])
+def test_a_custom_table_with_one_view_says_so_and_what_is_needed(tmp_path: Path, cameras: list[int],
+                                                                 found: str) -> None:
+    # Reproduced: it used to fail in the synthesize stage naming protocol.test_identities.
+    table = _custom_table(tmp_path, [f"imgs/{i:04d}.jpg,{i // 2},{c}" for i, c in enumerate(cameras)])
+    message = _custom_error(tmp_path, table)
+    assert message.startswith(f"{table}: all 8 images are in {found}; the MLR protocol needs the same people in "
+                              f"two views: images from two cameras"), message
+    assert "\n" not in message
+
+
+def test_a_custom_table_with_one_person_in_both_views_says_so(tmp_path: Path) -> None:
+    # person 0 in both cameras; 1, 2, 3 in camera 0 only
+    rows = ["imgs/0000.jpg,0,0", "imgs/0001.jpg,0,1"] + [f"imgs/{i:04d}.jpg,{i // 2},0" for i in range(2, 8)]
+    message = _custom_error(tmp_path, _custom_table(tmp_path, rows))
+    assert "1 person (person_id 0) seen in both views (camera_id found: 0, 1)" in message
+    assert message.endswith("for at least 2 people (one to train on, one to test)")
+
+
+def test_two_people_in_both_views_are_enough_for_the_adapter(tmp_path: Path) -> None:
+    rows = [f"imgs/{i:04d}.jpg,{i // 4},{i % 2}" for i in range(8)]
+    params = make_params(tmp_path, "custom", {"custom": SourceConfig(url=str(_custom_table(tmp_path, rows)))})
+    download.run(params, params.raw_dir())
+    assert len(list(get_adapter("custom").scan(params.raw_dir()))) == 8
+
+
+@pytest.mark.parametrize(("row", "problem"), [
+    ("imgs/0001.jpg,100000000000000000000000,1",
+     "row 2, column person_id: 100000000000000000000000 is out of range "
+     "(-9223372036854775808 to 9223372036854775807)"),
+    ("imgs/0001.jpg,-9223372036854775809,1", "row 2, column person_id: -9223372036854775809 is out of range"),
+    ("imgs/0001.jpg,1,2147483648", "row 2, column camera_id: 2147483648 is out of range (0 to 2147483647)"),
+    ("imgs/0001.jpg,1,1,2147483648", "row 2, column camera_pair: 2147483648 is out of range (0 to 2147483647)"),
+])
+def test_a_number_beyond_its_column_type_names_row_and_column(tmp_path: Path, row: str, problem: str) -> None:
+    # Reproduced: a person_id of 10^23 gave a bare OverflowError from pyarrow, with no row.
+    header = "path,person_id,camera_id" + (",camera_pair" if row.count(",") == 3 else "")
+    first = "imgs/0000.jpg,1,0" + (",0" if row.count(",") == 3 else "")
+    table = _custom_table(tmp_path, [first, row], header)
+    message = _custom_error(tmp_path, table)
+    assert message.startswith(f"{table}: invalid custom dataset table:") and problem in message, message
+
+
+def test_the_largest_person_id_fits(tmp_path: Path) -> None:
+    big = 2**63 - 1
+    rows = [f"imgs/{i:04d}.jpg,{big - i // 4},{i % 2}" for i in range(8)]
+    params = make_params(tmp_path, "custom", {"custom": SourceConfig(url=str(_custom_table(tmp_path, rows)))})
+    download.run(params, params.raw_dir())
+    assert {i.person_id for i in get_adapter("custom").scan(params.raw_dir())} == {big, big - 1}
+
+
+def test_the_normalised_custom_table_records_each_image_content(tmp_path: Path) -> None:
+    import hashlib
+
+    rows = [f"imgs/{i:04d}.jpg,{i // 4},{i % 2}" for i in range(8)]
+    table = _custom_table(tmp_path, rows)
+    params = make_params(tmp_path, "custom", {"custom": SourceConfig(url=str(table))})
+    download.run(params, params.raw_dir())
+    stored = pq.read_table(params.raw_dir() / "custom.parquet").to_pylist()
+    assert [r["sha256"] for r in stored] == [hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest() for r in stored]
+    assert len({r["sha256"] for r in stored}) == 8

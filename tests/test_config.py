@@ -9,13 +9,16 @@ import pytest
 import yaml
 
 from rain_model.config import ModelConfig
-from tasks.config import Params, ParamsError, load_params, parse
+from tasks.config import PROMOTED_ALIASES, Params, ParamsError, load_params, parse
 from tests.micro_project import REPO
 
 
 def write(tmp_path: Path, data: dict) -> Path:
+    """The repository's params.yaml with `data` merged over it (load_params refuses a missing parameter)."""
+    from tests.micro_project import merge
+
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load((REPO / "params.yaml").read_text()), data)))
     return path
 
 
@@ -50,10 +53,24 @@ def test_unknown_key_inside_a_model_config_is_refused(tmp_path: Path) -> None:
     ({"model": {"backbone": "vgg16"}}, "backbone"),
     ({"ray": {"max_failures": -1}}, "ray.max_failures"),
     ({"ray": {"keep_checkpoints": 0}}, "ray.keep_checkpoints"),
+    ({"serve": {"max_pixels": 0}}, "serve.max_pixels"),
+    ({"serve": {"max_images": -1}}, "serve.max_images"),
+    ({"serve": {"max_images": 2.5}}, "serve.max_images"),
 ])
 def test_wrong_types_and_values_name_the_key(tmp_path: Path, data: dict, key: str) -> None:
     with pytest.raises(ParamsError, match=key):
         load_params(write(tmp_path, data))
+
+
+@pytest.mark.parametrize("alias", ["champion", "Champion"])
+def test_register_alias_managed_by_rain_promote_is_refused_by_name(tmp_path: Path, alias: str) -> None:
+    # Only `rain promote` (its gate, locks and promotion tags) moves `champion`; `dvc repro` must not.
+    from tasks.registry.promote import PromoteRequest
+
+    assert PromoteRequest().alias in PROMOTED_ALIASES  # the set refused here is the set promote moves
+    with pytest.raises(ParamsError, match=rf"^params\.yaml: register\.alias = '{alias}' is invalid: .*rain promote"):
+        load_params(write(tmp_path, {"register": {"alias": alias}}))
+    assert load_params(write(tmp_path, {"register": {"alias": "staging"}})).register.alias == "staging"
 
 
 def test_values_are_typed_and_frozen(tmp_path: Path) -> None:

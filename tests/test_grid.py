@@ -90,6 +90,7 @@ def test_run_key_follows_what_changes_a_result_and_nothing_else() -> None:
         dataclasses.replace(params, experiments=dataclasses.replace(params.experiments, seeds=(0, 5), cpus_per_run=4)),
         dataclasses.replace(params, paths=dataclasses.replace(params.paths, experiments="elsewhere")),
         dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=99, seed=42)),  # grid sets both
+        dataclasses.replace(params, serve=dataclasses.replace(params.serve, max_images=1)),  # serving, not training
     ]
     for other in same:
         assert grid.run_key(other, "multi_level", 0, inputs) == key

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tasks.grid import configs, runs, tables
+from tasks.infra.imports import module_files
 from tests.micro_project import REPO, micro_params
 
 
@@ -48,6 +49,6 @@ def test_editing_the_training_loop_changes_every_run_key(code: Path) -> None:
 
 
 def test_the_code_a_run_executes_excludes_the_tables_and_includes_the_loop() -> None:
-    files = {f.as_posix() for f in runs.module_files(runs.STAGE)}
+    files = {f.as_posix() for f in module_files(runs.STAGE)}
     assert "tasks/training/loop.py" in files and "rain_model/objective.py" in files
     assert "tasks/grid/tables.py" not in files and "tasks/grid_report.py" not in files

@@ -12,7 +12,7 @@ import pytest
 from dataset_fixtures import image_bytes
 from PIL import Image, ImageFile
 
-from tasks.images.imageio import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb, load_rgb
+from tasks.images.imageio import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb, image_size, load_rgb
 
 ALL = ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP")
 
@@ -115,6 +115,19 @@ def test_own_pixel_limit() -> None:
     data = encode(Image.new("RGB", (20, 20)))
     with pytest.raises(ImageRejected, match="400 pixels, over the limit of 100"):
         decode_rgb(data, ("PNG",), max_pixels=100)
+
+
+def test_image_size_reads_the_header_alone() -> None:
+    # A header claiming 10,000 x 10,000 over one byte of pixel data: the size comes back, nothing is decoded
+    # (decoding would fail: the data is missing), and Pillow's bomb warning does not stop the caller's own check.
+    assert image_size(png(10_000, 10_000, 1, 0, b"\x00"), ("PNG",)) == (10_000, 10_000)
+    assert image_size(encode(Image.new("RGB", (20, 30)), "JPEG"), ("PNG", "JPEG")) == (20, 30)
+    with pytest.raises(ImageRejected, match="decompression bomb"):  # over twice Pillow's limit: Pillow refuses
+        image_size(png(20_000, 20_000, 1, 0, b"\x00"), ("PNG",))
+    with pytest.raises(ImageRejected, match="row 3: not an image of format PNG"):
+        image_size(b"GIF? no, just text", ("PNG",), name="row 3")
+    with pytest.raises(ImageRejected, match="empty file"):
+        image_size(b"", ("PNG",))
 
 
 def test_mode_l_is_replicated() -> None:

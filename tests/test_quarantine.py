@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from dataset_fixtures import build_custom_folder, make_params
 
 from tasks import download, manifest
 from tasks.config import SourceConfig
 
 
-def test_one_percent_corrupt_images_are_quarantined_with_reasons(tmp_path: Path) -> None:
+def test_one_percent_corrupt_images_are_quarantined_with_reasons(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # as a stage runs in its project: the file-hash cache (.cache/) is the test's own
     folder = tmp_path / "photos"
     table, bad = build_custom_folder(folder, images=1000, corrupt=10, fmt="JPEG")
     assert len(bad) == 10

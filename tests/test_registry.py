@@ -175,6 +175,75 @@ def test_each_new_version_gets_the_candidate_alias(project: Path, client: Any, m
     assert client.get_model_version(MODEL, str(reg["version"])).tags["eval_set"] == reg["tags"]["eval_set"]
 
 
+def test_the_register_stage_cannot_set_champion(project: Path, client: Any, mlflow_global: None,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # params.yaml cannot say `register.alias: champion` (tests/test_config.py); a config that skipped that
+    # check (built by hand) is refused by the stage itself, before anything is logged or registered.
+    import dataclasses
+
+    from tasks import register
+    from tasks.config import load_params
+
+    monkeypatch.chdir(project)
+    params = load_params("params.yaml")
+    sneaky = dataclasses.replace(params.register)
+    object.__setattr__(sneaky, "alias", "champion")
+    before = client.get_registered_model(MODEL).aliases.get("champion")
+    versions = len(client.search_model_versions(f"name='{MODEL}'"))
+    with pytest.raises(ValueError, match=r"alias 'champion' is not set by the register stage.*rain promote"):
+        register.run(dataclasses.replace(params, register=sneaky), params.model_dir(), params.report_dir(),
+                     params.mlr_manifest_path(), Path("params.yaml"))
+    assert client.get_registered_model(MODEL).aliases.get("champion") == before
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == versions
+
+
+def test_a_model_trained_from_a_pretrained_file_loads_after_the_file_is_gone(
+        project: Path, client: Any, mlflow_global: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The pretrained file only initialises training: the registered weights hold every parameter, so a
+    # served or downloaded model must not need the file from the training machine.
+    import dataclasses
+
+    import mlflow
+    import torch
+    import torchvision
+
+    from tasks import register
+    from tasks.config import load_params
+    from tasks.images.loaders import read_rows
+    from tasks.infra.tracking import file_hash
+
+    pretrained = tmp_path / "imagenet" / "resnet18.pth"
+    pretrained.parent.mkdir()
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), pretrained)
+    sha = file_hash(pretrained)
+    monkeypatch.chdir(project)
+    params = load_params("params.yaml")
+    params = dataclasses.replace(params, model=dataclasses.replace(params.model, pretrained_path=str(pretrained)))
+    reg = register.run(params, params.model_dir(), params.report_dir(), params.mlr_manifest_path(),
+                       Path("params.yaml"))
+    pretrained.unlink()
+    pretrained.parent.rmdir()
+
+    uri = f"models:/{MODEL}/{reg['version']}"
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    settings = json.loads(next(local.rglob("model.json")).read_text())
+    assert settings["model"]["pretrained_path"] is None  # what the load reads: nothing outside the model
+    assert settings["pretrained"] == {"file": "resnet18.pth", "sha256": sha}  # provenance, not read at load
+    assert reg["tags"]["pretrained_sha256"] == sha == client.get_model_version(MODEL, reg["version"]).tags[
+        "pretrained_sha256"]
+
+    rows = read_rows(str(project / params.mlr_manifest_path()), 0, ["query"])[:3]
+    paths = [str(project / r["path"]) for r in rows]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking(project), MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    out = tmp_path / "served.npy"
+    proc = subprocess.run([sys.executable, "-c", FRESH_LOAD, uri, str(out), *paths], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = np.load(out)
+    assert served.shape[0] == len(paths) and np.isfinite(served).all()
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The gate, on versions of a model of their own (same artifacts as version 1, tags set per test).
 
@@ -240,6 +309,22 @@ def test_gate_refuses_a_version_measured_differently_unless_forced_with_a_reason
     lines = {line.split("│")[1].strip(): line for line in listing.output.splitlines() if line.count("│") > 3}
     assert "champion" in lines[v2] and "30.0" in lines[v1] and "90.0" in lines[v2]
     assert "new protocol adopted" in listing.output and "something else" in listing.output
+
+
+def test_registry_text_with_rich_markup_is_listed_as_written(project: Path, client: Any) -> None:
+    # A reason or tag is anyone's free text: `[/bold]` once made rich raise MarkupError on every --list.
+    from flows.cli import app
+
+    name, (v1, v2) = _versions(client, [0.30, 0.90])
+    client.set_model_version_tag(name, v2, "protocol", "[red]new[/red] protocol [link=x]")
+    runner = CliRunner()
+    cli = ["promote", "--project", str(project), "--model", name]
+    assert runner.invoke(app, [*cli, v1]).exit_code == 0
+    forced = runner.invoke(app, [*cli, v2, "--force", "--reason", "[/bold] oops"])
+    assert forced.exit_code == 0, forced.output
+    listing = runner.invoke(app, [*cli, "--list"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0, listing.output
+    assert "[/bold] oops" in listing.output and "[red]new[/red] protocol [link=x]" in listing.output
 
 
 def test_gate_on_tags() -> None:

@@ -95,9 +95,10 @@ def test_no_stage_module_imports_another(module: str) -> None:
 def test_train_params_are_every_train_setting_but_the_output_neutral_ones() -> None:
     import dataclasses
 
-    from tasks.config import OUTPUT_NEUTRAL, TrainConfig
+    from tasks.config import OUTPUT_NEUTRAL, TrainConfig, train_stage_params
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    assert tuple(stage["params"]) == train_stage_params()  # the resume key hashes the same list
     listed = {p for p in stage["params"] if p.startswith("train.")}
     every = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
     assert set(OUTPUT_NEUTRAL) < every  # names that exist

@@ -71,12 +71,17 @@ def md5_of(path: Path) -> str:
 def fetch_source(source: SourceConfig, name: str, dest_dir: Path, *, homepage: str = "",
                  retries: int = 4, backoff: float = 1.0, timeout: float = 60.0) -> Path:
     """Make the archive of params ``sources.<name>`` available in `dest_dir`; return its path."""
-    filename = source.filename or Path(urllib.parse.urlparse(source.url).path).name
+    filename = archive_name(source)
     if not filename:
         raise DownloadError(f"params.yaml sources.{name}: set `filename` (it cannot be taken from the url "
                             f"{source.url!r})")
     return fetch(source.url, dest_dir / filename, source.md5, name=name, homepage=homepage,
                  retries=retries, backoff=backoff, timeout=timeout)
+
+
+def archive_name(source: SourceConfig) -> str:
+    """The archive's file name in paths.downloads: `filename`, else the url's last part ("" if neither says)."""
+    return source.filename or Path(urllib.parse.urlparse(source.url).path).name
 
 
 def fetch(url: str, dest: Path, md5: str, *, name: str = "", homepage: str = "", retries: int = 4,

@@ -7,18 +7,24 @@ path is taken from the project folder) with one row per image:
 column         required  meaning
 =============  ========  =========================================================================
 path           yes       image file; a relative path is resolved against the table's own folder
-person_id      yes       integer identity
-camera_id      yes       integer >= 0
-camera_pair    no        integer >= 0; default ``camera_id // 2``
+person_id      yes       integer identity (64-bit: -2**63 to 2**63 - 1)
+camera_id      yes       integer >= 0 (32-bit: up to 2**31 - 1)
+camera_pair    no        integer >= 0 (32-bit); default ``camera_id // 2``
 view           no        0 (kept HR) or 1 (down-sampled by the MLR protocol); default ``camera_id % 2``
 =============  ========  =========================================================================
 
 Other columns are refused (a misspelt optional column would otherwise be silently ignored).
 ``acquire`` copies no image: it validates the table, listing every problem with its file, row (1-based
-data row; in a CSV that is line row + 1) and column, and writes the normalised table (absolute image
-paths) to ``<raw>/custom.parquet``; ``scan`` reads that. Image formats accepted: JPEG, PNG, BMP, WEBP
-and TIFF (decided from content, see tasks/images/imageio.py); unreadable images are quarantined by the
-manifest stage, not refused here.
+data row; in a CSV that is line row + 1) and column, checks that the MLR protocol can split it (two views,
+and at least two people seen in both), and writes the normalised table (absolute image paths, and the
+sha256 of each image) to ``<raw>/custom.parquet``; ``scan`` reads that. Image formats accepted: JPEG, PNG,
+BMP, WEBP and TIFF (decided from content, see tasks/images/imageio.py); unreadable images are quarantined
+by the manifest stage, not refused here.
+
+The images live outside the project, where DVC does not look: the ``fingerprint`` stage (tasks/fingerprint.py)
+hashes the table and every image it lists (``source_files``) into a file the download stage depends on, so
+editing the table or overwriting an image re-runs download; the sha256 column then changes this stage's output,
+so the manifest stage and everything after it re-run too.
 """
 
 from __future__ import annotations
@@ -27,13 +33,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.config import Params
 from tasks.datasets.base import DatasetError, RawImage
+from tasks.datasets.filehash import DEFAULT_CACHE, FileHashes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,7 +50,12 @@ REQUIRED = ("path", "person_id", "camera_id")
 OPTIONAL = ("camera_pair", "view")
 MAX_REPORTED = 20
 SCHEMA = pa.schema([("path", pa.string()), ("person_id", pa.int64()), ("camera_id", pa.int32()),
-                    ("camera_pair", pa.int32()), ("view", pa.int8())])
+                    ("camera_pair", pa.int32()), ("view", pa.int8()),
+                    ("sha256", pa.string())])  # null: unreadable (the manifest stage quarantines it)
+INT64 = (-(2**63), 2**63 - 1)
+INT32 = 2**31 - 1
+# (column, lowest, highest): the range each column's Parquet type holds, or the protocol allows.
+RANGES = (("person_id", *INT64), ("camera_id", 0, INT32), ("camera_pair", 0, INT32), ("view", 0, 1))
 
 
 class CustomDataset:
@@ -56,7 +68,8 @@ class CustomDataset:
             raise DatasetError("dataset custom needs params.yaml sources.custom.url: the path of a CSV or "
                                "Parquet table with columns path, person_id, camera_id "
                                "(optional camera_pair, view)")
-        table = normalise(table_path(source.url))
+        with FileHashes(DEFAULT_CACHE) as hashes:  # the fingerprint stage has just hashed them: reused here
+            table = normalise(table_path(source.url), hashes)
         raw_dir.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, raw_dir / TABLE_NAME)
 
@@ -95,8 +108,32 @@ def read_table(file: Path) -> pd.DataFrame:
     raise DatasetError(f"{file}: the custom table must be .csv or .parquet, not {suffix or 'no extension'!r}")
 
 
-def normalise(file: Path) -> pa.Table:
-    """Validate the user's table and return it with absolute paths and every column filled in."""
+def source_files(url: str) -> tuple[Path, list[Path]]:
+    """(the table, the image files it lists): what the download of `url` reads, for the fingerprint stage.
+
+    Lenient where ``normalise`` is strict: an unreadable table lists no images, and paths that are no file are
+    left out; the download stage then names the problem. Raises DatasetError for a URL that is not a local path."""
+    file = table_path(url)
+    try:
+        frame = read_table(file)
+    except DatasetError:
+        return file, []
+    columns = [str(c).strip() for c in frame.columns]
+    if "path" not in columns:
+        return file, []
+    base = file.resolve().parent
+    images = []
+    for raw_path in frame.iloc[:, columns.index("path")]:
+        if isinstance(raw_path, str) and raw_path.strip():
+            image = (base / raw_path.strip()).resolve()
+            if image.is_file():
+                images.append(image)
+    return file, images
+
+
+def normalise(file: Path, hashes: FileHashes | None = None) -> pa.Table:
+    """Validate the user's table and return it with absolute paths, every column filled in and each image's
+    sha256 (read through `hashes`, a file-hash cache; None: read every image)."""
     import pandas as pd
 
     frame = read_table(file)
@@ -134,15 +171,14 @@ def normalise(file: Path) -> pa.Table:
             else:
                 seen[key] = index
             values["path"] = key
-        for column, low, high in (("person_id", None, None), ("camera_id", 0, None),
-                                  ("camera_pair", 0, None), ("view", 0, 1)):
+        for column, low, high in RANGES:
             if column not in record or (column in OPTIONAL and _blank(record[column])):
                 continue
             number = _as_int(record[column])
             if number is None:
                 problem(index, column, f"{record[column]!r} is not an integer")
-            elif (low is not None and number < low) or (high is not None and number > high):
-                allowed = "0 or 1" if high == 1 else f">= {low}"
+            elif not low <= number <= high:
+                allowed = "0 or 1" if high == 1 else f"{low} to {high}"
                 problem(index, column, f"{number} is out of range ({allowed})")
             else:
                 values[column] = number
@@ -157,7 +193,34 @@ def normalise(file: Path) -> pa.Table:
     if problems:
         more = " (first problems only)" if len(problems) >= MAX_REPORTED else ""
         raise DatasetError(f"{file}: invalid custom dataset table{more}:\n  " + "\n  ".join(problems))
+    _check_views(file, rows)
+    hashes = hashes if hashes is not None else FileHashes(None)
+    for row in rows:
+        try:
+            row["sha256"] = hashes.sha256(str(row["path"]))
+        except OSError:
+            row["sha256"] = None
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _check_views(file: Path, rows: list[dict[str, object]]) -> None:
+    """The MLR protocol (tasks/protocol/mlr.py) splits the people seen in both views (0: kept HR, 1: down-sampled)
+    into train and test identities: without two views, or two such people, it can make no query or gallery."""
+    views: dict[int, set[int]] = {}
+    for row in rows:
+        views.setdefault(cast(int, row["person_id"]), set()).add(cast(int, row["view"]))
+    found = sorted(set().union(*views.values()))
+    cameras = ", ".join(str(c) for c in sorted({cast(int, row["camera_id"]) for row in rows}))
+    need = ("the MLR protocol needs the same people in two views: images from two cameras (camera_id 0 and 1 of a "
+            "pair; view = camera_id % 2 unless a view column says otherwise)")
+    if len(found) < 2:
+        raise DatasetError(f"{file}: all {len(rows)} images are in view {found[0]} (camera_id found: {cameras}); "
+                           f"{need}")
+    both = sorted(pid for pid, seen in views.items() if len(seen) == 2)
+    if len(both) < 2:
+        who = f" (person_id {both[0]})" if both else ""
+        raise DatasetError(f"{file}: {len(both)} person{who} seen in both views (camera_id found: {cameras}); "
+                           f"{need}, for at least 2 people (one to train on, one to test)")
 
 
 def _blank(value: object) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Params
-from tasks.infra.raycluster import connect
+from tasks.infra.raycluster import connect, require_resources
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -60,6 +60,8 @@ def submit(params: Params, config: str, seed: int, project_dir: Path, parent_run
     import ray
 
     cfg = params.experiments
+    # One run must fit a node, or Ray would keep it pending for ever.
+    require_resources(1, cfg.cpus_per_run, 1 if cfg.use_gpu else 0, "experiments.cpus_per_run, experiments.use_gpu")
     remote = ray.remote(grid_run).options(
         name=TASK_NAME, num_cpus=cfg.cpus_per_run, num_gpus=1 if cfg.use_gpu else 0,
         max_retries=params.ray.max_failures, retry_exceptions=False)

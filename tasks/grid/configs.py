@@ -97,6 +97,6 @@ def run_key(params: Params, name: str, seed: int, inputs: Mapping[str, str]) -> 
                      "register.model_name", "register.alias", "evaluate.tsne_identities", "evaluate.sheet_queries",
                      "evaluate.batch_size", *OUTPUT_NEUTRAL):
         flat.pop(volatile, None)
-    flat = {k: v for k, v in flat.items() if not k.startswith(("paths.", "sources.", "ray."))}
+    flat = {k: v for k, v in flat.items() if not k.startswith(("paths.", "sources.", "ray.", "serve."))}
     text = json.dumps({"config": name, "seed": seed, "params": flat, "inputs": dict(inputs)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()

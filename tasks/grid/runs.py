@@ -3,7 +3,6 @@ code), and whether the result on disk is current. Shared by the experiment stage
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,7 +11,8 @@ from typing import Any
 from tasks.config import Params
 from tasks.grid import configs as grid
 from tasks.grid.data import train_manifest, train_store
-from tasks.infra.imports import PROJECT_ROOT, module_files
+from tasks.infra import imports
+from tasks.infra.imports import PROJECT_ROOT
 
 RESULT_FILE = "result.json"
 
@@ -29,13 +29,9 @@ def result_path(params: Params, config: str, seed: int) -> Path:
 
 
 def code_hash(root: Path = PROJECT_ROOT) -> str:
-    """sha256 of the files a grid run executes (their paths and contents), found by following the imports
-    of its stage module: table definitions, labels and paper figures are not among them."""
-    digest = hashlib.sha256()
-    for file in module_files(STAGE, root):
-        digest.update(file.as_posix().encode())
-        digest.update((root / file).read_bytes())
-    return digest.hexdigest()
+    """sha256 of the files a grid run executes, found by following the imports of its stage module:
+    table definitions, labels and paper figures are not among them."""
+    return imports.code_hash(STAGE, root)
 
 
 def inputs(params: Params, config: str, code: str | None = None) -> dict[str, str]:

@@ -113,6 +113,25 @@ def decode_rgb(data: bytes, formats: Sequence[str], name: str | Path = "<bytes>"
             raise ImageRejected(name, f"corrupt image ({type(exc).__name__}: {exc})") from exc
 
 
+def image_size(data: bytes, formats: Sequence[str], name: str | Path = "<bytes>") -> tuple[int, int]:
+    """(width, height) from the header alone (``Image.open`` decodes no pixel): what a size limit is checked
+    on before any decoding. Raises :class:`ImageRejected` when no decoder of `formats` reads the header."""
+    if not data:
+        raise ImageRejected(name, "empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # Sizes past Pillow's warning threshold are what the caller checks next, against its own limit.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data), formats=[f.upper() for f in formats]) as probe:
+                return probe.size
+        except Image.DecompressionBombError as exc:  # over twice Pillow's limit: refused by Pillow itself
+            raise ImageRejected(name, f"decompression bomb refused: {exc}") from exc
+        except Image.UnidentifiedImageError as exc:
+            raise ImageRejected(name, f"not an image of format {'/'.join(formats)}") from exc
+        except Exception as exc:  # a malformed header: OSError, ValueError, SyntaxError, struct.error, ...
+            raise ImageRejected(name, f"corrupt image header ({type(exc).__name__}: {exc})") from exc
+
+
 def _check_size(img: Image.Image, name: str | Path, max_pixels: int) -> None:
     width, height = img.size
     if width <= 0 or height <= 0:

@@ -10,6 +10,7 @@ except those under `if TYPE_CHECKING:`, which never run. Importing `a.b.c` runs 
 from __future__ import annotations
 
 import ast
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +74,15 @@ def module_files(module: str, root: Path = PROJECT_ROOT) -> list[Path]:
                 seen[prefix] = path
                 todo.extend(_imported(path, prefix))
     return sorted(path.relative_to(root) for path in seen.values())
+
+
+def code_hash(module: str, root: Path = PROJECT_ROOT) -> str:
+    """sha256 of the files running `python -m module` executes (their paths and contents)."""
+    digest = hashlib.sha256()
+    for file in module_files(module, root):
+        digest.update(file.as_posix().encode())
+        digest.update((root / file).read_bytes())
+    return digest.hexdigest()
 
 
 def as_deps(files: list[Path], root: Path = PROJECT_ROOT) -> list[str]:

@@ -32,3 +32,24 @@ def connect(address: str | None) -> None:
     else:
         # The dashboard (Train's state API needs it) stays on loopback too.
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+class NotEnoughResources(RuntimeError):
+    """The Ray cluster cannot ever place what was asked for (Ray would wait for it forever)."""
+
+
+def require_resources(workers: int, cpus: float, gpus: float, asked_by: str) -> None:
+    """Fail at once unless the connected cluster can run `workers` tasks of `cpus` CPUs and `gpus` GPUs at the
+    same time, each on one node. `asked_by` names the settings that asked. Measured on the cluster as it is
+    now: an autoscaling cluster must be scaled up first."""
+    import ray
+
+    nodes: list[dict[str, float]] = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total_cpus, total_gpus = (sum(n.get(r, 0.0) for n in nodes) for r in ("CPU", "GPU"))
+    fits_a_node = any(n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus for n in nodes)
+    if workers * cpus > total_cpus or workers * gpus > total_gpus or not fits_a_node:
+        largest: dict[str, float] = max(nodes, key=lambda n: n.get("CPU", 0.0), default={})
+        raise NotEnoughResources(
+            f"{asked_by}: {workers} x ({cpus:g} CPU, {gpus:g} GPU) requested, but the Ray cluster has "
+            f"{total_cpus:g} CPUs and {total_gpus:g} GPUs on {len(nodes)} node(s) (largest node: "
+            f"{largest.get('CPU', 0.0):g} CPUs, {largest.get('GPU', 0.0):g} GPUs)")

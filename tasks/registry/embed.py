@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from tasks.images.store import ImageStore
 def load_model(weights: Path, cfg: ModelConfig, num_classes: int, device: str = "cpu") -> RAIN:
     from safetensors.torch import load_file
 
-    model = RAIN(cfg, num_classes)
+    # The weights hold every parameter, the pretrained ones included: reading `pretrained_path` again would
+    # only make loading need a file from the training machine.
+    model = RAIN(dataclasses.replace(cfg, pretrained_path=None), num_classes)
     model.load_state_dict(load_file(str(weights), device=device))
     return model.to(device).eval()
 

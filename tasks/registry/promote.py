@@ -44,9 +44,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tasks.config import CHAMPION, PROMOTED_ALIASES
+
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
 GATE_TAGS = ("dataset", "protocol", "eval_set")
 LOCK_SUFFIX = ".promotion-lock"
 LIST_TAGS = ("rank1", "rank1_std", "mAP", "dataset", "protocol", "eval_set", "promotion_force_reason")
@@ -70,6 +71,8 @@ class PromoteRequest:
     lock_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.alias not in PROMOTED_ALIASES:  # the set RegisterConfig refuses: one list of gated aliases
+            raise ValueError(f"alias {self.alias!r}: `rain promote` moves only {', '.join(PROMOTED_ALIASES)}")
         if self.force_reason is not None and not self.force_reason.strip():
             raise ValueError("a forced promotion needs a non-empty reason")
         if self.lock_timeout_s < 0:

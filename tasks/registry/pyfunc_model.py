@@ -12,10 +12,16 @@ resized exactly like the training loader does, so a served embedding equals the 
 of the same file. Output: an (N, d) float32 array of unit-norm embeddings; rank a gallery by Euclidean
 distance or, equivalently, by dot product.
 
+Limits (``serve`` in params.yaml, carried in the model's settings): at most ``max_images`` rows per call
+and ``max_pixels`` pixels per image. Both are checked before any pixel is decoded (the size comes from
+each image's header), so an oversized request costs milliseconds, not the seconds and gigabytes that
+decoding it would. A model registered before the limits existed gets the defaults of ``ServeConfig``.
+
 A request the model cannot answer (no rows, no ``image`` column, a cell that is not text or bytes,
-text that is not base64, bytes that are not an image) raises :class:`InvalidInput`, an
-``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which the scoring server turns into a 400 whose
-body carries the message (any other exception would come back as a generic 400 without it).
+text that is not base64, bytes that are not an image, more images or pixels than the limits) raises
+:class:`InvalidInput`, an ``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which the scoring server
+turns into a 400 whose body carries the message (any other exception would come back as a generic 400
+without it).
 """
 
 from __future__ import annotations
@@ -70,14 +76,15 @@ def fingerprint(weights_path: str, config_path: str) -> str:
 class RainEmbedder(PythonModel):
     def load_context(self, context: Any) -> None:
         from rain_model.config import ModelConfig
-        from tasks.config import parse
+        from tasks.config import ServeConfig, parse
         from tasks.registry.embed import load_model
 
         with open(context.artifacts["config"]) as fh:
             meta = json.load(fh)
         self.size = (int(meta["height"]), int(meta["width"]))
         self.flip = bool(meta["flip"])
-        cfg = parse(ModelConfig, meta["model"], "model")
+        self.limits = parse(ServeConfig, meta.get("serve"), "serve")
+        cfg = parse(ModelConfig, meta["model"], "model")  # load_model ignores pretrained_path (embed.py)
         self.model = load_model(context.artifacts["weights"], cfg, int(meta["num_classes"]))
         self.fingerprint = fingerprint(context.artifacts["weights"], context.artifacts["config"])
 
@@ -95,19 +102,37 @@ class RainEmbedder(PythonModel):
         values = model_input["image"].tolist()
         if not values:
             raise InvalidInput("empty batch: send at least one image")
-        tensors = [self._tensor(value, row) for row, value in enumerate(values)]  # decode all before any work
+        if len(values) > self.limits.max_images:
+            raise InvalidInput(f"{len(values)} images in one request, over this model's limit serve.max_images = "
+                               f"{self.limits.max_images}: send them in several requests")
+        blobs = [image_bytes(value, row) for row, value in enumerate(values)]
+        for row, blob in enumerate(blobs):  # every header before any pixel: a refusal costs no decoding
+            self._check_pixels(blob, row)
+        tensors = [self._tensor(blob, row) for row, blob in enumerate(blobs)]  # decode all before any work
         out = []
         for start in range(0, len(tensors), CHUNK):
             v = embed_batch(self.model, torch.stack(tensors[start:start + CHUNK]), self.flip)  # (B, d)
             out.append(torch.nn.functional.normalize(v, dim=1))
         return torch.cat(out).numpy().astype(np.float32)  # (N, d)
 
-    def _tensor(self, value: object, row: int) -> Any:
+    def _check_pixels(self, blob: bytes, row: int) -> None:
+        from tasks.images.imageio import ImageRejected, image_size
+        from tasks.images.loaders import LOAD_FORMATS
+
+        try:
+            width, height = image_size(blob, LOAD_FORMATS, name=f"row {row}")
+        except ImageRejected as exc:
+            raise InvalidInput(f"`image` is not a usable image: {exc}") from exc
+        if width * height > self.limits.max_pixels:
+            raise InvalidInput(f"row {row}: image of {width}x{height} = {width * height} pixels, over this model's "
+                               f"limit serve.max_pixels = {self.limits.max_pixels}")
+
+    def _tensor(self, blob: bytes, row: int) -> Any:
         from tasks.images.imageio import ImageRejected, decode_rgb
         from tasks.images.loaders import LOAD_FORMATS, to_tensor
 
-        try:
-            img = decode_rgb(image_bytes(value, row), LOAD_FORMATS, name=f"row {row}")
+        try:  # the limit again: decode_rgb checks it on the header it decodes from
+            img = decode_rgb(blob, LOAD_FORMATS, name=f"row {row}", max_pixels=self.limits.max_pixels)
         except ImageRejected as exc:
             raise InvalidInput(f"`image` is not a usable image: {exc}") from exc
         return to_tensor(img, self.size)  # (3, H, W) uint8

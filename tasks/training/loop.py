@@ -93,7 +93,8 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
     training = _build_training(job, ctx)
     if ctx.resume is not None:
         _resume_from(training, ctx.resume)
-    logger = _RankZeroLogger(job, resumed=ctx.resume is not None, nodes=training.nodes) if ctx.rank == 0 else None
+    resumed_at = training.next_epoch if ctx.resume is not None else None
+    logger = _RankZeroLogger(job, resumed_at, nodes=training.nodes) if ctx.rank == 0 else None
     try:
         _train_epochs(job, ctx, training, logger)
     finally:
@@ -263,7 +264,7 @@ class _RankZeroLogger:
 
     FLUSH_AT = 600  # metrics per write (MLflow takes up to 1000): 100 steps of the six losses
 
-    def __init__(self, job: TrainJob, resumed: bool, nodes: list[str]) -> None:
+    def __init__(self, job: TrainJob, resumed_at: int | None, nodes: list[str]) -> None:
         self.run_id = job.run_id
         self.client = None
         self.monitor = None
@@ -275,7 +276,9 @@ class _RankZeroLogger:
 
         self.client = MlflowClient(job.tracking_uri)
         self.client.set_tag(job.run_id, "ray_nodes", ",".join(sorted(set(nodes))))
-        self.monitor = SystemMetricsMonitor(job.run_id, sampling_interval=10, resume_logging=resumed,
+        if resumed_at is not None:  # from a checkpoint: of a lost worker group, or of an earlier invocation
+            self.client.set_tag(job.run_id, "resumed_at_epoch", str(resumed_at))
+        self.monitor = SystemMetricsMonitor(job.run_id, sampling_interval=10, resume_logging=resumed_at is not None,
                                             tracking_uri=job.tracking_uri)
         self.monitor.start()
 

@@ -1,0 +1,148 @@
+"""Nothing a flow started outlives it: a watchdog process ends every descendant when the flow's process dies.
+
+A killed flow (SIGKILL included) cannot clean up after itself, and what it started does not die with it: DVC,
+the stage DVC runs, the Ray cluster the stage started, the temporary Prefect server. An orphaned training
+goes on writing its outputs, and a re-run races it. `guard()` starts a watchdog (this module run as a
+program) holding the read end of a pipe whose write end only the guarded process holds, and tags the
+process's environment with the watchdog's id (`RAIN_GUARDS`, a list, so nested guards all see every
+descendant). Every process started afterwards inherits the tag, however it daemonises or re-parents. When
+the guarded process ends, in any way, the kernel closes the pipe; the watchdog then sends SIGTERM to every
+process carrying its id (a stage marks its MLflow run KILLED on SIGTERM), waits `GRACE_SECONDS`, and
+SIGKILLs what is left.
+
+Finding the tagged processes reads `/proc/<pid>/environ` (Linux). Elsewhere, the process groups registered
+with `register_group` (each stage's DVC runs in its own) are signalled instead. A process that clears its
+environment on exec escapes the tag; none of the stack's processes does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENV = "RAIN_GUARDS"  # ":"-separated ids of the watchdogs guarding this process
+GRACE_SECONDS = 10.0  # SIGTERM to SIGKILL: time for a stage to mark its MLflow run KILLED and stop Ray
+
+HAS_PROC = Path("/proc/self/environ").exists()
+
+_guard: tuple[str, int] | None = None  # (id, write end of the pipe) of this process's watchdog
+
+
+def guard() -> str:
+    """Start this process's watchdog (once) and tag the environment; returns the watchdog's id."""
+    global _guard
+    if _guard is not None and _guard[0] in os.environ.get(ENV, "").split(":"):
+        return _guard[0]
+    read_end, write_end = os.pipe()  # non-inheritable: only this process holds the write end
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "tasks.infra.reaper"], stdin=read_end, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,  # a terminal's Ctrl-C must not reach it first
+        cwd=Path(__file__).resolve().parents[2])
+    os.close(read_end)
+    guard_id = f"{os.getpid()}-{watchdog.pid}"
+    _guard = (guard_id, write_end)
+    os.environ[ENV] = ":".join(filter(None, [os.environ.get(ENV, ""), guard_id]))
+    return guard_id
+
+
+def register_group(pgid: int) -> None:
+    """Also end process group `pgid` when this process dies (the sweep where /proc is missing)."""
+    if _guard is not None:
+        os.write(_guard[1], f"{pgid}\n".encode())
+
+
+def tagged(guard_id: str) -> list[int]:
+    """Live processes (other than this one) whose environment carries `guard_id`; [] without /proc."""
+    found = []
+    needle = f"{ENV}=".encode()
+    for entry in Path("/proc").iterdir() if HAS_PROC else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or another user's
+            continue
+        for var in environ.split(b"\0"):
+            if var.startswith(needle) and guard_id in var[len(needle):].decode(errors="replace").split(":"):
+                found.append(int(entry.name))
+    return found
+
+
+def end_group(pgid: int, grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM process group `pgid`, then SIGKILL it if anything is left after `grace` seconds."""
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def sweep(guard_id: str, groups: list[int], grace: float = GRACE_SECONDS) -> None:
+    """End everything tagged `guard_id`, and the `groups`: first SIGTERM to the roots of the tagged trees
+    (those whose parent is not tagged), so that each shuts down what it started, as the train stage stops its
+    Ray cluster after marking its MLflow run; then, after `grace` seconds, SIGTERM to whatever is left and
+    SIGKILL `grace` seconds later. Repeated until nothing is found: a dying process may have started another."""
+    for _ in range(5):
+        pids = tagged(guard_id)
+        groups = [g for g in groups if _group_alive(g)]
+        if not pids and not groups:
+            return
+        roots = [p for p in pids if _parent(p) not in pids]
+        for wave, sig in ((roots, signal.SIGTERM), (pids, signal.SIGTERM), (pids, signal.SIGKILL)):
+            for pid in wave:
+                _signal(pid, sig)
+            for pgid in groups:
+                _signal_group(pgid, sig)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and (any(map(_alive, pids)) or any(map(_group_alive, groups))):
+                time.sleep(0.1)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # gone already, or not ours
+        os.kill(pid, sig)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has ended; its parent reaps it
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def main() -> None:
+    """The watchdog: read group ids until the guarded process's end closes the pipe, then sweep."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    guard_id = f"{os.getppid()}-{os.getpid()}"
+    groups = [int(line) for line in sys.stdin.buffer if line.strip().isdigit()]
+    sweep(guard_id, [] if HAS_PROC else groups)  # the tags find every group member, in a better order
+
+
+if __name__ == "__main__":
+    main()

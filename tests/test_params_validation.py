@@ -1,0 +1,252 @@
+"""Validation at the edge: load_params refuses, naming the dotted key, every params.yaml value the pipeline
+cannot run with, and a params.yaml that lacks a section or a key, before any stage starts.
+
+The value table is derived from the params dataclasses: every numeric field must refuse -1 (no parameter of the
+pipeline takes a negative number) and 0 unless it is listed in ZERO_MEANS with what 0 means; every list must
+refuse a -1 entry and the empty list unless EMPTY_MEANS says what none means; every string must refuse "". A
+new field without its check fails here."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tasks.config import DATASETS, Params, ParamsError, load_params
+from tests.micro_project import REPO, merge
+
+# Fields for which 0 is a valid value, and what it means there.
+ZERO_MEANS = {
+    "synthetic.seed": "a seed",
+    "protocol.seed": "a seed",
+    "protocol.test_identities": "half of the identities",
+    "protocol.workers": "all cores",
+    "objective.w_adv": "L_adv off",
+    "objective.w_rec": "L_rec off",
+    "objective.w_cls": "L_cls off",
+    "objective.w_tri": "L_tri off",
+    "objective.weight_decay": "no weight decay",
+    "objective.beta1": "Adam without momentum",
+    "objective.beta1_d": "Adam without momentum",
+    "train.seed": "a seed",
+    "train.label_fraction": "no labels (Figure 5's 0% point)",
+    "train.checkpoint_every_epochs": "checkpoint by time only",
+    "train.loader_workers": "load in the training process",
+    "ray.max_failures": "a lost worker fails the run",
+}
+# Lists that may be empty, and what none means.
+EMPTY_MEANS = {"protocol.unseen_rates": "no unseen-rate query sets", "train.lr_decay_epochs": "no decay"}
+# Known gap, left to RegisterConfig's own change (tests/test_config.py): "" is not refused there yet, so the
+# register stage (the last) is where an empty name or alias fails. Remove an entry once its check exists.
+UNCHECKED_STRINGS: set[str] = set()
+
+
+def repo_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def write(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def nested(key: str, value: object) -> dict[str, Any]:
+    """{"a": {"b": value}} for "a.b"."""
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return typing.cast(dict[str, Any], out)
+
+
+def leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every leaf field of the params dataclasses by dotted key, with its type (the `sources` mapping left out:
+    its entries are the user's, checked in test_source_entries_are_checked)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out |= leaf_types(typing.cast(type, hint), f"{prefix}{f.name}.")
+        elif typing.get_origin(hint) not in (typing.get_origin(typing.Mapping), dict):
+            out[f"{prefix}{f.name}"] = hint
+    return out
+
+
+LEAVES = leaf_types(Params)
+
+
+def _base(hint: Any) -> Any:
+    """int for `int`, str for `str | None`."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return inner
+    return hint
+
+
+def bad_values() -> list[tuple[str, object]]:
+    cases: list[tuple[str, object]] = []
+    for key, hint in LEAVES.items():
+        base = _base(hint)
+        if base in (int, float):
+            cases.append((key, -1))
+            if key not in ZERO_MEANS:
+                cases.append((key, 0))
+            if base is float:
+                cases.append((key, math.nan))
+        elif typing.get_origin(base) is tuple:
+            cases.append((key, [-1]))
+            if key not in EMPTY_MEANS:
+                cases.append((key, []))
+        elif base is str and key not in UNCHECKED_STRINGS:
+            cases.append((key, ""))
+    return cases
+
+
+BAD = bad_values()
+
+
+def refused(tmp_path: Path, key: str, value: object) -> str:
+    with pytest.raises(ParamsError) as info:
+        load_params(write(tmp_path, merge(repo_params(), nested(key, value))))
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("key", "value"), BAD, ids=[f"{k}={v!r}" for k, v in BAD])
+def test_every_field_refuses_a_value_it_cannot_run_with_by_name(tmp_path: Path, key: str, value: object) -> None:
+    message = refused(tmp_path, key, value)
+    assert message.startswith(f"params.yaml: {key} = "), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("key", sorted(ZERO_MEANS))
+def test_zero_is_accepted_where_it_means_something(tmp_path: Path, key: str) -> None:
+    assert key in LEAVES, f"ZERO_MEANS names {key}, which is no field"
+    params = load_params(write(tmp_path, merge(repo_params(), nested(key, 0))))
+    section, name = key.split(".")
+    assert getattr(getattr(params, section), name) == 0
+
+
+@pytest.mark.parametrize("key", sorted(EMPTY_MEANS))
+def test_an_empty_list_is_accepted_where_it_means_none(tmp_path: Path, key: str) -> None:
+    params = load_params(write(tmp_path, merge(repo_params(), nested(key, []))))
+    section, name = key.split(".")
+    assert getattr(getattr(params, section), name) == ()
+
+
+def test_the_derived_table_covers_the_fields_the_issue_names() -> None:
+    keys = {k for k, _ in BAD}
+    assert {"train.height", "train.width", "ray.keep_checkpoints", "ray.num_workers", "ray.cpus_per_worker",
+            "evaluate.batch_size", "evaluate.tsne_identities", "model.decoder_channels", "objective.lr"} <= keys
+    assert len(LEAVES) > 60
+
+
+@pytest.mark.parametrize(("override", "key", "why"), [
+    # the network's real limits: F down-samples by 32, G brings f5 back to the HR size (measured: 32 runs)
+    ({"train": {"height": 48}}, "train.height", "a multiple of 32, at least 32"),
+    ({"train": {"height": 16}}, "train.height", "a multiple of 32, at least 32"),
+    ({"train": {"width": 40}}, "train.width", "a multiple of 32, at least 32"),
+    ({"synthetic": {"height": 48}}, "synthetic.height", "a multiple of 32"),
+    ({"evaluate": {"tsne_identities": 1}}, "evaluate.tsne_identities", ">= 2"),
+    # across sections: each of these used to fail inside a Ray worker
+    ({"train": {"trials": [10]}, "protocol": {"trials": 10}}, "train.trials", "0..9"),
+    ({"train": {"trials": [0, 0]}}, "train.trials", "distinct"),
+    ({"train": {"p": 3}, "ray": {"num_workers": 2}}, "train.p", "a multiple of ray.num_workers = 2"),
+    ({"train": {"p": 8, "k": 4, "micro_batches": 8}, "ray": {"num_workers": 8}}, "train.micro_batches",
+     "P / ray.num_workers x K = 4"),
+    ({"train": {"lr_decay_epochs": [5, 3]}}, "train.lr_decay_epochs", "increasing"),
+    ({"protocol": {"train_rates": [2, 2]}}, "protocol.train_rates", "distinct"),
+    ({"protocol": {"unseen_rates": [8, 8]}}, "protocol.unseen_rates", "distinct"),
+    ({"protocol": {"unseen_rates": [1]}}, "protocol.unseen_rates", ">= 2"),
+    ({"dataset": {"name": "vipr"}}, "dataset.name", "one of synthetic, viper"),
+    ({"paths": {"lr": "data/raw"}}, "paths.lr", "paths.raw is the same"),
+    ({"paths": {"reports": "./models/"}}, "paths.reports", "paths.models is the same"),
+    ({"train": {"seed": 2**63}}, "train.seed", "[0, 2**63)"),
+    ({"experiments": {"seeds": [2**63]}}, "experiments.seeds", "[0, 2**63)"),
+    ({"objective": {"lr": math.inf}}, "objective.lr", "finite"),
+    ({"train": {"lr_decay": math.inf}}, "train.lr_decay", "> 0"),
+    ({"objective": {"beta1": 1.0}}, "objective.beta1", "< 1"),
+    ({"model": {"levels": [6]}}, "model.levels", "1..5"),
+    ({"model": {"decoder_channels": [8, 8, 8, 8, 8, 8]}}, "model.decoder_channels", "at most 5"),
+    # MLflow's own rules, refused before training rather than at the last stage
+    ({"register": {"alias": "latest"}}, "register.alias", "not `latest` or v<number>"),
+    ({"register": {"alias": "v3"}}, "register.alias", "not `latest` or v<number>"),
+    ({"register": {"alias": "my candidate"}}, "register.alias", "letters, digits"),
+    ({"register": {"model_name": "team/rain"}}, "register.model_name", "without '/'"),
+])
+def test_values_that_cannot_run_are_refused_with_the_reason(tmp_path: Path, override: dict, key: str,
+                                                           why: str) -> None:
+    with pytest.raises(ParamsError) as info:
+        load_params(write(tmp_path, merge(repo_params(), override)))
+    message = str(info.value)
+    assert message.startswith(f"params.yaml: {key} = ") and why in message, message
+
+
+@pytest.mark.parametrize(("entry", "key"), [
+    ({"url": "", "md5": "xyz", "filename": "v.zip"}, "sources.viper.md5"),
+    ({"url": "", "md5": "1C2D9FC1CC800332567A0DA25A1CE68C", "filename": "v.zip"}, "sources.viper.md5"),
+    ({"url": "", "md5": "", "filename": "../v.zip"}, "sources.viper.filename"),
+])
+def test_source_entries_are_checked(tmp_path: Path, entry: dict, key: str) -> None:
+    message = refused(tmp_path, "sources.viper", entry)
+    assert message.startswith(f"params.yaml: {key} = "), message
+
+
+def test_the_dataset_names_are_the_adapters() -> None:
+    from tasks.datasets import ADAPTERS
+
+    assert set(DATASETS) == set(ADAPTERS)
+
+
+def test_a_params_yaml_with_one_setting_names_every_missing_section(tmp_path: Path) -> None:
+    # Reproduced: `train: {epochs: 1}` alone was accepted, then failed in DVC with "Could not find 'paths.raw'".
+    with pytest.raises(ParamsError) as info:
+        load_params(write(tmp_path, {"train": {"epochs": 1}}))
+    message = str(info.value)
+    sections = [f.name for f in dataclasses.fields(Params) if f.name != "train"]
+    assert re.match(rf"^{re.escape(str(tmp_path / 'params.yaml'))}: missing section\(s\) {', '.join(sections)}; "
+                    r"missing key\(s\) train\.trials, train\.height", message), message
+
+
+@pytest.mark.parametrize("section", [f.name for f in dataclasses.fields(Params)])
+def test_each_missing_section_is_refused_by_name(tmp_path: Path, section: str) -> None:
+    data = repo_params()
+    del data[section]
+    with pytest.raises(ParamsError, match=rf": missing section\(s\) {section} \("):
+        load_params(write(tmp_path, data))
+
+
+def test_a_missing_key_is_refused_by_dotted_name(tmp_path: Path) -> None:
+    data = repo_params()
+    del data["train"]["height"], data["model"]["disc_channels"]
+    with pytest.raises(ParamsError, match=r": missing key\(s\) model\.disc_channels, train\.height \("):
+        load_params(write(tmp_path, data))
+
+
+def test_a_misspelt_key_is_reported_as_unknown_not_missing(tmp_path: Path) -> None:
+    data = repo_params()
+    data["train"]["hieght"] = data["train"].pop("height")
+    with pytest.raises(ParamsError, match=r"unknown key 'train\.hieght' \(did you mean 'train\.height'\?\)"):
+        load_params(write(tmp_path, data))
+
+
+def test_a_source_entry_may_leave_keys_out(tmp_path: Path) -> None:
+    # sources.<name> entries are the user's description of a download; their empty defaults mean something.
+    data = repo_params()
+    data["sources"]["custom"] = {"url": "my/table.csv"}
+    assert load_params(write(tmp_path, data)).sources["custom"].md5 == ""
+
+
+def test_the_repository_params_and_the_micro_project_params_are_valid() -> None:
+    from tests.micro_project import MICRO
+
+    load_params(REPO / "params.yaml")
+    Params()  # the code's defaults pass their own checks
+    assert MICRO["train"]["p"] % MICRO["ray"]["num_workers"] == 0
