@@ -55,18 +55,47 @@ def print_results(result: dict[str, Any]) -> None:
     console.print(f"Registered [bold]{escape(reg['model_uri'])}[/bold] with alias [bold]{escape(reg['alias'])}[/bold].")
 
 
+PresetOption = Annotated[str | None, typer.Option(
+    help="Write this preset (presets/<name>.yaml, e.g. paper) into params.yaml first and print the diff.")]
+
+
+def apply_preset(project: Path, name: str) -> None:
+    """Write preset `name` into the project's params.yaml and show what changed."""
+    from tasks.infra import presets
+
+    diff = presets.write(project / "params.yaml", name)
+    typer.echo(diff or f"params.yaml already has every setting of preset {name!r}")
+
+
+def check_params(project: Path, preset: str | None = None) -> None:
+    """Before Prefect is even imported: the preset applied, a bad params.yaml refused naming the key, and
+    initial weights that cannot be had refused naming the file, each in seconds (exit 2)."""
+    from tasks.config import ParamsError, load_params
+    from tasks.training.weights import PretrainedWeightsError, resolve
+
+    try:
+        if preset is not None:
+            apply_preset(project, preset)
+        resolve(load_params(project / "params.yaml"))  # ImageNet weights are fetched (once) here
+    except (ParamsError, PretrainedWeightsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 @app.command()
-def run(project: ProjectOption = Path(".")) -> None:
+def preset(name: Annotated[str, typer.Argument(help="Preset name: a file presets/<name>.yaml (e.g. paper).")],
+           project: ProjectOption = Path(".")) -> None:
+    """Write a preset's settings into params.yaml (comments kept) and print the diff; then `dvc repro`."""
+    project = project.resolve()
+    check_params(project, name)
+
+
+@app.command()
+def run(project: ProjectOption = Path("."), preset: PresetOption = None) -> None:
     """Run the whole pipeline (flow `rain`) in this process; DVC skips stages that are up to date."""
     project = project.resolve()
     configure_environment(project)
-    from tasks.config import ParamsError, load_params
-
-    try:  # before Prefect is even imported: a bad params.yaml fails in a second, naming the key
-        load_params(project / "params.yaml")
-    except ParamsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    check_params(project, preset)
     from tasks.infra import reaper
 
     reaper.guard()  # before the temporary Prefect server starts: a killed `rain run` takes it down too
@@ -88,17 +117,15 @@ def experiments(
     table: Annotated[list[str] | None, typer.Option(help="Only this table (repeat): table1..table4, figure5.")]
     = None,
     project: ProjectOption = Path("."),
+    preset: PresetOption = None,
 ) -> None:
     """Run the paper's grid (flow behind `rain-grid/experiments`) in this process; finished runs are kept."""
     project = project.resolve()
     configure_environment(project)
-    from tasks.config import ParamsError, load_params
+    check_params(project, preset)
+    from tasks.config import load_params
 
-    try:
-        params = load_params(project / "params.yaml")
-    except ParamsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    params = load_params(project / "params.yaml")
     from tasks.infra import reaper
 
     reaper.guard()  # a killed `rain experiments` takes its Ray cluster and temporary Prefect server down too

@@ -64,6 +64,9 @@ class ModelConfig:
     pretrained_path."""
     levels: tuple[int, ...] = (4, 5)
     """Feature levels j with a resolution discriminator D_j; (5,) = single-level, (4, 5) = multi-level."""
+    pretrained: str | None = None
+    """imagenet: torchvision's ImageNet weights of `backbone`, fetched by the caller into a local file and
+    passed as pretrained_path (this package does no downloading); None: pretrained_path or from scratch."""
     pretrained_path: str | None = None
     """Local ImageNet state_dict of the torchvision ResNet (``fc.*`` is ignored); loaded weights-only."""
     decoder_channels: tuple[int, ...] = (64, 32, 16, 8)
@@ -79,6 +82,9 @@ class ModelConfig:
                 self.levels, "must be strictly increasing feature levels in 1..5")
         require(self.pretrained_path is None or (isinstance(self.pretrained_path, str) and self.pretrained_path != ""),
                 "pretrained_path", self.pretrained_path, "must be a non-empty path or None")
+        require(self.pretrained in (None, "imagenet"), "pretrained", self.pretrained, "must be imagenet or None")
+        require(self.pretrained is None or self.pretrained_path is None, "pretrained", self.pretrained,
+                "must be None when pretrained_path names a file (one source of initial weights)")
         _positive_ints("decoder_channels", self.decoder_channels)
         require(len(self.decoder_channels) <= 5, "decoder_channels", self.decoder_channels,
                 "must have at most 5 entries (x2 stages)")

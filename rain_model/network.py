@@ -37,6 +37,9 @@ class Generator(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes!r}: must be >= 1")
+        if cfg.pretrained is not None:  # silently training from scratch instead would be worse than failing
+            raise ValueError(f"pretrained={cfg.pretrained!r}: fetch the weights and pass them as pretrained_path "
+                             "(tasks/training/weights.py resolve)")
         self.backbone = ResNetBackbone(cfg.backbone, cfg.pretrained_path)
         d = self.backbone.channels[4]
         self.decoder = HRDecoder(d, cfg.decoder_channels)

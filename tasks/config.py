@@ -129,7 +129,7 @@ class ProtocolConfig:
     unseen_rates: tuple[int, ...] = (8,)
     trials: int = 10
     # Test identities per trial: an int is a count, 0 means half of the identities (VIPeR, CAVIAR).
-    test_identities: int = 0
+    test_identities: int = 0  # 0: the dataset adapter's paper split (tasks/datasets), or half
     workers: int = 0  # synthesis processes; 0 = all cores
 
     def __post_init__(self) -> None:

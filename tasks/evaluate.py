@@ -1,11 +1,13 @@
 """Stage `evaluate`: CMC rank 1/5/10/20 and mAP under the cross-resolution protocol, plus the pictures.
 
 For each trained trial, LR queries are matched against a single-shot HR gallery (one image per test
-identity from the other camera). The gallery is drawn `evaluate.gallery_repeats` times (the first draw
-is the manifest's own gallery); every (trial, draw) is one evaluation, and each reported figure is the
-mean over them with its standard deviation. Rows: `lr` (the MLR queries, each at its drawn rate: the
-paper's headline protocol), `r2`, `r3`, `r4` (those queries by rate), `r8` (every query at the unseen
-rate), and `hr` (the same queries at full resolution, which shows the resolution gap).
+identity from the other camera) for CMC. The gallery is drawn `evaluate.gallery_repeats` times (the first
+draw is the manifest's own gallery); every (trial, draw) is one evaluation, and each reported figure is the
+mean over them with its standard deviation. mAP is over every HR image of the test identities (several true
+matches per query, as the paper's mAP below its rank-1 implies); metrics.json says so under `protocol`.
+Rows: `lr` (the MLR queries, each at its drawn rate: the paper's headline protocol), `r2`, `r3`, `r4`
+(those queries by rate), `r8` (every query at the unseen rate), and `hr` (the same queries at full
+resolution, which shows the resolution gap).
 
 Outputs in reports/<dataset>/: metrics.json (DVC metrics; top-level figures are the `lr` row),
 cmc.csv (a column per row name; the `cmc` plot in dvc.yaml), cmc.png, tsne_identity.png,
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tasks.config import Params, load_params
-from tasks.evaluation.scoring import METRIC_KEYS, row_label, score_trial, summarise
+from tasks.evaluation.scoring import METRIC_KEYS, PROTOCOL_NOTE, row_label, score_trial, summarise
 from tasks.images.store import ImageStore
 from tasks.infra.logs import setup_logging
 
@@ -56,7 +58,7 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, report
     spread = "trials" if len(params.train.trials) > 1 else "gallery draws"
     metrics = {k: rows["lr"][k] for k in METRIC_KEYS} | {
         "rows": rows, "trials": len(params.train.trials), "gallery_draws": cfg.gallery_repeats,
-        "evaluations_per_row": len(results["lr"]), "std_over": spread}
+        "evaluations_per_row": len(results["lr"]), "std_over": spread, "protocol": PROTOCOL_NOTE}
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))  # rows in table order
     _write_pictures(params, report_dir, rows, results, pictures)
     _log_to_mlflow(train_summary, metrics, report_dir)

@@ -30,6 +30,7 @@ from tasks.grid import configs as grid
 from tasks.grid.data import train_manifest, train_store
 from tasks.grid.runs import experiments_mlflow_name, inputs, load_result, result_path, write_atomic
 from tasks.infra.logs import setup_logging
+from tasks.training import weights
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +58,7 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
 
     client, run_id = _start_mlflow_run(params, run_params, config, seed, trial, key, parent_run_id, flat_params)
     try:
-        job = TrainJob(params=run_params, rows=rows, store=str(train_store(params, config).resolve()),
+        job = TrainJob(params=weights.resolve(run_params), rows=rows, store=str(train_store(params, config).resolve()),
                        tracking_uri=client.tracking_uri, run_id=run_id, fault=fault)
         state, final_metrics, train_seconds = _train(job, device, f"experiment {config} seed {seed}")
         scores, eval_seconds = _score(params, run_params, state, trial, device)
@@ -132,7 +133,7 @@ def _score(params: Params, run_params: Params, state: dict[str, Any], trial: int
     from tasks.evaluation.scoring import score_trial
     from tasks.images.store import ImageStore
 
-    model = RAIN(run_params.model, state["num_classes"])
+    model = RAIN(weights.without_initial_weights(run_params).model, state["num_classes"])
     model.load_state_dict(state["model"])
     model = model.to(device).eval()
     started = time.perf_counter()

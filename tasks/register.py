@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from rain_model.config import ModelConfig
 from rain_model.metrics import METRIC_KEYS
 from tasks.config import PROMOTED_ALIASES, Params, is_promoted_alias, load_params
 from tasks.infra.logs import setup_logging
@@ -119,9 +120,15 @@ def dvc_lineage(lock_file: Path, params: Params) -> dict[str, str]:
     }
 
 
-def pretrained_provenance(path: str | None) -> dict[str, str | None] | None:
+def pretrained_provenance(model: ModelConfig) -> dict[str, str | None] | None:
     """Which file initialised training (name and sha256; None: trained from scratch). Provenance only: the
     registered weights hold every parameter, so the file is never read again."""
+    from tasks.training.weights import imagenet_file
+
+    if model.pretrained == "imagenet":  # torchvision's file, as the train stage fetched it into the torch cache
+        path: str | None = str(imagenet_file(model.backbone))
+    else:
+        path = model.pretrained_path
     if path is None:
         return None
     try:
@@ -140,7 +147,7 @@ def model_settings(params: Params, num_classes: int, pretrained: dict[str, str |
     records the file for provenance and is not read at load. `serve` holds the request limits, so the
     model enforces them wherever it is served.
     """
-    return {"model": dataclasses.asdict(dataclasses.replace(params.model, pretrained_path=None)),
+    return {"model": dataclasses.asdict(dataclasses.replace(params.model, pretrained=None, pretrained_path=None)),
             "num_classes": num_classes, "height": params.train.height, "width": params.train.width,
             "flip": params.evaluate.flip, "pretrained": pretrained, "serve": dataclasses.asdict(params.serve)}
 
@@ -185,7 +192,7 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
     info = train_summary["trials"][trial]
     weights = model_dir / info["weights"]
     name = params.register.model_name
-    pretrained = pretrained_provenance(params.model.pretrained_path)
+    pretrained = pretrained_provenance(params.model)
     with mlflow.start_run(run_id=info["mlflow_run_id"]):
         logged = log_model(params, weights, model_settings(params, info["num_classes"], pretrained))
     tags = {

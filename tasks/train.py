@@ -12,7 +12,6 @@ killed) marks the MLflow run KILLED and writes no weights.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from tasks.config import Params, flat_params, load_params, params_hash
 from tasks.infra.logs import setup_logging
 from tasks.infra.raycluster import connect, require_resources
 from tasks.infra.tracking import file_hash, git_commit, mlflow_experiment_id, tracking_uri
-from tasks.training import resume
+from tasks.training import resume, weights
 from tasks.training.artifacts import STATE_FILE, summary_path, weights_path
 from tasks.training.loop import FaultPlan, NonFiniteTraining, TrainJob, WorkerContext, ddp_backend, train_loop
 
@@ -42,7 +41,7 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_d
     """Train each listed trial on a Ray worker group; write its weights and the stage's summary."""
     import mlflow
 
-    params = _with_absolute_pretrained_path(params)
+    params = weights.resolve(params)  # a missing file fails here, not in a worker
     connect(params.ray.address)  # before `ray.train` is imported (by _torch_trainer): it imports ray
     ray_params = params.ray
     require_resources(ray_params.num_workers, ray_params.cpus_per_worker, 1 if ray_params.use_gpu else 0,
@@ -70,18 +69,6 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_d
         summary["trials"][str(trial)] = _train_trial(job, trial, name, client, run_id, model_dir, ray_dir)
     summary_path(model_dir).write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
-
-
-def _with_absolute_pretrained_path(params: Params) -> Params:
-    """Refuse a missing `model.pretrained_path` now, not in a worker; workers get it absolute (their working
-    folder is not the driver's)."""
-    path = params.model.pretrained_path
-    if path is None:
-        return params
-    file = Path(path).resolve()
-    if not file.is_file():
-        raise FileNotFoundError(f"params.yaml model.pretrained_path = {path!r}: no such file ({file})")
-    return dataclasses.replace(params, model=dataclasses.replace(params.model, pretrained_path=str(file)))
 
 
 def _training_rows(mlr_path: Path, trial: int) -> list[dict[str, Any]]:

@@ -162,9 +162,9 @@ def build_cuhk03_mat(path: Path, persons: tuple[int, ...] = (3, 2, 1, 1, 2), see
     return stored
 
 
-def build_cuhk03(tmp: Path) -> Built:
+def build_cuhk03(tmp: Path, persons: tuple[int, ...] = (3, 2, 1, 1, 2)) -> Built:
     mat_path = tmp / "cuhk-03.mat"
-    stored = build_cuhk03_mat(mat_path)
+    stored = build_cuhk03_mat(mat_path, persons)
     data = zip_bytes({"cuhk03_release/cuhk-03.mat": mat_path.read_bytes(),
                       "cuhk03_release/README.md": b"CUHK03\n"})
     labeled = stored["labeled"]

@@ -27,6 +27,7 @@ from tasks.config import Params, SourceConfig, load_params
 from tasks.datasets import RawImage, get_adapter
 from tasks.datasets.acquire import ChecksumError, DownloadError
 from tasks.datasets.base import DatasetError
+from tasks.evaluation.scoring import row_names
 from tests.micro_project import REPO
 
 __all__ = ["http_server"]
@@ -74,7 +75,8 @@ def check_mlr(params: Params, rows: list[dict], test_ids: int) -> None:
 
 def test_viper(http_server: LocalServer, tmp_path: Path) -> None:
     built = build_viper(persons=6, unpaired=1)
-    params = served_params(tmp_path, http_server, "viper", built)
+    # the paper's 316 of 632 is the default; 3 of these 6 is the same half
+    params = served_params(tmp_path, http_server, "viper", built, test_identities=3)
     images = acquire_and_scan(params)
     assert len(images) == built.images == 12
     by_pid: dict[int, list[RawImage]] = {}
@@ -87,7 +89,7 @@ def test_viper(http_server: LocalServer, tmp_path: Path) -> None:
         assert cam_a.path.split("/")[-2] == "cam_a" and cam_a.path.split("/")[-1].startswith(f"{pid:03d}_")
     counts, summary, rows = run_stages(params)
     assert counts["images"] == 12 and counts["quarantined"] == 0 and counts["identities"] == 6
-    assert summary["test_identities"] == 3  # half, as the paper does for VIPeR
+    assert summary["test_identities"] == 3
     check_mlr(params, rows, 3)
 
 
@@ -97,7 +99,8 @@ def test_caviar_drops_identities_seen_by_one_camera(tmp_path: Path) -> None:
     zip_path.write_bytes(built.data)
     # No known md5 upstream: a file:// source with the md5 set is downloaded like any other.
     params = make_params(tmp_path, "caviar", {"caviar": SourceConfig(url=zip_path.as_uri(), md5=built.md5,
-                                                                     filename="CAVIAR4REID.zip")})
+                                                                     filename="CAVIAR4REID.zip")},
+                         test_identities=2)  # the paper's 25 of 50 is the default; these are 4
     images = acquire_and_scan(params)
     assert len(images) == built.images == 24
     assert {i.person_id for i in images} == {1, 2, 3, 4}
@@ -106,7 +109,16 @@ def test_caviar_drops_identities_seen_by_one_camera(tmp_path: Path) -> None:
         assert img.camera_id == img.view == (0 if number <= 10 else 1)
     counts, _summary, rows = run_stages(params)
     assert counts == {"images": 24, "quarantined": 0, "identities": 4}
-    check_mlr(params, rows, 2)
+    # CAVIAR is genuinely low resolution: the headline queries are the distant camera's images as they are.
+    queries = [r for r in rows if r["trial"] == 0 and r["role"] == "query"]
+    gallery = [r for r in rows if r["trial"] == 0 and r["role"] == "gallery"]
+    assert queries and {r["query_set"] for r in queries} == {"native"}  # no HR copy, no unseen rate
+    for r in queries:
+        assert r["path"] == r["hr_path"] and r["camera_id"] == 1 and r["rate"] == 1
+        assert int(Path(r["path"]).stem[4:]) > 10  # images 11-20: the distant camera
+    assert {r["person_id"] for r in queries} == {r["person_id"] for r in gallery} and len(gallery) == 2
+    assert not list(params.lr_dir().rglob("*_r8.png"))  # nothing down-sampled for queries that are not used
+    assert list(row_names(queries, params.protocol.unseen_rates)) == ["lr"]
 
 
 def test_caviar_without_md5_is_not_downloaded_but_a_placed_file_is_used(http_server: LocalServer,
@@ -124,7 +136,7 @@ def test_caviar_without_md5_is_not_downloaded_but_a_placed_file_is_used(http_ser
 
 def test_market1501(http_server: LocalServer, tmp_path: Path) -> None:
     built = build_market()
-    params = served_params(tmp_path, http_server, "market1501", built)
+    params = served_params(tmp_path, http_server, "market1501", built, test_identities=2)  # 750 by default
     images = acquire_and_scan(params)
     assert len(images) == built.images == 11
     assert {i.person_id for i in images} == {2, 7, 11, 15}  # -1 (junk) and 0 (distractors) dropped
@@ -174,6 +186,19 @@ def test_cuhk03_needs_the_zip_put_in_place_then_extracts_the_mat(tmp_path: Path)
     assert counts["images"] == built.images and counts["quarantined"] == 0
     assert summary["test_identities"] == 3
     check_mlr(params, rows, 3)
+
+
+def test_cuhk03_tests_on_the_papers_100_identities_by_default(tmp_path: Path) -> None:
+    built = build_cuhk03(tmp_path, persons=(21, 21, 21, 21, 21))  # 105 identities, each in both views
+    params = make_params(tmp_path, "cuhk03", {"cuhk03": SourceConfig(url="", md5=built.md5,
+                                                                     filename="cuhk03_release.zip")})
+    assert params.protocol.test_identities == 0  # not set: the adapter's paper split
+    (params.downloads_dir()).mkdir(parents=True)
+    (params.downloads_dir() / "cuhk03_release.zip").write_bytes(built.data)
+    download.run(params, params.raw_dir())
+    _, summary, rows = run_stages(params)
+    assert summary["test_identities"] == 100
+    check_mlr(params, rows, 100)
 
 
 def test_cuhk03_detected_images(tmp_path: Path) -> None:

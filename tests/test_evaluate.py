@@ -35,3 +35,16 @@ def test_several_trials_average_draws_first_then_spread_over_trials() -> None:
 def test_one_trial_spreads_over_gallery_draws() -> None:
     row = summarise("lr", [(0, cmc(0.2), 0.1), (0, cmc(0.4), 0.3)])
     assert row["rank1"] == pytest.approx(0.3) and row["rank1_std"] == pytest.approx(0.2 / np.sqrt(2), abs=1e-6)
+
+
+def test_map_counts_every_true_match_so_it_can_be_below_rank1() -> None:
+    """One LR query of identity 0; HR images: 0 (the single-shot draw's), 1, and another of 0 (gallery_pool).
+    Single-shot, identity 0 comes first (rank-1 = 1); over every HR image its matches are at ranks 1 and 3,
+    AP = (1/1 + 2/3) / 2."""
+    from tasks.evaluation.scoring import score_rows
+
+    dist = np.array([[0.1, 0.2, 0.3]])
+    g_pids, g_cams = np.array([0, 1, 0]), np.array([0, 0, 0])
+    [(cmc, mean_ap)] = score_rows(dist, np.array([0]), np.array([1]), g_pids, g_cams, [np.array([0, 1])])
+    assert cmc[0] == 1.0
+    assert mean_ap == pytest.approx((1 + 2 / 3) / 2) and mean_ap < cmc[0]

@@ -43,6 +43,7 @@ def test_flow_runs_every_stage_and_registers_a_candidate(first_run: tuple[Path, 
         assert row["rank1"] <= row["rank5"] <= row["rank10"] <= row["rank20"] <= 1.0
     assert metrics["evaluations_per_row"] == 2  # 1 trial x 2 gallery draws
     assert metrics["std_over"] == "gallery draws"
+    assert "single-shot" in metrics["protocol"]["cmc"] and "every HR image" in metrics["protocol"]["mAP"]
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     version = client.get_model_version_by_alias("rain-reid", "candidate")

@@ -114,3 +114,25 @@ def test_invalid_arguments_are_rejected() -> None:
         _sampler(p=40)
     with pytest.raises(ValueError, match="seed"):
         _sampler().load_state_dict({"epoch": 0, "position": 0, "seed": 99})
+
+
+def test_unlabelled_images_are_unlabelled_for_the_sampler_too() -> None:
+    """Semi-supervised training (Figure 5): permuting the hidden identities of the unlabelled images changes
+    neither the training labels nor a single batch, and C predicts only the labelled identities."""
+    from tasks.images.loaders import semi_supervised_labels
+
+    true = [i // 4 for i in range(80)]  # 20 identities x 4 images
+    labels = semi_supervised_labels(true, 0.4, seed=3)
+    assert sorted({y for y in labels if y >= 0}) == list(range(8))  # 40% of 20, renumbered for C
+    hidden = [i for i, y in enumerate(labels) if y < 0]
+    shuffled = list(true)
+    for i, j in zip(hidden, np.random.default_rng(0).permutation(hidden), strict=True):
+        shuffled[i] = true[j]
+    assert shuffled != true
+    assert semi_supervised_labels(shuffled, 0.4, seed=3) == labels
+    a = IdentityBalancedSampler(labels, 4, 4, seed=1)
+    b = IdentityBalancedSampler(semi_supervised_labels(shuffled, 0.4, seed=3), 4, 4, seed=1)
+    for epoch in range(3):
+        a.set_epoch(epoch)
+        b.set_epoch(epoch)
+        assert [list(x) for x in a] == [list(x) for x in b]

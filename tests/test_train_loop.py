@@ -40,3 +40,34 @@ def test_loop_reports_every_epoch_and_checkpoints_as_configured(tmp_path: Path, 
     assert [m["epoch"] for m, _ in reports] == [0, 1, 2]
     assert [m["epoch"] for m, state in reports if state is not None] == checkpointed
     assert all(m["images"] > 0 and m["L_total"] > 0 for m, _ in reports)
+
+
+def test_semi_supervised_training_never_reads_the_hidden_labels(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Figure 5's setting: permuting the identities of the unlabelled images changes no batch and no weight,
+    and C has one output per labelled identity."""
+    import numpy as np
+
+    from tasks.images.loaders import semi_supervised_labels
+
+    monkeypatch.chdir(tmp_path)
+    params = micro_params({"train": {"epochs": 1, "label_fraction": 0.5}})
+    mlr = prepare_data(tmp_path, params)
+    rows = read_rows(str(mlr), 0, ["train"])
+    kept = semi_supervised_labels([r["label"] for r in rows], 0.5, params.train.seed)
+    hidden = [i for i, y in enumerate(kept) if y < 0]
+    permuted = [dict(r) for r in rows]
+    for i, j in zip(hidden, np.random.default_rng(0).permutation(hidden), strict=True):
+        permuted[i]["label"] = rows[j]["label"]
+    assert [r["label"] for r in permuted] != [r["label"] for r in rows]
+
+    def final_state(training_rows: list[dict[str, Any]]) -> dict[str, Any]:
+        states: list[dict[str, Any]] = []
+        job = TrainJob(params=params, rows=training_rows, store=str(params.store_dir()))
+        train_loop(job, WorkerContext(report=lambda metrics, state: states.append(state) if state else None))
+        return states[-1]
+
+    a, b = final_state(rows), final_state(permuted)
+    assert a["num_classes"] == b["num_classes"] == max(kept) + 1 == round(0.5 * len({r["label"] for r in rows}))
+    for key, value in a["model"].items():
+        torch.testing.assert_close(value, b["model"][key], rtol=0, atol=0, msg=key)

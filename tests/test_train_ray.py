@@ -18,6 +18,7 @@ from tasks import train
 from tasks.config import Params
 from tasks.images.loaders import read_rows
 from tasks.training import resume
+from tasks.training.weights import PretrainedWeightsError
 from tests.micro_project import micro_params, prepare_data
 
 pytestmark = pytest.mark.e2e
@@ -171,5 +172,6 @@ def test_a_grid_run_bigger_than_any_node_is_refused_naming_the_setting(ray_local
 
 def test_a_missing_pretrained_file_is_refused_before_ray_starts(workdir: Path) -> None:
     params = micro_params({"model": {"pretrained_path": "weights/missing.pth"}})
-    with pytest.raises(FileNotFoundError, match=r"model\.pretrained_path = 'weights/missing.pth': no such file"):
+    with pytest.raises(PretrainedWeightsError,
+                       match=r"model\.pretrained_path = 'weights/missing.pth': no such file"):
         train.run(params, workdir / "mlr.parquet", workdir / "store", workdir / "models", workdir / "runs")

@@ -28,6 +28,8 @@ DROPPED_PIDS = (-1, 0)  # junk, distractors
 class Market1501Dataset:
     name = "market1501"
     image_formats: tuple[str, ...] = ("JPEG",)
+    test_identities: int | None = 750  # the dataset's own 751 / 750 split (the RAIN paper does not use it)
+    native_lr_queries: bool = False
     homepage = ""
     folder = "Market-1501"  # url, md5 and archive name: params.yaml sources.market1501
 

@@ -37,6 +37,8 @@ _BELTS = np.array([[15, 15, 15], [240, 240, 240], [150, 40, 150]], dtype=np.floa
 class SyntheticDataset:
     name = "synthetic"
     image_formats: tuple[str, ...] = ("PNG",)
+    test_identities: int | None = None  # half
+    native_lr_queries: bool = False
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
         generate(raw_dir, params.synthetic)

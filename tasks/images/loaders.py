@@ -36,8 +36,11 @@ def load_tensor(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 
 def semi_supervised_labels(labels: Sequence[int], fraction: float, seed: int) -> list[int]:
-    """Keep the labels of a seeded `fraction` of the identities; the others become -1 (unlabelled)."""
+    """Keep the labels of a seeded `fraction` of the identities, renumbered 0..M-1 in their order; the others
+    become -1 (unlabelled). Nothing downstream sees an unlabelled image's identity: the batch sampler groups
+    only the labelled ones, and the classifier C has one output per labelled identity (Figure 5's setting)."""
     classes = sorted(set(labels))
     keep_n = round(fraction * len(classes))
-    kept = set(np.random.default_rng(seed).permutation(classes)[:keep_n].tolist())
-    return [y if y in kept else -1 for y in labels]
+    kept = sorted(np.random.default_rng(seed).permutation(classes)[:keep_n].tolist())
+    dense = {y: i for i, y in enumerate(kept)}
+    return [dense.get(y, -1) for y in labels]

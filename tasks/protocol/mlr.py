@@ -7,14 +7,16 @@ LR copy: shrunk by r, then brought back to its original size with bilinear inter
 images (the distant camera of each pair) also get a copy at every unseen rate.
 
 MLR manifest schema, one row per (trial, role, image):
-  trial, role (train | query | gallery | gallery_pool), query_set (mlr | hr | r<rate> for queries,
-  "" otherwise), person_id, camera_id, camera_pair, rate (1 = HR), path (the image this row feeds to
-  the model, relative to the project folder), hr_path (its HR source), lr_path (train: its LR copy;
-  query: = path; else ""), label (train: class index 0..K-1 of the trial's training identities; -1
-  otherwise).
+  trial, role (train | query | gallery | gallery_pool), query_set (mlr | hr | r<rate> for queries, or
+  native on a genuine-LR dataset; "" otherwise), person_id, camera_id, camera_pair, rate (1 = HR), path
+  (the image this row feeds to the model, relative to the project folder), hr_path (its HR source),
+  lr_path (train: its LR copy; query: = path; else ""), label (train: class index 0..K-1 of the trial's
+  training identities; -1 otherwise).
 Per trial, identities seen by both views are split at random (seeded) into train and test; a test
 identity's view-1 images are the queries, and one of its view-0 images, drawn at random, is the
-single-shot gallery (the rest are `gallery_pool`, for repeated single-shot draws at evaluation).
+single-shot gallery (the rest are `gallery_pool`, for repeated single-shot draws at evaluation). On a
+genuine-LR dataset (the adapter's `native_lr_queries`: CAVIAR) the queries are the view-1 images as they are
+(query_set native), not shrunk again, and there are no HR or unseen-rate query sets.
 """
 
 from __future__ import annotations
@@ -92,13 +94,18 @@ def _degrade_chunk(jobs: Sequence[tuple[str, str, tuple[int, ...]]], formats: tu
     return written
 
 
-def split_identities(person_ids: Sequence[int], trial: int, cfg: ProtocolConfig) -> tuple[set[int], set[int]]:
-    """(train, test) identities of `trial`; test is `test_identities` of them, or half when 0."""
+def split_identities(person_ids: Sequence[int], trial: int, cfg: ProtocolConfig,
+                     paper_split: int | None = None) -> tuple[set[int], set[int]]:
+    """(train, test) identities of `trial`. The test set has `protocol.test_identities` of them; when that is 0,
+    `paper_split` (the dataset's paper split, e.g. CUHK03's 100), or half when the dataset has none."""
     ids = np.array(sorted(set(person_ids)))
-    n_test = cfg.test_identities or len(ids) // 2
+    n_test = cfg.test_identities or paper_split or len(ids) // 2
     if not 0 < n_test < len(ids):
-        raise ValueError(f"protocol.test_identities = {cfg.test_identities}: need between 1 and "
-                         f"{len(ids) - 1} of the {len(ids)} identities seen by both views")
+        source = (f"protocol.test_identities = {cfg.test_identities}" if cfg.test_identities else
+                  f"the dataset's paper split of {paper_split} test identities (protocol.test_identities = 0)"
+                  if paper_split else "half of the identities (protocol.test_identities = 0)")
+        raise ValueError(f"{source}: need between 1 and {len(ids) - 1} of the {len(ids)} identities seen by "
+                         f"both views")
     order = np.random.default_rng([cfg.seed, trial]).permutation(ids)
     return {int(i) for i in order[n_test:]}, {int(i) for i in order[:n_test]}
 
@@ -119,7 +126,7 @@ def synthesize(params: Params, raw_dir: Path, manifest_path: Path, lr_dir: Path,
     jobs = []
     for img in images:
         rates = {img["rate"]} - {1}
-        if img["view"] == 1:
+        if img["view"] == 1 and not adapter.native_lr_queries:  # unseen-rate query sets
             rates |= set(cfg.unseen_rates)
         if rates:
             jobs.append((img["hr_path"], img["lr_stem"], tuple(sorted(rates))))
@@ -133,10 +140,10 @@ def synthesize(params: Params, raw_dir: Path, manifest_path: Path, lr_dir: Path,
         both = [pid for pid, v in views.items() if v == {0, 1}]
         rows: list[dict] = []
         for trial in range(cfg.trials):
-            train_ids, test_ids = split_identities(both, trial, cfg)
+            train_ids, test_ids = split_identities(both, trial, cfg, adapter.test_identities)
             train_ids |= {pid for pid, v in views.items() if v != {0, 1}}  # one-view identities: train only
             labels = {pid: i for i, pid in enumerate(sorted(train_ids))}
-            rows += _trial_rows(trial, images, labels, test_ids, cfg)
+            rows += _trial_rows(trial, images, labels, test_ids, cfg, adapter.native_lr_queries)
             summary["test_identities"] = len(test_ids)
         mlr_path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=MLR_SCHEMA), mlr_path)
@@ -150,7 +157,7 @@ def synthesize(params: Params, raw_dir: Path, manifest_path: Path, lr_dir: Path,
 
 
 def _trial_rows(trial: int, images: list[dict], labels: dict[int, int], test_ids: set[int],
-                cfg: ProtocolConfig) -> list[dict]:
+                cfg: ProtocolConfig, native_lr: bool = False) -> list[dict]:
     rng = np.random.default_rng([cfg.seed, trial, 1])
     rows: list[dict] = []
 
@@ -164,6 +171,8 @@ def _trial_rows(trial: int, images: list[dict], labels: dict[int, int], test_ids
         pid = img["person_id"]
         if pid in labels:
             rows.append(row(img, "train", "", img["rate"], img["hr_path"], img["lr_path"], labels[pid]))
+        elif pid in test_ids and img["view"] == 1 and native_lr:  # the distant camera's image as it is
+            rows.append(row(img, "query", "native", 1, img["hr_path"], img["hr_path"], -1))
         elif pid in test_ids and img["view"] == 1:
             rows.append(row(img, "query", "mlr", img["rate"], img["lr_path"], img["lr_path"], -1))
             rows.append(row(img, "query", "hr", 1, img["hr_path"], img["hr_path"], -1))

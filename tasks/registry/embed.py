@@ -20,7 +20,7 @@ def load_model(weights: Path, cfg: ModelConfig, num_classes: int, device: str = 
 
     # The weights hold every parameter, the pretrained ones included: reading `pretrained_path` again would
     # only make loading need a file from the training machine.
-    model = RAIN(dataclasses.replace(cfg, pretrained_path=None), num_classes)
+    model = RAIN(dataclasses.replace(cfg, pretrained=None, pretrained_path=None), num_classes)
     model.load_state_dict(load_file(str(weights), device=device))
     return model.to(device).eval()
 

@@ -108,8 +108,8 @@ def _build_training(job: TrainJob, ctx: WorkerContext) -> _Training:
     from rain_model.objective import make_optimizers, place_model
 
     params, cfg = job.params, job.params.train
-    sampler, loader = _build_loader(job, ctx)
-    num_classes = len({r["label"] for r in job.rows})
+    sampler, loader, labels = _build_loader(job, ctx)
+    num_classes = max(max(labels, default=-1) + 1, 1)  # the labelled identities (one output at 0% labels)
     model = place_model(RAIN(params.model, num_classes), params.objective, ctx.device)
     optimizers = make_optimizers(model, params.objective)
     schedulers: list[LRScheduler] = [
@@ -120,8 +120,9 @@ def _build_training(job: TrainJob, ctx: WorkerContext) -> _Training:
                      generator=generator, discriminators=discriminators, num_classes=num_classes, nodes=nodes)
 
 
-def _build_loader(job: TrainJob, ctx: WorkerContext) -> tuple[IdentityBalancedSampler, DataLoader[Any]]:
-    """This rank's share of P x K identity-balanced batches, read from the decoded-image store."""
+def _build_loader(job: TrainJob, ctx: WorkerContext) -> tuple[IdentityBalancedSampler, DataLoader[Any], list[int]]:
+    """This rank's share of P x K identity-balanced batches, read from the decoded-image store, and the
+    training labels (-1: unlabelled; the sampler and the losses see the same ones)."""
     from torch.utils.data import DataLoader
 
     from rain_model.sampler import IdentityBalancedSampler
@@ -131,10 +132,10 @@ def _build_loader(job: TrainJob, ctx: WorkerContext) -> tuple[IdentityBalancedSa
     cfg = job.params.train
     labels = semi_supervised_labels([r["label"] for r in job.rows], cfg.label_fraction, cfg.seed)
     dataset = StorePairs(ImageStore(job.store), job.rows, (cfg.height, cfg.width), labels)
-    sampler = IdentityBalancedSampler([r["label"] for r in job.rows], cfg.p, cfg.k, cfg.seed, ctx.rank, ctx.world)
+    sampler = IdentityBalancedSampler(labels, cfg.p, cfg.k, cfg.seed, ctx.rank, ctx.world)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=as_batch, num_workers=cfg.loader_workers,
                         persistent_workers=cfg.loader_workers > 0, pin_memory=ctx.device.type == "cuda")
-    return sampler, loader
+    return sampler, loader, labels
 
 
 def _wrap_for_ddp(model: RAIN, ctx: WorkerContext) -> tuple[torch.nn.Module, torch.nn.Module, list[str]]:
