@@ -188,7 +188,8 @@ def run_stages(stages: tuple[str, ...], project_dir: Path, log_dir: Path) -> lis
 
 @flow(name="rain", log_prints=True)
 def rain(project_dir: str = ".") -> dict[str, Any] | State:
-    """download -> manifest -> synthesize -> decode -> train -> evaluate -> register, as DVC decides."""
+    """fingerprint -> download -> manifest -> synthesize -> decode -> train -> evaluate -> register, as DVC
+    decides."""
     reaper.guard()  # nothing this flow starts outlives it (a killed flow run included)
     root = Path(project_dir).resolve()
     params = load_params(root / "params.yaml")  # refuses a bad params.yaml before any stage runs

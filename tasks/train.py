@@ -26,7 +26,7 @@ import torch
 from tasks.config import Params, flat_params, load_params, params_hash
 from tasks.infra.logs import setup_logging
 from tasks.infra.raycluster import connect, require_resources
-from tasks.infra.tracking import file_hash, git_commit, mlflow_experiment_id, tracking_uri
+from tasks.infra.tracking import git_commit, mlflow_experiment_id, tracking_uri
 from tasks.training import resume, weights
 from tasks.training.artifacts import STATE_FILE, summary_path, weights_path
 from tasks.training.loop import FaultPlan, NonFiniteTraining, TrainJob, WorkerContext, ddp_backend, train_loop
@@ -41,6 +41,7 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_d
     """Train each listed trial on a Ray worker group; write its weights and the stage's summary."""
     import mlflow
 
+    as_written = params  # the run key hashes params as params.yaml has them, the initial weights by content
     params = weights.resolve(params)  # a missing file fails here, not in a worker
     connect(params.ray.address)  # before `ray.train` is imported (by _torch_trainer): it imports ray
     ray_params = params.ray
@@ -52,17 +53,16 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_d
     exp_id = mlflow_experiment_id(client, f"rain-{params.dataset.name}")
 
     summary: dict[str, Any] = {"trials": {}}
-    data_hash = file_hash(mlr_path)
-    reads = resume.inputs(mlr_path, store_dir)
+    reads = resume.inputs(mlr_path, store_dir, params.model.pretrained_path)
     for trial in params.train.trials:
         rows = _training_rows(mlr_path, trial)
-        name = resume.run_name(params, trial, resume.run_key(params, trial, reads))
+        name = resume.run_name(params, trial, resume.run_key(as_written, trial, reads))
         ray_dir = runs_dir.resolve() / "ray"
         pruned = resume.prune(ray_dir, ray_params.keep_runs, current=name)
         if pruned:
             log.info("train: deleted %d older interrupted Ray run(s) (ray.keep_runs = %d)", len(pruned),
                      ray_params.keep_runs)
-        run_id = _open_mlflow_run(client, exp_id, ray_dir / name, params, trial, data_hash)
+        run_id = _open_mlflow_run(client, exp_id, ray_dir / name, params, trial, reads["mlr_manifest"])
         # Workers do not share the driver's working folder: the store's path is absolute.
         job = TrainJob(params=params, rows=rows, store=str(store_dir.resolve()), tracking_uri=uri, run_id=run_id,
                        fault=fault)

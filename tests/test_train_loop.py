@@ -71,3 +71,23 @@ def test_semi_supervised_training_never_reads_the_hidden_labels(tmp_path: Path,
     assert a["num_classes"] == b["num_classes"] == max(kept) + 1 == round(0.5 * len({r["label"] for r in rows}))
     for key, value in a["model"].items():
         torch.testing.assert_close(value, b["model"][key], rtol=0, atol=0, msg=key)
+
+
+def test_the_resume_key_follows_what_the_weights_depend_on_and_nothing_else() -> None:
+    """A re-run resumes an interrupted Ray run only under the same key (tasks/training/resume.py)."""
+    import dataclasses
+
+    from tasks.training import resume
+
+    params = micro_params()
+    reads = {"mlr_manifest": "m", "store": "s", "code": "c", "pretrained": "none"}
+    key = resume.run_key(params, 0, reads)
+    neutral = [dataclasses.replace(params, train=dataclasses.replace(params.train, checkpoint_every_seconds=5,
+                                                                     trials=(0, 1))),
+               dataclasses.replace(params, ray=dataclasses.replace(params.ray, keep_runs=9, max_failures=3))]
+    assert all(resume.run_key(p, 0, reads) == key for p in neutral)
+    changed = [resume.run_key(params, 1, reads),
+               resume.run_key(dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=3)), 0, reads),
+               resume.run_key(params, 0, reads | {"pretrained": "another file's sha256"}),
+               resume.run_key(params, 0, reads | {"code": "edited"})]
+    assert key not in changed and len(set(changed)) == len(changed)

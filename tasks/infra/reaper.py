@@ -6,9 +6,9 @@ goes on writing its outputs, and a re-run races it. `guard()` starts a watchdog 
 program) holding the read end of a pipe whose write end only the guarded process holds, and tags the
 process's environment with the watchdog's id (`RAIN_GUARDS`, a list, so nested guards all see every
 descendant). Every process started afterwards inherits the tag, however it daemonises or re-parents. When
-the guarded process ends, in any way, the kernel closes the pipe; the watchdog then sends SIGTERM to every
-process carrying its id (a stage marks its MLflow run KILLED on SIGTERM), waits `GRACE_SECONDS`, and
-SIGKILLs what is left.
+the guarded process ends, in any way, the kernel closes the pipe; the watchdog then sends SIGTERM to the
+roots of the tagged process trees (a stage marks its MLflow run KILLED and stops the Ray cluster it started),
+after `GRACE_SECONDS` SIGTERM to every tagged process left, and after as long again SIGKILL.
 
 Finding the tagged processes reads `/proc/<pid>/environ` (Linux). Elsewhere, the process groups registered
 with `register_group` (each stage's DVC runs in its own) are signalled instead. A process that clears its
@@ -103,11 +103,17 @@ def sweep(guard_id: str, groups: list[int], grace: float = GRACE_SECONDS) -> Non
                 time.sleep(0.1)
 
 
-def _parent(pid: int) -> int | None:
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state, parent pid, ...); [] if it is gone."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
+def _parent(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if len(fields) > 1 else None
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -121,11 +127,8 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has ended; its parent reaps it
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"  # a zombie has ended; its parent reaps it
 
 
 def _group_alive(pgid: int) -> bool:

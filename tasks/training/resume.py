@@ -22,13 +22,15 @@ MLFLOW_RUN_FILE = "rain-mlflow-run"  # in a Ray run's folder: the MLflow run a r
 STAGE = "tasks.train"
 
 
-def inputs(mlr_path: Path, store_dir: Path) -> dict[str, str]:
-    """What every trial reads besides params: the MLR manifest, the store's pixels, the stage's code."""
+def inputs(mlr_path: Path, store_dir: Path, pretrained: str | None) -> dict[str, str]:
+    """What every trial reads besides params: the MLR manifest, the store's pixels, the stage's code and the
+    file of initial weights (by content: params name its path, or only `imagenet`)."""
     from tasks.images.store import ImageStore
     from tasks.infra.imports import code_hash
     from tasks.infra.tracking import file_hash
 
-    return {"mlr_manifest": file_hash(mlr_path), "store": ImageStore(store_dir).digest, "code": code_hash(STAGE)}
+    return {"mlr_manifest": file_hash(mlr_path), "store": ImageStore(store_dir).digest, "code": code_hash(STAGE),
+            "pretrained": file_hash(Path(pretrained)) if pretrained else "none"}
 
 
 def run_key(params: Params, trial: int, inputs: dict[str, str]) -> str:

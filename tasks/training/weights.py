@@ -27,6 +27,8 @@ from tasks.infra.tracking import file_hash
 
 log = logging.getLogger(__name__)
 
+# One file, one try, checked by the sha256 prefix torchvision publishes. Not tasks.datasets.acquire.fetch (md5,
+# retries for dataset archives): importing tasks.datasets would make every dataset adapter a dep of train.
 DOWNLOAD_TIMEOUT_S = 20  # per connection attempt and read: offline, fail in seconds rather than hang
 
 
