@@ -36,7 +36,8 @@ def synthetic_params(identities: int, height: int, width: int, overrides: dict[s
 
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     return parse(Params, merge(merge(base, {
-        "synthetic": {"identities": identities, "height": height, "width": width},
+        "synthetic": {"identities": identities, "test_identities": 0, "images_per_camera": 4, "height": height,
+                      "width": width},
         "protocol": {"trials": 1, "workers": 0},
         "train": {"height": height, "width": width},
     }), overrides or {}), "")

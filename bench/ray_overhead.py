@@ -92,7 +92,8 @@ def main() -> None:
 
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     params = parse(Params, merge(base, {
-        "synthetic": {"identities": args.identities, "height": args.height, "width": args.width},
+        "synthetic": {"identities": args.identities, "test_identities": 0, "images_per_camera": 4,
+                      "height": args.height, "width": args.width},
         "protocol": {"trials": 1},
         "model": {"backbone": args.backbone},
         "train": {"epochs": args.epochs, "height": args.height, "width": args.width,

@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     params = Params(
         paths=Paths(raw=str(work / "raw"), manifests=str(work / "manifests"), lr=str(work / "lr")),
         dataset=DatasetChoice(name="synthetic"),
-        synthetic=SyntheticConfig(identities=args.identities, images_per_camera=args.images_per_camera,
-                                  height=height, width=width),
+        synthetic=SyntheticConfig(identities=args.identities, test_identities=0,
+                                  images_per_camera=args.images_per_camera, height=height, width=width),
         protocol=ProtocolConfig(trials=1, workers=args.workers),
     )
     download.run(params, params.raw_dir())

@@ -87,15 +87,18 @@ class SyntheticConfig:
     """The embedded procedural pedestrian dataset (tasks/datasets/synthetic.py)."""
 
     seed: int = 0
-    identities: int = 100
+    identities: int = 400
+    test_identities: int = 300  # its split: identities kept for testing (0: half); the rest train
     cameras: int = 2
-    images_per_camera: int = 4
+    images_per_camera: int = 2
     height: int = 128
     width: int = 64
 
     def __post_init__(self) -> None:
         _seed("synthetic.seed", self.seed)
         _require(self.identities >= 4, "synthetic.identities", self.identities, "at least 4")
+        _require(0 <= self.test_identities < self.identities, "synthetic.test_identities", self.test_identities,
+                 f"between 0 (half) and synthetic.identities - 1 ({self.identities - 1})")
         _require(self.cameras >= 2, "synthetic.cameras", self.cameras, "at least 2")
         _require(self.images_per_camera >= 1, "synthetic.images_per_camera", self.images_per_camera, ">= 1")
         _require(self.height % 32 == 0 and self.height >= 64, "synthetic.height", self.height,
@@ -220,7 +223,7 @@ class RayConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     distance: str = "euclidean"  # euclidean | cosine
-    flip: bool = True
+    flip: bool = False
     gallery_repeats: int = 10
     batch_size: int = 64
     tsne_identities: int = 35
@@ -243,7 +246,7 @@ class ExperimentsConfig:
     asks of the Ray cluster (which then decides how many run at once)."""
 
     seeds: tuple[int, ...] = (0, 1, 2)  # seed s: train.seed = s on protocol trial s mod protocol.trials
-    epochs: int = 10  # every grid run's training length (train.epochs is the pipeline's)
+    epochs: int = 13  # every grid run's training length (train.epochs is the pipeline's)
     cpus_per_run: int = 1  # CPUs Ray reserves for each run, and its threads
     use_gpu: bool = False  # true: each run asks Ray for one GPU
 

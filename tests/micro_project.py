@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Small enough for seconds per stage on 2 cores, big enough to exercise every code path
 # (two Ray workers with DDP, two trials, every query set).
 MICRO: dict[str, Any] = {
-    "synthetic": {"identities": 12, "images_per_camera": 2, "height": 64, "width": 32},
+    "synthetic": {"identities": 12, "test_identities": 0, "images_per_camera": 2, "height": 64, "width": 32},
     "protocol": {"trials": 2, "workers": 2},
     "model": {"backbone": "resnet18"},
     # A checkpoint every epoch: the resume tests need one before the last epoch.

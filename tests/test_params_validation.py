@@ -25,6 +25,7 @@ from tests.micro_project import REPO, merge
 # Fields for which 0 is a valid value, and what it means there.
 ZERO_MEANS = {
     "synthetic.seed": "a seed",
+    "synthetic.test_identities": "half of the identities",
     "protocol.seed": "a seed",
     "protocol.test_identities": "half of the identities",
     "protocol.workers": "all cores",

@@ -49,3 +49,74 @@ def test_a_killed_guarded_process_takes_its_escaped_child_with_it() -> None:
     finally:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+CHAIN = """
+import subprocess, sys, time
+from tasks.infra import reaper
+reaper.guard()
+# A middle process that dies on SIGTERM without passing it on (DVC does), above a stage that, on SIGTERM,
+# records whether the worker it started is still running (the train stage marks MLflow and stops Ray).
+STAGE = '''
+import signal, subprocess, sys, time
+worker = subprocess.Popen(["sleep", "600"])
+def stop(*_):
+    time.sleep(1)  # recording the kill takes a moment
+    open(sys.argv[1], "w").write("running" if worker.poll() is None else "gone")
+    worker.kill()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print(worker.pid, flush=True)
+time.sleep(600)
+'''
+middle = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+                           sys.executable, "-c", STAGE, sys.argv[1]])
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="the watchdog finds processes through /proc")
+def test_a_stage_under_a_parent_that_drops_sigterm_gets_it_while_its_worker_still_runs(tmp_path: Path) -> None:
+    record = tmp_path / "at-sigterm"
+    env = {k: v for k, v in os.environ.items() if k != "RAIN_GUARDS"}
+    parent = subprocess.Popen([sys.executable, "-c", CHAIN, str(record)], cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not _sleepers_under(parent.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _sleepers_under(parent.pid), "the stage did not start its worker"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 15
+        while not record.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert record.read_text() == "running"  # the stage was told before its worker was
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _sleepers_under(root: int) -> list[int]:
+    """`sleep` processes descending from `root`."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+
+    def descends(pid: int) -> bool:
+        while pid in parents and pid != root:
+            pid = parents[pid]
+        return pid == root
+
+    found = []
+    for pid in parents:
+        try:
+            if (Path(f"/proc/{pid}/comm")).read_text().strip() == "sleep" and descends(pid):
+                found.append(pid)
+        except OSError:
+            continue
+    return found

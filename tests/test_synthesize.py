@@ -16,7 +16,7 @@ from tasks.protocol import mlr
 
 
 def small_params(workers: int = 1, trials: int = 3) -> Params:
-    return Params(synthetic=SyntheticConfig(identities=10, images_per_camera=2, height=64, width=32),
+    return Params(synthetic=SyntheticConfig(identities=10, test_identities=0, images_per_camera=2, height=64, width=32),
                   protocol=ProtocolConfig(trials=trials, workers=workers))
 
 

@@ -25,11 +25,13 @@ class DatasetAdapter(Protocol):
     name: str
     # Pillow format names the decoder may use for this dataset (content decides, not the extension).
     image_formats: tuple[str, ...]
-    # Test identities of the paper's split, used when protocol.test_identities is 0; None: half of them.
-    test_identities: int | None
     # View 1 is genuinely low resolution (CAVIAR): its images are the queries as they are, with no synthetic
     # down-sampling and no HR or unseen-rate query sets (training still adds synthetic LR copies).
     native_lr_queries: bool
+
+    def test_identities(self, params: Params) -> int | None:
+        """Test identities of the dataset's paper split, used when protocol.test_identities is 0; None: half."""
+        ...
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
         """Fill `raw_dir` with the dataset's files (download, verify, extract, or generate)."""

@@ -28,10 +28,12 @@ CLOSE_CAMERA_LAST_IMAGE = 10  # YYY <= 10: closer camera (0); above: distant cam
 class CaviarDataset:
     name = "caviar"
     image_formats: tuple[str, ...] = ("JPEG",)
-    test_identities: int | None = 25  # the paper: half of the 50 identities kept
     native_lr_queries: bool = True  # the distant camera is genuinely low resolution
     homepage = "https://lorisbaz.github.io/caviar4reid.html"
     folder = "CAVIAR4REID"  # url, md5 and archive name: params.yaml sources.caviar
+
+    def test_identities(self, params: Params) -> int | None:
+        return 25  # the paper: half of the 50 identities kept
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
         acquire_archive(params, self.name, raw_dir, self.folder, homepage=self.homepage)

@@ -14,7 +14,7 @@ message says (``data/downloads/`` by default) and the md5 is verified. The zip h
 torchreid uses). Ids: ``person_id = 1000 * pair + person`` (0-based, unique across pairs),
 ``camera_id = 2 * pair + view``, ``camera_pair = pair``; view 0 (columns 0-4) stays HR, view 1
 (columns 5-9) is down-sampled by the MLR protocol. The paper's split is 1,367 / 100 identities, the
-default here (``test_identities``; ``protocol.test_identities`` other than 0 overrides it).
+default here (``test_identities()``; ``protocol.test_identities`` other than 0 overrides it).
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ PAIR_STRIDE = 1000  # person_id = PAIR_STRIDE * pair + person
 
 class CUHK03Dataset:
     image_formats: tuple[str, ...] = ("PNG",)
-    test_identities: int | None = 100  # the paper's 1,367 / 100 split
     native_lr_queries: bool = False
     homepage = "http://www.ee.cuhk.edu.hk/~xgwang/CUHK_identification.html"
     source_name = "cuhk03"  # both image kinds come from params.yaml sources.cuhk03 (url, md5, archive name)
+
+    def test_identities(self, params: Params) -> int | None:
+        return 100  # the paper's 1,367 / 100 split
 
     def __init__(self, images: str = "labeled") -> None:
         if images not in ("labeled", "detected"):

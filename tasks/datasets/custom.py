@@ -61,8 +61,10 @@ RANGES = (("person_id", *INT64), ("camera_id", 0, INT32), ("camera_pair", 0, INT
 class CustomDataset:
     name = "custom"
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
-    test_identities: int | None = None  # half
     native_lr_queries: bool = False
+
+    def test_identities(self, params: Params) -> int | None:
+        return None  # half
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
         source = params.sources.get(self.name)

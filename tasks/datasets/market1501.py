@@ -28,10 +28,12 @@ DROPPED_PIDS = (-1, 0)  # junk, distractors
 class Market1501Dataset:
     name = "market1501"
     image_formats: tuple[str, ...] = ("JPEG",)
-    test_identities: int | None = 750  # the dataset's own 751 / 750 split (the RAIN paper does not use it)
     native_lr_queries: bool = False
     homepage = ""
     folder = "Market-1501"  # url, md5 and archive name: params.yaml sources.market1501
+
+    def test_identities(self, params: Params) -> int | None:
+        return 750  # the dataset's own 751 / 750 split (the RAIN paper does not use it)
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
         acquire_archive(params, self.name, raw_dir, self.folder, homepage=self.homepage)

@@ -37,8 +37,10 @@ _BELTS = np.array([[15, 15, 15], [240, 240, 240], [150, 40, 150]], dtype=np.floa
 class SyntheticDataset:
     name = "synthetic"
     image_formats: tuple[str, ...] = ("PNG",)
-    test_identities: int | None = None  # half
     native_lr_queries: bool = False
+
+    def test_identities(self, params: Params) -> int | None:
+        return params.synthetic.test_identities or None  # its own split, sized in params.yaml; 0: half
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
         generate(raw_dir, params.synthetic)

@@ -26,10 +26,12 @@ _CAMERAS = ("cam_a", "cam_b")
 class VIPeRDataset:
     name = "viper"
     image_formats: tuple[str, ...] = ("BMP",)
-    test_identities: int | None = 316  # the paper: 632 pairs split in halves
     native_lr_queries: bool = False
     homepage = "https://vision.soe.ucsc.edu/node/178"
     folder = "VIPeR.v1.0"  # url, md5 and archive name: params.yaml sources.viper
+
+    def test_identities(self, params: Params) -> int | None:
+        return 316  # the paper: 632 pairs split in halves
 
     def acquire(self, raw_dir: Path, params: Params) -> None:
         acquire_archive(params, self.name, raw_dir, self.folder, homepage=self.homepage)

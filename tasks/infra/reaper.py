@@ -6,9 +6,9 @@ goes on writing its outputs, and a re-run races it. `guard()` starts a watchdog 
 program) holding the read end of a pipe whose write end only the guarded process holds, and tags the
 process's environment with the watchdog's id (`RAIN_GUARDS`, a list, so nested guards all see every
 descendant). Every process started afterwards inherits the tag, however it daemonises or re-parents. When
-the guarded process ends, in any way, the kernel closes the pipe; the watchdog then sends SIGTERM to the
-roots of the tagged process trees (a stage marks its MLflow run KILLED and stops the Ray cluster it started),
-after `GRACE_SECONDS` SIGTERM to every tagged process left, and after as long again SIGKILL.
+the guarded process ends, in any way, the kernel closes the pipe; the watchdog then sends SIGTERM down the
+tagged process trees, each process once its parent has gone (a stage marks its MLflow run KILLED and stops the
+Ray cluster it started), then SIGTERM to every tagged process left, and after `GRACE_SECONDS` SIGKILL.
 
 Finding the tagged processes reads `/proc/<pid>/environ` (Linux). Elsewhere, the process groups registered
 with `register_group` (each stage's DVC runs in its own) are signalled instead. A process that clears its
@@ -83,24 +83,42 @@ def end_group(pgid: int, grace: float = GRACE_SECONDS) -> None:
 
 
 def sweep(guard_id: str, groups: list[int], grace: float = GRACE_SECONDS) -> None:
-    """End everything tagged `guard_id`, and the `groups`: first SIGTERM to the roots of the tagged trees
-    (those whose parent is not tagged), so that each shuts down what it started, as the train stage stops its
-    Ray cluster after marking its MLflow run; then, after `grace` seconds, SIGTERM to whatever is left and
-    SIGKILL `grace` seconds later. Repeated until nothing is found: a dying process may have started another."""
+    """End everything tagged `guard_id`, and the `groups`: first SIGTERM from the top of the tagged trees down
+    (`_cascade`), so that each process shuts down what it started while that is still running, as the train
+    stage marks its MLflow run and stops its Ray cluster; then SIGTERM to whatever is left and SIGKILL `grace`
+    seconds later. Repeated until nothing is found: a dying process may have started another."""
     for _ in range(5):
-        pids = tagged(guard_id)
         groups = [g for g in groups if _group_alive(g)]
-        if not pids and not groups:
+        if not tagged(guard_id) and not groups:
             return
-        roots = [p for p in pids if _parent(p) not in pids]
-        for wave, sig in ((roots, signal.SIGTERM), (pids, signal.SIGTERM), (pids, signal.SIGKILL)):
-            for pid in wave:
+        _cascade(guard_id, grace)
+        pids = tagged(guard_id)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
                 _signal(pid, sig)
             for pgid in groups:
                 _signal_group(pgid, sig)
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline and (any(map(_alive, pids)) or any(map(_group_alive, groups))):
                 time.sleep(0.1)
+
+
+def _cascade(guard_id: str, grace: float) -> None:
+    """SIGTERM each tagged process once its parent is gone or untagged, until none is left or none has become
+    a root for `grace` seconds. A parent that dies without passing the signal on (DVC does, on SIGTERM) makes
+    its child a root at the next look, so the train stage still gets its SIGTERM before its Ray workers do;
+    signalling every process at once would take Ray down under the stage while it records the kill."""
+    signalled: set[int] = set()
+    last_new = started = time.monotonic()
+    while time.monotonic() - last_new < grace and time.monotonic() - started < 3 * grace:
+        pids = set(tagged(guard_id))
+        if not pids:
+            return
+        for pid in sorted(p for p in pids - signalled if _parent(p) not in pids):
+            _signal(pid, signal.SIGTERM)
+            signalled.add(pid)
+            last_new = time.monotonic()
+        time.sleep(0.2)
 
 
 def _stat(pid: int) -> list[str]:

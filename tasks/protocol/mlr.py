@@ -140,7 +140,7 @@ def synthesize(params: Params, raw_dir: Path, manifest_path: Path, lr_dir: Path,
         both = [pid for pid, v in views.items() if v == {0, 1}]
         rows: list[dict] = []
         for trial in range(cfg.trials):
-            train_ids, test_ids = split_identities(both, trial, cfg, adapter.test_identities)
+            train_ids, test_ids = split_identities(both, trial, cfg, adapter.test_identities(params))
             train_ids |= {pid for pid, v in views.items() if v != {0, 1}}  # one-view identities: train only
             labels = {pid: i for i, pid in enumerate(sorted(train_ids))}
             rows += _trial_rows(trial, images, labels, test_ids, cfg, adapter.native_lr_queries)
