@@ -311,6 +311,8 @@ def search(
     = None,
     cache_dir: Annotated[Path | None, typer.Option(
         help="Embedding cache; default <project>/.cache/embeddings.")] = None,
+    embed_images: Annotated[bool, typer.Option(
+        help="Put thumbnails inside the page, so it can be moved or sent on its own.")] = False,
     project: ProjectOption = Path("."),
 ) -> None:
     """Rank a gallery folder for query images with a registered model; write an HTML page and a PNG sheet."""
@@ -326,7 +328,7 @@ def search(
         queries = expand_queries([*query, *(more_queries or [])])
         cfg = SearchConfig(model_uri=model, gallery_dir=gallery, queries=queries, out_html=out, top_k=top_k,
                            cache_dir=cache_dir or project / ".cache" / "embeddings",
-                           id_pattern=id_pattern)
+                           id_pattern=id_pattern, embed_images=embed_images)
         with Progress(TextColumn("Embedding gallery"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       transient=False) as bar:
             task = bar.add_task("gallery", total=None)

@@ -71,13 +71,22 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], res
                     pictures: dict[str, Any]) -> None:
     from PIL import Image
 
-    from tasks.evaluation.reporting import cmc_plot_rows, plot_cmc, plot_tsne, ranked_gallery_sheet, table1_markdown
+    from tasks.evaluation.reporting import (
+        cmc_plot_rows,
+        distinct_people,
+        plot_cmc,
+        plot_tsne,
+        ranked_gallery_sheet,
+        table1_markdown,
+    )
 
     unseen = params.protocol.unseen_rates
     cfg = params.evaluate
     curves = {row_label(n, unseen): np.stack([c for _, c, _ in evals]).mean(axis=0).tolist()
               for n, evals in results.items()}
-    plot_cmc(curves, report_dir / "cmc.png", title=f"CMC on {params.dataset.name}")
+    draws = len(next(iter(results.values())))
+    plot_cmc(curves, report_dir / "cmc.png",
+             title=f"CMC on {params.dataset.name}, single-shot gallery (mean of {draws} trial x gallery draws)")
     # Columns keyed by row name (lr, r2, ..., hr): stable names dvc.yaml's plot definition can name.
     plot_rows = cmc_plot_rows({n: np.stack([c for _, c, _ in evals]).mean(axis=0).tolist()
                                for n, evals in results.items()})
@@ -97,23 +106,27 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], res
     feats = np.concatenate([pictures["q_feat"][keep_q + hr_q], pictures["g_feat"][keep_g]])
     ident = [queries[i]["person_id"] for i in keep_q + hr_q] + [gallery[i]["person_id"] for i in keep_g]
     rates = [f"r={queries[i]['rate']}" for i in keep_q + hr_q] + ["r=1"] * len(keep_g)
+    what = (f"{len(pids)} test identities: {len(keep_g)} HR gallery and {len(keep_q) + len(hr_q)} query images"
+            f" (trial {params.train.trials[0]})")
     plot_tsne(feats, [str(p) for p in ident], report_dir / "tsne_identity.png",
-              title="t-SNE of v, coloured by identity", seed=params.protocol.seed, legend_title="identity")
+              title=f"t-SNE of v by identity, {what}", seed=params.protocol.seed, legend_title="identity")
     plot_tsne(feats, rates, report_dir / "tsne_resolution.png",
-              title="t-SNE of v, coloured by down-sampling rate", seed=params.protocol.seed,
-              legend_title="rate")
+              title=f"t-SNE of v by down-sampling rate, {what}", seed=params.protocol.seed, legend_title="rate")
 
     # Figure 4: LR queries at the largest unseen rate (else the MLR set) and their top-7 HR gallery images.
     query_set = f"r{max(unseen)}" if unseen else "mlr"
-    chosen = [i for i, r in enumerate(queries) if r["query_set"] == query_set][: cfg.sheet_queries]
+    in_set = [i for i, r in enumerate(queries) if r["query_set"] == query_set]
+    chosen = [in_set[j] for j in distinct_people([queries[i]["person_id"] for i in in_set], cfg.sheet_queries)]
     top_k = min(7, len(gallery))
-    ranked, correct = [], []
+    ranked, correct, distances = [], [], []
     for i in chosen:
         order = np.argsort(pictures["dist"][i], kind="stable")[:top_k]
         ranked.append([Image.open(gallery[j]["path"]).convert("RGB") for j in order])
         correct.append([gallery[j]["person_id"] == queries[i]["person_id"] for j in order])
+        distances.append([float(pictures["dist"][i][j]) for j in order])
     ranked_gallery_sheet([Image.open(queries[i]["path"]).convert("RGB") for i in chosen], ranked, correct,
-                         report_dir / "ranked_gallery.png", top_k=top_k)
+                         report_dir / "ranked_gallery.png", top_k=top_k, distances=distances,
+                         labels=[f"r={queries[i]['rate']} #{queries[i]['person_id']}" for i in chosen])
 
 
 def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], report_dir: Path) -> None:

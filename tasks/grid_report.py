@@ -187,15 +187,16 @@ def rate_table(results: dict[tuple[str, int], dict[str, Any]], configs: list[str
     """Rank-1 (mean, std over seeds) of the main methods on every test set but the mixed MLR one."""
     sets = [q for q in next(iter(results.values()))["rows"] if q != "lr"]
     names = {q: "HR" if q == "hr" else f"r={q[1:]}" for q in sets}
-    return {m: {names[q]: stat([results[(m, s)]["rows"][q]["rank1"] for s in seeds]) for q in sets}
+    methods = {row.config: row.label for row in grid_tables.tables(("table1",))[0].rows}  # the paper's names
+    return {methods[m]: {names[q]: stat([results[(m, s)]["rows"][q]["rank1"] for s in seeds]) for q in sets}
             for m in RATE_BAR_CONFIGS if m in configs}
 
 
 def rates_markdown(table: dict[str, dict[str, tuple[float, float]]]) -> str:
     sets = list(next(iter(table.values())))
-    lines = ["### Rank-1 by test rate (rate_bars.png)", "", "| Configuration | " + " | ".join(sets) + " |",
+    lines = ["### Rank-1 by test rate (rate_bars.png)", "", "| Method | " + " | ".join(sets) + " |",
              "|:---|" + "---:|" * len(sets)]
-    lines += [f"| `{m}` | " + " | ".join(f"{100 * v[q][0]:.1f} ± {100 * v[q][1]:.1f}" for q in sets) + " |"
+    lines += [f"| {m} | " + " | ".join(f"{100 * v[q][0]:.1f} ± {100 * v[q][1]:.1f}" for q in sets) + " |"
               for m, v in table.items()]
     return "\n".join(lines)
 
@@ -285,6 +286,7 @@ def _plots(results: dict[tuple[str, int], dict[str, Any]], configs: list[str], s
     def rank1(config: str) -> tuple[float, float]:
         return stat([results[(config, s)]["rows"]["lr"]["rank1"] for s in seeds])
 
+    spread = f"mean ± std over {len(seeds)} seeds"
     curve = {row.config for t in grid_tables.tables(("figure5",)) for row in t.rows} - set(BASELINES)
     points = sorted((float(grid.CONFIGS[c].overrides.get("train.label_fraction", default_fraction)), c)
                     for c in configs if c in curve)
@@ -295,9 +297,10 @@ def _plots(results: dict[tuple[str, int], dict[str, Any]], configs: list[str], s
         curves["RAIN, paper (the points its text gives, MLR-CUHK03)"] = (
             [x for x, _ in paper], [y / 100 for _, y in paper], [0.0] * len(paper))
         refs = {grid.CONFIGS[c].description: rank1(c) for c in BASELINES if c in configs}
-        plot_label_fraction(curves, out_dir / "label_fraction.png", refs)
+        plot_label_fraction(curves, out_dir / "label_fraction.png", refs, spread=spread)
     if rates:
-        plot_rate_bars(rates, out_dir / "rate_bars.png")
+        plot_rate_bars(rates, out_dir / "rate_bars.png", spread=spread,
+                       xlabel="test queries: HR, or LR down-sampled by r")
 
 
 def open_parent_run(params: Params) -> str:

@@ -16,8 +16,10 @@ from PIL import Image
 from tasks.evaluation.reporting import (
     SHEET_BORDER,
     SHEET_GAP,
+    SHEET_LABEL_H,
     SHEET_PAD,
     cmc_plot_rows,
+    distinct_people,
     plot_cmc,
     plot_label_fraction,
     plot_rate_bars,
@@ -78,13 +80,24 @@ def test_plot_cmc_draws_each_curve_in_percent_against_rank(tmp_path, saved_axes)
     curves = {"LR r=2": [0.4, 0.55, 0.7, 0.9], "HR": [0.6, 0.8, 0.85, 1.0]}
     plot_cmc(curves, tmp_path / "cmc.png", size_px=(400, 300))
     (ax,) = saved_axes
-    lines = {str(line.get_label()): line.get_xydata() for line in ax.get_lines()}
+    lines = {str(line.get_label()): line.get_xydata() for line in ax.get_lines()
+             if not str(line.get_label()).startswith("_")}  # the rank-1 markers are unlabelled
     assert list(lines) == list(curves)
     for label, values in curves.items():
         np.testing.assert_array_equal(lines[label][:, 0], [1, 2, 3, 4])  # ranks, 1-based
         np.testing.assert_allclose(lines[label][:, 1], [100 * v for v in values])
     legend = ax.get_legend()
     assert legend is not None and [t.get_text() for t in legend.get_texts()] == list(curves)
+
+
+def test_plot_cmc_shows_ranks_to_20_marks_rank_1_and_starts_the_axis_near_the_data(tmp_path, saved_axes):
+    curves = {"LR": np.linspace(0.62, 1.0, 50).tolist(), "HR": np.linspace(0.8, 1.0, 50).tolist()}
+    plot_cmc(curves, tmp_path / "cmc.png", size_px=(400, 300))
+    (ax,) = saved_axes
+    assert ax.get_xlim()[1] == pytest.approx(20.5)  # ranks 1-20, as the tables
+    assert ax.get_ylim()[0] == 50  # 5 points under the lowest value shown (62), rounded down to 10
+    assert sorted(t.get_text() for t in ax.texts) == ["62.0", "80.0"]  # each curve's rank-1, written
+    assert all(len(line.get_xdata()) <= 20 for line in ax.get_lines())
 
 
 def test_cmc_plot_rows_wide_format():
@@ -152,10 +165,11 @@ def person(rng, size=(48, 100)):
 
 
 def test_sheet_size_formula():
-    # documented: width = 2*pad + w + gap + k*w + (k-1)*pad ; height = 2*pad + n*(h+label) + (n-1)*pad
-    assert ranked_gallery_sheet_size(3) == (556, 400)
-    assert ranked_gallery_sheet_size(3, labelled=True) == (556, 448)
-    assert ranked_gallery_sheet_size(1, tile_px=(30, 50), top_k=2) == (4 + 30 + 12 + 60 + 4 + 4, 58)
+    # documented: width = 2*pad + w + gap + k*w + (k-1)*pad ;
+    # height = 2*pad + 2*label (header, legend) + n*(h+label if labelled) + (n-1)*pad
+    assert ranked_gallery_sheet_size(3) == (556, 432)
+    assert ranked_gallery_sheet_size(3, labelled=True) == (556, 480)
+    assert ranked_gallery_sheet_size(1, tile_px=(30, 50), top_k=2) == (4 + 30 + 12 + 60 + 4 + 4, 58 + 32)
 
 
 def test_ranked_gallery_sheet_exact_size_and_frame_colours(tmp_path):
@@ -170,11 +184,11 @@ def test_ranked_gallery_sheet_exact_size_and_frame_colours(tmp_path):
     correct = [[True, False, True, True, False, True, False], [False] * 4, [True] * 9]
     out = ranked_gallery_sheet(queries, ranked, correct, tmp_path / "sheet.png")
     img = open_picture(out).convert("RGB")
-    assert img.size == (556, 400)
+    assert img.size == (556, 432)
 
     x0 = SHEET_PAD + tile_w + SHEET_GAP
     for row in range(3):
-        y = SHEET_PAD + row * (tile_h + SHEET_PAD)
+        y = SHEET_PAD + SHEET_LABEL_H + row * (tile_h + SHEET_PAD)
         assert img.getpixel((SHEET_PAD + 1, y + 1)) == GREY  # query frame
         for k in range(7):
             x = x0 + k * (tile_w + SHEET_PAD)
@@ -195,13 +209,44 @@ def test_ranked_gallery_sheet_labels_and_top_k(tmp_path):
         queries, ranked, correct, tmp_path / "s.png", tile_px=(40, 90), top_k=3, labels=["HR", "Ours"]
     )
     img = open_picture(out)
-    assert img.size == ranked_gallery_sheet_size(2, (40, 90), 3, labelled=True) == (188, 224)
+    assert img.size == ranked_gallery_sheet_size(2, (40, 90), 3, labelled=True) == (188, 256)
     with pytest.raises(ValueError, match="labels"):
         ranked_gallery_sheet(queries, ranked, correct, tmp_path / "x.png", labels=["one"])
     with pytest.raises(ValueError, match="ranked lists"):
         ranked_gallery_sheet(queries, ranked[:1], correct, tmp_path / "x.png")
     with pytest.raises(ValueError, match="correct flags"):
         ranked_gallery_sheet(queries, ranked, [[True], [True]], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="1 distance lists"):
+        ranked_gallery_sheet(queries, ranked, correct, tmp_path / "x.png", distances=[[0.1] * 5])
+    with pytest.raises(ValueError, match="row 1: 5 ranked images but 2 distances"):
+        ranked_gallery_sheet(queries, ranked, correct, tmp_path / "x.png", distances=[[0.1] * 5, [0.1] * 2])
+
+
+def test_ranked_gallery_sheet_says_what_its_columns_and_frames_are(tmp_path):
+    rng = np.random.default_rng(2)
+    queries = [person(rng) for _ in range(2)]
+    ranked = [[person(rng) for _ in range(7)] for _ in range(2)]
+    correct = [[True] + [False] * 6, [False] * 7]
+    plain = open_picture(ranked_gallery_sheet(queries, ranked, correct, tmp_path / "a.png")).convert("RGB")
+    with_d = open_picture(ranked_gallery_sheet(queries, ranked, correct, tmp_path / "b.png",
+                                               distances=[[0.5] * 7, [0.9] * 7])).convert("RGB")
+
+    def strip(img: Image.Image, top: int) -> set[tuple[int, int, int]]:
+        return set(img.crop((0, top, img.width, top + SHEET_LABEL_H)).getdata())
+
+    def has_text(pixels: set[tuple[int, int, int]]) -> bool:
+        return any(max(p) < 80 for p in pixels)  # dark glyph pixels on the white strip
+
+    assert has_text(strip(plain, SHEET_PAD))  # the header: "query", "rank 1", 2, ...
+    legend = strip(plain, plain.height - SHEET_PAD - SHEET_LABEL_H)
+    assert {GREEN, RED} <= legend and has_text(legend)  # a swatch of each frame colour, with its words
+    assert has_text(strip(with_d, SHEET_PAD + SHEET_LABEL_H))  # each row's distances above its tiles
+    assert with_d.height == plain.height + 2 * SHEET_LABEL_H
+
+
+def test_sheet_rows_are_distinct_people():
+    assert distinct_people([5, 5, 7, 5, 9, 7, 11], 3) == [0, 2, 4]
+    assert distinct_people([1, 1, 1], 6) == [0]
 
 
 # --- Table 1 --------------------------------------------------------------------------------------
@@ -284,6 +329,20 @@ def test_rate_bar_plot_draws_a_bar_per_method_and_test_set_in_percent(tmp_path, 
     assert groups[0].errorbar is not None
     (rain_err,) = groups[0].errorbar.lines[2]
     np.testing.assert_allclose([seg[:, 1] for seg in rain_err.get_segments()], [[60, 80], [35, 45]])
+
+
+def test_rate_bar_plot_says_what_it_shows_and_its_legend_covers_no_bar(tmp_path, saved_axes):
+    bars = {name: {f"r={r}": (0.95, 0.03) for r in (2, 3, 4, 8)} | {"HR": (0.97, 0.02)}
+            for name in ("Baseline (train on HR)", "Baseline (train on HR & LR)", "Ours (single-level)",
+                         "Ours (multi-level)")}
+    plot_rate_bars(bars, tmp_path / "bars.png", size_px=(600, 400), spread="mean ± std over 3 seeds",
+                   xlabel="test queries")
+    (ax,) = saved_axes
+    assert ax.get_xlabel() == "test queries" and "mean ± std over 3 seeds" in ax.get_title()
+    renderer = ax.figure.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    patches = [p.get_window_extent(renderer) for c in ax.containers if isinstance(c, BarContainer) for p in c]
+    assert not any(legend.overlaps(p) for p in patches)
 
 
 def test_grid_plots_refuse_bad_input(tmp_path):

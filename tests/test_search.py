@@ -167,6 +167,31 @@ def test_cli_search_writes_the_page_and_sheet_and_reuses_the_cache(project: Path
     assert again.exit_code == 0 and "(0 embedded," in again.output, again.output
 
 
+def test_an_embedded_page_stands_alone_with_its_legend_and_skipped_files(project: Path, split: dict[str, Any],
+                                                                          tmp_path: Path, mlflow_global: None) -> None:
+    from flows.cli import app
+
+    gallery = tmp_path / "gallery"
+    shutil.copytree(split["gallery"], gallery)
+    (gallery / "notes.txt").write_text("not a picture")
+    (gallery / "broken.png").write_bytes(b"not a png either")
+    page = tmp_path / "out" / "page.html"
+    result = CliRunner().invoke(app, [
+        "search", "--project", str(project), "--model", f"models:/{MODEL}@champion", "--gallery", str(gallery),
+        "--query", str(split["queries"][0]), "--top-k", "2", "--out", str(page), "--id-pattern", r"^(\d+)_",
+        "--cache-dir", str(tmp_path / "cache"), "--embed-images"])
+    assert result.exit_code == 0, result.output
+    assert "2 skipped" in result.output
+    moved = tmp_path / "elsewhere.html"
+    page.rename(moved)  # an embedded page needs nothing beside it
+    text = moved.read_text()
+    images = re.findall(r'<img src="([^"]+)"', text)
+    assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert "green frame" in text and "red frame" in text and "<b>d</b> is the Euclidean distance" in text
+    skipped = re.search(r'<h2 id="skipped">.*?</ul>', text, re.S)
+    assert skipped and "notes.txt" in skipped.group(0) and "broken.png" in skipped.group(0)
+
+
 def test_search_refuses_an_empty_gallery_and_a_missing_query(project: Path, tmp_path: Path,
                                                              mlflow_global: None) -> None:
     from flows.cli import app

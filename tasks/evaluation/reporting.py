@@ -37,6 +37,7 @@ __all__ = [
     "TABLE1_COLUMNS",
     "TSNE_EXACT_MAX",
     "cmc_plot_rows",
+    "distinct_people",
     "plot_cmc",
     "plot_label_fraction",
     "plot_rate_bars",
@@ -118,22 +119,28 @@ def plot_cmc(
     size_px: tuple[int, int] = (800, 600),
     title: str = "CMC",
     dpi: int = 100,
+    max_rank: int = 20,
 ) -> Path:
-    """CMC curves: rank 1..N on x, matching rate (%) on y, one line per label (values are fractions)."""
+    """CMC curves: rank 1..``max_rank`` on x, matching rate (%) on y, one line per label (values are
+    fractions). Each curve's rank-1 is marked and written beside it; the y-axis starts 5 points below the
+    lowest value shown (rounded down to 10), so curves that all end near 100 % stay apart."""
     from matplotlib.ticker import MaxNLocator
 
     if not curves:
         raise ValueError("no CMC curves given")
     fig = _figure(size_px, dpi)
     ax = fig.add_subplot()
-    max_n = 1
-    for label, values in curves.items():
-        y = 100.0 * np.asarray(values, dtype=np.float64)  # (N,) percent
+    max_n, lowest = 1, 100.0
+    for i, (label, values) in enumerate(curves.items()):
+        y = 100.0 * np.asarray(values, dtype=np.float64)[:max_rank]  # (N,) percent
         ranks = np.arange(1, y.shape[0] + 1)
-        max_n = max(max_n, y.shape[0])
-        ax.plot(ranks, y, marker="o", markersize=3, linewidth=1.5, label=str(label))
-    ax.set_xlim(1, max_n)
-    ax.set_ylim(0, 100)
+        max_n, lowest = max(max_n, y.shape[0]), min(lowest, float(y.min()))
+        ax.plot(ranks, y, marker="o", markersize=3, linewidth=1.5, label=str(label), color=f"C{i}")
+        ax.plot([1], y[:1], marker="o", markersize=8, fillstyle="none", color=f"C{i}")  # rank-1, marked
+        ax.annotate(f"{y[0]:.1f}", (1, y[0]), xytext=(4, 7), textcoords="offset points", fontsize="small",
+                    color=f"C{i}")
+    ax.set_xlim(0.5, max_n + 0.5)
+    ax.set_ylim(max(0.0, 10 * math.floor((lowest - 5) / 10)), 101)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
@@ -154,9 +161,11 @@ def plot_label_fraction(
     references: Mapping[str, tuple[float, float]] | None = None,
     size_px: tuple[int, int] = (800, 550),
     dpi: int = 100,
+    spread: str = "mean ± std",
 ) -> Path:
     """Rank-1 (%) against the labelled fraction: ``curves`` maps a label to (fractions, means, stds), all
-    fractions in [0, 1]; ``references`` maps a label to (mean, std) drawn as a flat dashed line."""
+    fractions in [0, 1]; ``references`` maps a label to (mean, std) drawn as a flat dashed line with its
+    band. ``spread`` says what the error bars and bands are (e.g. "mean ± std over 3 seeds")."""
     if not curves:
         raise ValueError("no label-fraction curve given")
     fig = _figure(size_px, dpi)
@@ -173,7 +182,7 @@ def plot_label_fraction(
     ax.set_xlim(-3, 103)
     ax.set_ylim(0, 100)
     ax.set_xlabel("labelled training identities (%)")
-    ax.set_ylabel("rank-1 (%)")
+    ax.set_ylabel(f"LR rank-1 (%), {spread}")
     ax.set_title("Semi-supervised cross-resolution re-ID (Figure 5)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
@@ -186,9 +195,12 @@ def plot_rate_bars(
     path: str | Path,
     size_px: tuple[int, int] = (900, 550),
     dpi: int = 100,
+    spread: str = "mean ± std",
+    xlabel: str = "test queries",
 ) -> Path:
     """Grouped bars of rank-1 (%): ``bars[method][test set] = (mean, std)``, fractions in [0, 1]. Test
-    sets are the groups (in first-seen order), methods the bars within a group."""
+    sets are the groups (in first-seen order), methods the bars within a group; the legend sits below the
+    axes, clear of the bars. ``spread`` says what the error bars are."""
     if not bars:
         raise ValueError("no bars given")
     groups: list[str] = []
@@ -204,10 +216,11 @@ def plot_rate_bars(
         ax.bar(x - 0.4 + (i + 0.5) * width, means, width, yerr=stds, capsize=2, label=str(method))
     ax.set_xticks(x, groups)
     ax.set_ylim(0, 100)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("rank-1 (%)")
-    ax.set_title("Rank-1 by test rate")
+    ax.set_title(f"Rank-1 by test rate ({spread})")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(bars)), fontsize="small")
     _tight(fig)
     return _save_figure(fig, path, dpi)
 
@@ -295,8 +308,8 @@ def plot_tsne(
 SHEET_PAD = 4  # outer margin and space between tiles and between rows, px
 SHEET_GAP = 12  # space between the query tile and the first gallery tile, px
 SHEET_BORDER = 3  # width of the frame drawn inside every tile, px
-SHEET_LABEL_H = 16  # height of the caption strip above each row when labels are given, px
-_GREEN, _RED, _GREY, _WHITE = (0, 170, 0), (220, 0, 0), (140, 140, 140), (255, 255, 255)
+SHEET_LABEL_H = 16  # height of a text strip: the header, the legend, and each row's caption when given, px
+_GREEN, _RED, _GREY, _WHITE, _BLACK = (0, 170, 0), (220, 0, 0), (140, 140, 140), (255, 255, 255), (0, 0, 0)
 
 
 def ranked_gallery_sheet_size(
@@ -305,13 +318,14 @@ def ranked_gallery_sheet_size(
     """Pixel size ``(width, height)`` of a ranked-gallery sheet.
 
     ``width = 2*SHEET_PAD + tile_w + SHEET_GAP + top_k*tile_w + (top_k - 1)*SHEET_PAD`` and
-    ``height = 2*SHEET_PAD + n_rows*(tile_h + label_h) + (n_rows - 1)*SHEET_PAD``, with
-    ``label_h = SHEET_LABEL_H`` if labelled else 0. (64 x 128 tiles, k = 7, 3 rows: 556 x 400.)
+    ``height = 2*SHEET_PAD + 2*SHEET_LABEL_H + n_rows*(tile_h + label_h) + (n_rows - 1)*SHEET_PAD``: a
+    header strip (the column captions) and a legend strip always, and ``label_h = SHEET_LABEL_H`` per row
+    if labelled else 0. (64 x 128 tiles, k = 7, 3 rows: 556 x 432.)
     """
     tile_w, tile_h = tile_px
     label_h = SHEET_LABEL_H if labelled else 0
     width = 2 * SHEET_PAD + tile_w + SHEET_GAP + top_k * tile_w + (top_k - 1) * SHEET_PAD
-    height = 2 * SHEET_PAD + n_rows * (tile_h + label_h) + (n_rows - 1) * SHEET_PAD
+    height = 2 * SHEET_PAD + 2 * SHEET_LABEL_H + n_rows * (tile_h + label_h) + (n_rows - 1) * SHEET_PAD
     return width, height
 
 
@@ -326,6 +340,19 @@ def _tile(img: Image.Image, tile_px: tuple[int, int], frame: tuple[int, int, int
     return tile
 
 
+def distinct_people(person_ids: Sequence[int], n: int) -> list[int]:
+    """Indices of the first `n` entries whose person differs from every earlier pick: a sheet row each."""
+    seen: set[int] = set()
+    picked = []
+    for i, pid in enumerate(person_ids):
+        if len(picked) == n:
+            break
+        if pid not in seen:
+            seen.add(pid)
+            picked.append(i)
+    return picked
+
+
 def ranked_gallery_sheet(
     queries: Sequence[Image.Image],
     ranked: Sequence[Sequence[Image.Image]],
@@ -334,14 +361,17 @@ def ranked_gallery_sheet(
     tile_px: tuple[int, int] = (64, 128),
     top_k: int = 7,
     labels: Sequence[str] | None = None,
+    distances: Sequence[Sequence[float]] | None = None,
 ) -> Path:
     """Figure 4: one row per query, the LR query at left, then its top-k HR gallery images.
 
-    Gallery tiles get a green frame when ``correct`` says the match is right and red otherwise; the query
-    has a grey frame. Images are fitted into the tile keeping their aspect ratio. A row with fewer than
-    ``top_k`` ranked images leaves the remaining places blank; extra images are not shown. ``labels``
-    (one per row, e.g. the method) are written in a strip above each row. The picture's size is exactly
-    ``ranked_gallery_sheet_size(len(queries), tile_px, top_k, labels is not None)``.
+    A header strip names the columns ("query", "rank 1", 2, ...) and a legend strip at the bottom says
+    what the frames mean. Gallery tiles get a green frame when ``correct`` says the match is right and red
+    otherwise; the query has a grey frame. Images are fitted into the tile keeping their aspect ratio. A
+    row with fewer than ``top_k`` ranked images leaves the remaining places blank; extra images are not
+    shown. ``labels`` (one per row, e.g. the query's rate and person) and ``distances`` (per row, of each
+    ranked image to the query) are written in a caption strip above each row. The picture's size is exactly
+    ``ranked_gallery_sheet_size(len(queries), tile_px, top_k, labels or distances given)``.
     """
     from PIL import Image, ImageDraw
 
@@ -352,6 +382,8 @@ def ranked_gallery_sheet(
         raise ValueError(f"{n_rows} queries but {len(ranked)} ranked lists and {len(correct)} correct lists")
     if labels is not None and len(labels) != n_rows:
         raise ValueError(f"{n_rows} queries but {len(labels)} labels")
+    if distances is not None and len(distances) != n_rows:
+        raise ValueError(f"{n_rows} queries but {len(distances)} distance lists")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if min(tile_px) < 2 * SHEET_BORDER + 2:
@@ -359,21 +391,42 @@ def ranked_gallery_sheet(
     for i, (images, flags) in enumerate(zip(ranked, correct, strict=True)):
         if len(flags) < min(len(images), top_k):
             raise ValueError(f"row {i}: {len(images)} ranked images but {len(flags)} correct flags")
+        if distances is not None and len(distances[i]) < min(len(images), top_k):
+            raise ValueError(f"row {i}: {len(images)} ranked images but {len(distances[i])} distances")
 
     tile_w, tile_h = tile_px
-    label_h = SHEET_LABEL_H if labels is not None else 0
-    sheet = Image.new("RGB", ranked_gallery_sheet_size(n_rows, tile_px, top_k, labels is not None), _WHITE)
+    captioned = labels is not None or distances is not None
+    label_h = SHEET_LABEL_H if captioned else 0
+    sheet = Image.new("RGB", ranked_gallery_sheet_size(n_rows, tile_px, top_k, captioned), _WHITE)
     draw = ImageDraw.Draw(sheet)
+    x0 = SHEET_PAD + tile_w + SHEET_GAP
+
+    def column(k: int) -> int:
+        return x0 + k * (tile_w + SHEET_PAD)
+
+    draw.text((SHEET_PAD, SHEET_PAD + 2), "query", fill=_BLACK)
+    for k in range(top_k):
+        draw.text((column(k) + 2, SHEET_PAD + 2), "rank 1" if k == 0 else str(k + 1), fill=_BLACK)
     for i in range(n_rows):
-        y = SHEET_PAD + i * (tile_h + label_h + SHEET_PAD)
+        y = SHEET_PAD + SHEET_LABEL_H + i * (tile_h + label_h + SHEET_PAD)
         if labels is not None:
-            draw.text((SHEET_PAD, y + 2), str(labels[i]), fill=(0, 0, 0))
+            draw.text((SHEET_PAD, y + 2), str(labels[i]), fill=_BLACK)
+        for k, d in enumerate(list(distances[i])[:top_k] if distances is not None else []):
+            draw.text((column(k) + 2, y + 2), f"d {d:.2f}", fill=_BLACK)
         y += label_h
         sheet.paste(_tile(queries[i], tile_px, _GREY), (SHEET_PAD, y))
-        x0 = SHEET_PAD + tile_w + SHEET_GAP
         for k, img in enumerate(list(ranked[i])[:top_k]):
             frame = _GREEN if correct[i][k] else _RED
-            sheet.paste(_tile(img, tile_px, frame), (x0 + k * (tile_w + SHEET_PAD), y))
+            sheet.paste(_tile(img, tile_px, frame), (column(k), y))
+    y = sheet.height - SHEET_PAD - SHEET_LABEL_H + 3
+    x = SHEET_PAD
+    legend = [(_GREEN, "same person as the query"), (_RED, "another person")]
+    for colour, text in legend:
+        draw.rectangle((x, y, x + 9, y + 9), fill=colour)
+        draw.text((x + 13, y - 1), text, fill=_BLACK)
+        x += 13 + int(draw.textlength(text)) + 12
+    if distances is not None:
+        draw.text((x, y - 1), "d: distance to the query", fill=_BLACK)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)

@@ -55,6 +55,7 @@ class SearchConfig:
     cache_dir: Path = Path(".cache/embeddings")
     batch_size: int = 32
     id_pattern: str | None = None
+    embed_images: bool = False  # thumbnails inside the page (data: URIs), so it can be moved or mailed alone
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -93,7 +94,7 @@ class SearchResult:
     gallery_images: int
     embedded: int  # distinct gallery images (by content) embedded by this search
     cached: int  # distinct gallery images whose embedding came from the cache
-    skipped: tuple[tuple[Path, str], ...]  # gallery files that are not images, with the reason
+    skipped: tuple[tuple[Path, str], ...]  # gallery files not searched (not an image), with the reason
     results: tuple[QueryResult, ...]
     rank1: float | None  # with id_pattern: share of queries (with a true match) right at rank 1
 
@@ -129,6 +130,12 @@ def image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise SearchError(f"gallery {folder} is not a folder")
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def other_files(folder: Path) -> list[tuple[Path, str]]:
+    """Files under `folder` that `image_files` leaves out, with the reason (listed on the page as skipped)."""
+    return [(p, f"not searched: {p.suffix or 'no'} suffix is not one of {', '.join(IMAGE_SUFFIXES)}")
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
 
 
 def expand_queries(paths: Sequence[Path]) -> tuple[Path, ...]:
@@ -204,7 +211,7 @@ def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
     sheet = cfg.out_html.with_suffix(".png")
     contact_sheet(results, sheet, cfg.top_k)
     result = SearchResult(cfg.out_html, sheet, uri, model_key, len(gallery), found.embedded, found.cached,
-                          found.skipped, tuple(results), rank1)
+                          (*other_files(cfg.gallery_dir), *found.skipped), tuple(results), rank1)
     write_html(result, cfg)
     log.info("search: %d queries against %d gallery images (%d embedded, %d cached) -> %s",
              len(cfg.queries), len(gallery), result.embedded, result.cached, cfg.out_html)
@@ -338,9 +345,35 @@ def _src(target: Path, page: Path) -> str:
     return quote(os.path.relpath(target.resolve(), page.resolve().parent))
 
 
+def _thumbnail(target: Path, height: int = 2 * TILE[1]) -> str:
+    """The image as a data: URI (PNG, at most `height` px high), decoded as strictly as the model did."""
+    import base64
+    import io
+
+    from tasks.images.imageio import load_rgb
+    from tasks.images.loaders import LOAD_FORMATS
+
+    img = load_rgb(target, LOAD_FORMATS)
+    img.thumbnail((4 * height, height))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+LEGEND = ("Each row: the query (grey frame), then the gallery images nearest to it, rank 1 first. "
+          "<b>d</b> is the Euclidean distance between the two unit-length embeddings: 0 for the same vector, "
+          "&radic;2 for orthogonal ones, 2 at most.")
+LEGEND_ID = (" With identities from file names: <span style=\"color:#0a0\">green frame</span> = the same "
+             "person as the query, <span style=\"color:#d00\">red frame</span> = another person.")
+
+
 def write_html(result: SearchResult, cfg: SearchConfig) -> Path:
     page = cfg.out_html
     e = html.escape
+
+    def src(target: Path) -> str:
+        return _thumbnail(target) if cfg.embed_images else _src(target, page)
+
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>rain search: {len(result.results)} queries</title>",
@@ -358,20 +391,24 @@ def write_html(result: SearchResult, cfg: SearchConfig) -> Path:
         parts.append(f'<tr><th>rank-1</th><td id="rank1" data-rank1="{result.rank1:.6f}">'
                      f"{100 * result.rank1:.1f}% (identities from <code>{e(cfg.id_pattern or '')}</code>)</td></tr>")
     parts.append("</table>")
-    parts.append(f'<p><a href="{_src(result.sheet, page)}">Contact sheet</a> (PNG)</p>')
+    parts.append(f'<p class="legend">{LEGEND}{LEGEND_ID if cfg.id_pattern else ""}</p>')
+    if not cfg.embed_images:  # an embedded page stands alone; the sheet is the same picture as a file
+        parts.append(f'<p><a href="{_src(result.sheet, page)}">Contact sheet</a> (PNG)</p>')
+    if result.skipped:
+        parts.append(f'<p><a href="#skipped">{len(result.skipped)} gallery file(s) skipped</a></p>')
     for res in result.results:
         parts.append(f'<section class="query-result" data-query="{e(str(res.query))}">')
         parts.append(f"<h2>{e(res.query.name)}</h2>")
-        parts.append(f'<figure class="query"><img src="{_src(res.query, page)}" alt="query">'
+        parts.append(f'<figure class="query"><img src="{src(res.query)}" alt="query">'
                      f"<figcaption>query</figcaption></figure>")
         for rank, m in enumerate(res.matches, start=1):
             cls = "" if m.correct is None else (" right" if m.correct else " wrong")
             parts.append(f'<figure class="match{cls}" data-rank="{rank}" data-path="{e(str(m.path))}" '
-                         f'data-distance="{m.distance:.6f}"><img src="{_src(m.path, page)}" alt="rank {rank}">'
+                         f'data-distance="{m.distance:.6f}"><img src="{src(m.path)}" alt="rank {rank}">'
                          f"<figcaption>{rank}. {e(m.path.name)}<br>d = {m.distance:.3f}</figcaption></figure>")
         parts.append("</section>")
     if result.skipped:
-        parts.append("<h2>Skipped gallery files</h2><ul>")
+        parts.append('<h2 id="skipped">Skipped gallery files</h2><ul>')
         parts.extend(f"<li>{e(str(p))}: {e(reason)}</li>" for p, reason in result.skipped)
         parts.append("</ul>")
     parts.append("</body></html>")
