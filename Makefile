@@ -16,10 +16,19 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
+# uv installs the pinned set (constraints.txt, uv included) in well under a minute where pip takes minutes;
+# INSTALLER=pip, or any failure of uv, installs the same set with plain pip.
+INSTALLER ?= uv
+
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@if [ "$(INSTALLER)" = uv ] && $(BIN)/python -m pip install --quiet -c constraints.txt uv && \
+	    $(BIN)/python -m uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[dev]'; then :; \
+	else \
+	  [ "$(INSTALLER)" = pip ] || echo "uv could not install the project: installing with pip"; \
+	  $(BIN)/python -m pip install --quiet --upgrade pip && \
+	  $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'; \
+	fi
 	@touch $@
 
 install: $(STAMP) ## Create .venv and install the project with the verified versions (constraints.txt)
