@@ -123,17 +123,25 @@ def experiments(
     project = project.resolve()
     configure_environment(project)
     check_params(project, preset)
-    from tasks.config import load_params
+    from tasks.config import ParamsError, load_params
 
     params = load_params(project / "params.yaml")
     from tasks.infra import reaper
 
     reaper.guard()  # a killed `rain experiments` takes its Ray cluster and temporary Prefect server down too
+    from flows.grid import TableKey
     from flows.grid import experiments as grid_flow
     from flows.pipeline import StageFailed
+    from tasks.grid.tables import tables as grid_tables
 
     try:
-        result = cast(dict[str, Any], grid_flow(project_dir=str(project), seeds=seeds or None, tables=table or None))
+        grid_tables(tuple(table) if table else None)  # an unknown name fails here, naming the known ones
+    except ParamsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        result = cast(dict[str, Any], grid_flow(project_dir=str(project), seeds=seeds or None,
+                                                tables=cast("list[TableKey] | None", table or None)))
     except StageFailed as exc:  # the stage's one-line error, not the flow's traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -34,6 +34,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.links import grid_label, label_flow_run
 from flows.pipeline import run_stages, stage_env
 from tasks.config import ExperimentsConfig, Params, ParamsError, load_params
 from tasks.grid import cluster as grid_cluster
@@ -43,6 +44,9 @@ from tasks.infra import reaper
 if TYPE_CHECKING:
     from ray import ObjectRef
 
+# The grid's tables by key (tasks/grid/tables.py TABLES; tests/test_flows.py keeps the two equal): a Literal, so
+# the deployment's form in the Prefect UI offers exactly these.
+TableKey = Literal["table1", "table2", "table3", "table4", "figure5"]
 GRID_FILE = "grid/dvc.yaml"  # the grid's stages, outside the pipeline's dvc.yaml
 DATA_STAGES = ("fingerprint", "download", "manifest", "synthesize", "decode", f"{GRID_FILE}:grid_data")
 MAX_WAITING = 64  # Prefect tasks waiting on their Ray task at once; all runs are queued on the cluster at once
@@ -72,8 +76,16 @@ def _inside(folder: Path) -> Iterator[None]:
 
 @flow(name="rain-grid", flow_run_name="experiments", log_prints=True, task_runner=_THREADS)
 def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[int] | None = None,
-                tables: list[str] | None = None) -> dict[str, Any] | State:
-    """The paper's Tables 1-4 and Figure 5 on `dataset` over `seeds` (defaults: params.yaml)."""
+                tables: list[TableKey] | None = None) -> dict[str, Any] | State:
+    """The paper's Tables 1-4 and Figure 5 on `dataset` over `seeds` (defaults: params.yaml).
+
+    Args:
+        project_dir: The rain project folder (params.yaml, dvc.yaml); relative to where the flow runs.
+        dataset: Must equal params.yaml's dataset.name (a check, not a switch); empty: params.yaml's.
+        seeds: Seeds to run, e.g. [0, 1, 2]; each trains on protocol trial seed mod protocol.trials. Empty:
+            experiments.seeds in params.yaml.
+        tables: Which of the paper's tables to compute (only their configurations run). Empty: all five.
+    """
     from tasks.grid.runs import code_hash, is_done
     from tasks.grid_report import open_parent_run
     from tasks.grid_report import run as report
@@ -87,6 +99,7 @@ def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[
                           f"(or pass project_dir of a project set up for {dataset!r})")
     chosen = tuple(seeds) if seeds is not None else params.experiments.seeds
     ExperimentsConfig(seeds=chosen)  # refuses an empty or repeated seed list by name
+    label_flow_run(*grid_label(params, chosen))
     selected = grid_tables.tables(tuple(tables) if tables else None)
     configs = grid_tables.configs_of(selected)
     logger = get_run_logger()

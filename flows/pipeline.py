@@ -22,7 +22,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed, State
 
-from tasks.config import load_params
+from flows.links import label_flow_run, mlflow_ui, model_version_url, picture_links, pipeline_label, run_url
+from tasks.config import Params, load_params
 from tasks.download import TRANSIENT_MARKER
 from tasks.infra import reaper
 from tasks.infra.logs import ERROR_MARKER
@@ -193,6 +194,7 @@ def rain(project_dir: str = ".") -> dict[str, Any] | State:
     reaper.guard()  # nothing this flow starts outlives it (a killed flow run included)
     root = Path(project_dir).resolve()
     params = load_params(root / "params.yaml")  # refuses a bad params.yaml before any stage runs
+    label_flow_run(*pipeline_label(params))
     log_dir = root / params.paths.logs / time.strftime("%Y%m%d-%H%M%S")  # this run's stage logs
     results = run_stages(STAGES, root, log_dir)
     if isinstance(results, State):  # a stage failed: calling the flow raises its StageFailed
@@ -203,10 +205,30 @@ def rain(project_dir: str = ".") -> dict[str, Any] | State:
     create_table_artifact(key="rain-stages", table=[r.__dict__ for r in results],
                           description="What DVC ran or skipped in this flow run")
     table = (report_dir / "table.md").read_text() if (report_dir / "table.md").exists() else ""
-    pictures = "\n".join(f"- {p.stem.replace('_', ' ')}: `{p}`" for p in sorted(report_dir.glob("*.png")))
+    links = _mlflow_links(root, params, registration)
+    for text, url in links:
+        get_run_logger().info("%s: %s", text, url)
+    pictures = "\n".join(f"- {link}" for link in picture_links(report_dir))
     create_markdown_artifact(
         key=f"rain-results-{re.sub(r'[^a-z0-9-]', '-', params.dataset.name.lower())}",
-        markdown=f"# {params.dataset.name}\n\n{table}\n\nModel: `{registration['model_uri']}` "
-                 f"(alias `{registration['alias']}`; pictures also in its MLflow run under `evaluation/`)"
-                 f"\n\n{pictures}\n")
+        markdown=f"# {params.dataset.name}\n\n{table}\n\n"
+                 + "".join(f"- [{text}]({url})\n" for text, url in links)
+                 + f"\nModel `{registration['model_uri']}` (alias `{registration['alias']}`); its MLflow run holds "
+                 f"the pictures under `evaluation/`. On this machine:\n\n{pictures}\n")
     return {"stages": [r.__dict__ for r in results], "metrics": metrics, "registration": registration}
+
+
+def _mlflow_links(root: Path, params: Params, registration: dict[str, Any]) -> list[tuple[str, str]]:
+    """(text, URL) of each trial's MLflow run and of the registered model version, in the MLflow UI."""
+    from mlflow import MlflowClient
+
+    from tasks.infra.tracking import tracking_uri
+    from tasks.training.artifacts import summary_path
+
+    uri = tracking_uri(root)
+    client, ui = MlflowClient(uri), mlflow_ui(uri)
+    trials = json.loads(summary_path(root / params.model_dir()).read_text())["trials"]
+    links = [(f"MLflow run, trial {trial}", run_url(ui, client.get_run(info["mlflow_run_id"]).info.experiment_id,
+                                                     info["mlflow_run_id"])) for trial, info in trials.items()]
+    name, version = registration["model_name"], registration["version"]
+    return [*links, (f"Model {name} version {version}", model_version_url(ui, name, version))]

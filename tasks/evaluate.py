@@ -61,7 +61,8 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, report
         "evaluations_per_row": len(results["lr"]), "std_over": spread, "protocol": PROTOCOL_NOTE}
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))  # rows in table order
     _write_pictures(params, report_dir, rows, results, pictures)
-    _log_to_mlflow(train_summary, metrics, report_dir)
+    _log_to_mlflow(train_summary, metrics, report_dir,
+                   {name: np.stack([c for _, c, _ in evals]).mean(axis=0) for name, evals in results.items()})
     log.info("evaluate: LR rank-1 %.1f%%, HR rank-1 %.1f%%, mAP %.1f%%", 100 * rows["lr"]["rank1"],
              100 * rows.get("hr", rows["lr"])["rank1"], 100 * rows["lr"]["mAP"])
     return metrics
@@ -129,8 +130,10 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], res
                          labels=[f"r={queries[i]['rate']} #{queries[i]['person_id']}" for i in chosen])
 
 
-def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], report_dir: Path) -> None:
-    """Metrics (`<row>_<metric>`) and every report file go to each trial's training run."""
+def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], report_dir: Path,
+                   cmc: dict[str, np.ndarray]) -> None:
+    """Metrics (`<row>_<metric>`), each row's CMC as metric `cmc_<row>` stepped by rank (MLflow draws the curve),
+    every report file, and a run description holding the results table, go to each trial's training run."""
     from mlflow import MlflowClient
 
     from tasks.infra.tracking import tracking_uri
@@ -138,11 +141,22 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
     client = MlflowClient(tracking_uri())
     flat = {f"{row}_{k}": float(v) for row, values in metrics["rows"].items()
             for k, v in values.items() if k not in ("row", "label")}
+    files = sorted(report_dir.iterdir())
+    description = "\n".join([
+        "## Results (percent)", "", (report_dir / "table.md").read_text().strip(), "",
+        f"CMC: {metrics['protocol']['cmc']}", f"mAP: {metrics['protocol']['mAP']}", "",
+        "Pictures, under the run's artifacts `evaluation/`: "
+        + ", ".join(f"`{f.name}`" for f in files if f.suffix == ".png")])
     for info in train_summary["trials"].values():
+        run_id = info["mlflow_run_id"]
         for key, value in flat.items():
-            client.log_metric(info["mlflow_run_id"], key, value)
-        for file in sorted(report_dir.iterdir()):
-            client.log_artifact(info["mlflow_run_id"], str(file), artifact_path="evaluation")
+            client.log_metric(run_id, key, value)
+        for row, curve in cmc.items():
+            for rank, value in enumerate(curve[:20], start=1):
+                client.log_metric(run_id, f"cmc_{row}", float(value), step=rank)
+        for file in files:
+            client.log_artifact(run_id, str(file), artifact_path="evaluation")
+        client.set_tag(run_id, "mlflow.note.content", description)  # the run page's description
 
 
 def main() -> None:

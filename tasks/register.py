@@ -44,6 +44,12 @@ from tasks.infra.tracking import file_hash, git_commit, tracking_uri
 
 log = logging.getLogger(__name__)
 
+MODEL_DESCRIPTION = (
+    "RAIN (AAAI 2019) cross-resolution person re-ID: maps a person crop of any resolution to a unit-length "
+    "embedding; nearer embeddings are more likely the same person. Input: a table with a column `image` of "
+    "encoded images as base64 text; output: one embedding per row. Versions come from `dvc repro` / `rain run` "
+    "with alias `candidate`; only `rain promote` (its gate) moves `champion`.")
+
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ("torch", "torchvision", "mlflow", "pillow", "numpy", "pandas", "safetensors", "pyyaml",
                 "pyarrow")
@@ -207,6 +213,13 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
         tags["rank1_std"] = f"{metrics['rows']['lr']['rank1_std']:.6f}"
     # Tags go in with the version, so no reader ever sees a version without its lineage and metrics.
     mv = mlflow.register_model(logged.model_uri, name, tags=tags)
+    client.update_registered_model(name, description=MODEL_DESCRIPTION)
+    lr = metrics["rows"]["lr"]
+    client.update_model_version(name, mv.version, description=(
+        f"{params.objective.variant} ({params.model.backbone}, levels {list(params.model.levels)}) trained on "
+        f"{params.dataset.name} trial {trial}. LR queries: rank-1 {100 * lr['rank1']:.1f}%, mAP "
+        f"{100 * lr['mAP']:.1f}%; the tags hold every metric and where the model came from (git commit, data and "
+        f"params hashes, MLflow run {info['mlflow_run_id']})."))
     client.set_registered_model_alias(name, params.register.alias, mv.version)
     registration = {"model_name": name, "version": int(mv.version), "alias": params.register.alias,
                     "model_uri": f"models:/{name}/{mv.version}", "tags": tags}

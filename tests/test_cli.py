@@ -34,6 +34,14 @@ def test_run_refuses_a_mistyped_params_key_before_any_stage(tmp_path: Path) -> N
     assert not (project / "data").exists() and not (project / "dvc.lock").exists()
 
 
+def test_experiments_refuses_an_unknown_table_naming_the_known_ones(tmp_path: Path) -> None:
+    project = make_project(tmp_path)
+    result = CliRunner().invoke(app, ["experiments", "--project", str(project), "--table", "table9"])
+    assert result.exit_code == 2
+    assert "unknown table(s) ['table9']" in result.output and "figure5" in result.output
+    assert not (project / "data").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

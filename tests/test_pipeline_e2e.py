@@ -55,6 +55,49 @@ def test_flow_runs_every_stage_and_registers_a_candidate(first_run: tuple[Path, 
         assert (project / "reports/synthetic" / picture).stat().st_size > 0
 
 
+def test_mlflow_shows_the_results_table_the_cmc_curve_and_described_models(
+        first_run: tuple[Path, dict[str, Any]]) -> None:
+    from mlflow import MlflowClient
+
+    project, result = first_run
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("rain-reid", "candidate")
+    run = client.get_run(version.run_id)
+    note = run.data.tags["mlflow.note.content"]  # the run page's description
+    assert (project / "reports/synthetic/table.md").read_text().strip() in note and "cmc.png" in note
+    cmc = client.get_metric_history(run.info.run_id, "cmc_lr")
+    assert [m.step for m in cmc] == list(range(1, 21))  # a curve over rank, 1 to 20
+    values = [m.value for m in cmc]
+    assert values == sorted(values) and values[0] == pytest.approx(result["metrics"]["rows"]["lr"]["rank1"])
+    assert "cross-resolution person re-ID" in client.get_registered_model("rain-reid").description
+    assert f"rank-1 {100 * result['metrics']['rank1']:.1f}%" in version.description
+
+
+def test_the_flow_run_is_named_and_tagged_by_its_settings_and_links_its_mlflow_run_and_model(
+        first_run: tuple[Path, dict[str, Any]]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowFilter, FlowFilterName
+
+    from flows.links import pipeline_label
+    from tasks.config import load_params
+
+    project, result = first_run
+    name, tags = pipeline_label(load_params(project / "params.yaml"))
+    assert name == "synthetic-rain-resnet18-2ep-t0"
+    with get_client(sync_client=True) as client:
+        (run,) = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["rain"])))
+                  if r.name == name]
+        assert set(tags) <= set(run.tags) and "variant:rain" in run.tags
+        (artifact, *_) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["rain-results-synthetic"])))
+    markdown = str(artifact.data)
+    run_id = json.loads((project / "models/synthetic/train.json").read_text())["trials"]["0"]["mlflow_run_id"]
+    assert re.search(rf"\[MLflow run, trial 0\]\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}\)", markdown)
+    version = result["registration"]["version"]
+    assert f"(http://127.0.0.1:5000/#/models/rain-reid/versions/{version})" in markdown
+    assert "[cmc](file://" in markdown  # pictures as links
+
+
 def _changed_pipeline_stages(project: Path) -> set[str]:
     """Stages of the pipeline's dvc.yaml that `dvc status` reports (the grid's never ran here), but `fingerprint`:
     it is always changed (it reads the dataset's source files on every repro, tasks/fingerprint.py)."""

@@ -343,7 +343,7 @@ def _tile(img: Image.Image, tile_px: tuple[int, int], frame: tuple[int, int, int
 def distinct_people(person_ids: Sequence[int], n: int) -> list[int]:
     """Indices of the first `n` entries whose person differs from every earlier pick: a sheet row each."""
     seen: set[int] = set()
-    picked = []
+    picked: list[int] = []
     for i, pid in enumerate(person_ids):
         if len(picked) == n:
             break

@@ -1,0 +1,66 @@
+"""What a flow run says about itself in the Prefect UI: a name and tags from the settings that decide its
+result, and links to the MLflow run and model version it produced.
+
+MLflow's UI address is the tracking URI when that is a server (http or https); with the project's own
+sqlite store it is where `mlflow ui` listens (README: `--host 127.0.0.1`, port 5000), or $RAIN_MLFLOW_UI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+from tasks.config import Params
+
+DEFAULT_UI = "http://127.0.0.1:5000"
+
+
+def pipeline_label(params: Params) -> tuple[str, list[str]]:
+    """(flow run name, tags) of a pipeline run: dataset, variant, backbone, epochs and trials."""
+    trials = ",".join(map(str, params.train.trials))
+    settings = {"dataset": params.dataset.name, "variant": params.objective.variant,
+                "backbone": params.model.backbone, "epochs": str(params.train.epochs), "trials": trials}
+    name = f"{settings['dataset']}-{settings['variant']}-{settings['backbone']}-{settings['epochs']}ep-t{trials}"
+    return name, [f"{k}:{v}" for k, v in settings.items()]
+
+
+def grid_label(params: Params, seeds: tuple[int, ...]) -> tuple[str, list[str]]:
+    """(flow run name, tags) of a grid run: dataset, backbone, epochs per run and seeds."""
+    joined = ",".join(map(str, seeds))
+    settings = {"dataset": params.dataset.name, "backbone": params.model.backbone,
+                "epochs": str(params.experiments.epochs), "seeds": joined}
+    return f"experiments-{settings['dataset']}-{settings['epochs']}ep-seeds{joined}", [
+        f"{k}:{v}" for k, v in settings.items()]
+
+
+def label_flow_run(name: str, tags: list[str]) -> None:
+    """Rename the current flow run and add `tags` (kept: the tags it had); nothing outside a flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run.id)
+        client.update_flow_run(flow_run.id, name=name, tags=sorted({*current.tags, *tags}))
+
+
+def mlflow_ui(tracking_uri: str) -> str:
+    """Base address of the MLflow UI that shows `tracking_uri`'s runs."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return os.environ.get("RAIN_MLFLOW_UI", DEFAULT_UI).rstrip("/")
+
+
+def run_url(ui: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def model_version_url(ui: str, name: str, version: int) -> str:
+    return f"{ui}/#/models/{quote(name)}/versions/{version}"
+
+
+def picture_links(report_dir: Path) -> list[str]:
+    """Markdown links to the report's pictures (file: URLs, for a browser on this machine)."""
+    return [f"[{p.stem.replace('_', ' ')}]({p.resolve().as_uri()})" for p in sorted(report_dir.glob("*.png"))]
