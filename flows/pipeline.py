@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import re
 import signal
@@ -79,14 +80,33 @@ def _die_with_parent() -> None:
 # DVC's advice after every stage, addressed to someone running `dvc` by hand: not news in a flow's log.
 _DVC_HINTS = re.compile(r"^(To track the changes with git, run:|\s+git add |To enable auto staging, run:"
                         r"|\s+dvc config core\.autostage|Use `dvc push` to send your updates|\s*$)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_PREFIX = re.compile(r"^\((\w+) pid=\d+(?:, ip=[\d.]+)?\)\s?")  # Ray's prefix on a worker's or actor's line
+_LEVELS = ((re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|^\w*Error: "), logging.ERROR),
+           (re.compile(r"\bWARN(ING)?\b|Warning: "), logging.WARNING))
+
+
+def flow_log_line(line: str) -> tuple[int, str] | None:
+    """(level, text) of a stage's output line in the flow's log, or None when it stays in the stage's log file
+    only: DVC's git hints, blank lines, and Ray's own worker and actor output (our loggers' lines, named
+    `tasks.*`, and warnings and errors are kept). Errors and warnings keep their level."""
+    text = _ANSI.sub("", line).rstrip()
+    if _DVC_HINTS.match(text):
+        return None
+    level = next((lvl for pattern, lvl in _LEVELS if pattern.search(text)), logging.INFO)
+    if text.startswith(ERROR_MARKER):  # the stage's own one-line error
+        level = logging.ERROR
+    if _RAY_PREFIX.match(text) and " tasks." not in text and level == logging.INFO:
+        return None
+    return level, text
 
 
 def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], label: str, log_file: Path) -> list[str]:
     """Run `cmd` in its own process group with its output going to `log_file`, and stream that file to the
-    Prefect log as `label | line` (DVC's git hints left out); returns the lines. The command writes to the
-    file, not to a pipe this process reads: if the flow dies, its last words are still kept. Raises
-    StageFailed naming the command's one-line error and the log. A cancelled or interrupted task ends the
-    whole group."""
+    Prefect log as `label | line` (`flow_log_line` says which lines, at what level); returns the lines. The
+    command writes to the file, not to a pipe this process reads: if the flow dies, its last words are still
+    kept. Raises StageFailed naming the command's one-line error and the log. A cancelled or interrupted task
+    ends the whole group."""
     logger = get_run_logger()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
@@ -96,7 +116,7 @@ def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], label: str, l
                                 preexec_fn=_die_with_parent, start_new_session=True)
         reaper.register_group(proc.pid)
         try:
-            pending, in_traceback = "", False
+            pending, in_traceback, left_out = "", False, 0
             while True:
                 done = proc.poll() is not None  # read once more after the end: nothing is left behind
                 pending += source.read()
@@ -111,13 +131,19 @@ def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], label: str, l
                         continue
                     else:
                         in_traceback = False
-                        if not _DVC_HINTS.match(line):
-                            logger.info("%s | %s", label, line.rstrip())
+                        shown = flow_log_line(line)
+                        if shown is None:
+                            left_out += 1
+                        else:
+                            logger.log(shown[0], "%s | %s", label, shown[1])
                 if done:
                     break
                 time.sleep(0.2)
             if pending:
                 lines.append(pending.rstrip())
+            if left_out:
+                logger.info("%s | (%d lines of DVC hints and Ray's own output are only in %s)", label, left_out,
+                            log_file)
         finally:
             if proc.poll() is None:
                 reaper.end_group(proc.pid)

@@ -1,14 +1,17 @@
 """What the flows show in the Prefect UI without running: the grid deployment's form (typed parameters with
-help, the table names it accepts) and where the links to MLflow point."""
+help, the table names it accepts), where the links to MLflow point, and which stage output lines reach the
+flow's log at which level."""
 
 from __future__ import annotations
 
+import logging
 import typing
 
 import pytest
 
 from flows.grid import TableKey, experiments
 from flows.links import grid_label, mlflow_ui, model_version_url, run_url
+from flows.pipeline import flow_log_line
 from tasks.config import load_params
 from tasks.grid.tables import TABLES
 from tests.micro_project import REPO
@@ -50,3 +53,24 @@ def test_links_point_at_the_mlflow_ui_that_shows_the_store(monkeypatch: pytest.M
     assert mlflow_ui(tracking) == ui
     assert run_url(ui, "3", "abc") == f"{ui}/#/experiments/3/runs/abc"
     assert model_version_url(ui, "rain reid", 7) == f"{ui}/#/models/rain%20reid/versions/7"
+
+
+@pytest.mark.parametrize(("line", "shown"), [
+    ("To track the changes with git, run:", None),
+    ("\tgit add dvc.lock", None),
+    ("   ", None),
+    ("\x1b[36m(RayTrainWorker pid=4120)\x1b[0m Started training worker group of 2 workers", None),
+    ("(TrainController pid=77, ip=10.0.0.3) TrainingReport(checkpoint=None, metrics={...})", None),
+    ("\x1b[36m(RayTrainWorker pid=4120)\x1b[0m 00:12:01 INFO tasks.training.loop: epoch 3/20 L_cls 4.1",
+     (logging.INFO, "(RayTrainWorker pid=4120) 00:12:01 INFO tasks.training.loop: epoch 3/20 L_cls 4.1")),
+    ("(TrainController pid=77) WARNING worker group shrank", (logging.WARNING, "(TrainController pid=77) WARNING "
+                                                             "worker group shrank")),
+    ("loop.py:207: UserWarning: Detected call of `lr_scheduler.step()`",
+     (logging.WARNING, "loop.py:207: UserWarning: Detected call of `lr_scheduler.step()`")),
+    ("ERROR: failed to reproduce 'train'", (logging.ERROR, "ERROR: failed to reproduce 'train'")),
+    ("rain-stage-error: ValueError: no rows", (logging.ERROR, "rain-stage-error: ValueError: no rows")),
+    ("Running stage 'train':", (logging.INFO, "Running stage 'train':")),
+])
+def test_stage_output_reaches_the_flow_log_without_hints_or_ray_noise_at_its_level(
+        line: str, shown: tuple[int, str] | None) -> None:
+    assert flow_log_line(line) == shown

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,12 @@ def test_train_params_are_every_train_setting_but_the_output_neutral_ones() -> N
     assert set(OUTPUT_NEUTRAL) < every  # names that exist
     assert listed == every - set(OUTPUT_NEUTRAL)
     assert "train" not in stage["params"]
+
+
+def test_no_dvc_lock_is_shipped() -> None:
+    """A dvc.lock records one machine's run: shipped, it would tell a fresh clone that stages ran which did not."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "dvc.lock", "grid/dvc.lock"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert tracked == []
