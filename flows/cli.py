@@ -175,8 +175,15 @@ def serve(project: ProjectOption = Path("."),
         log_file = (project / ".prefect" / "server.log")
         log_file.parent.mkdir(parents=True, exist_ok=True)
         typer.echo(f"Starting a Prefect server on 127.0.0.1:{port} (log: {log_file})")
+        # Its own session: Ctrl-C or a SIGTERM to our process group reaches only us, so the runner pauses its
+        # deployments while the server still answers, and the `finally` below stops the server after it.
+        # The watchdog ends the server if we are killed outright.
+        from tasks.infra import reaper
+
+        reaper.guard()
         server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], stdout=log_file.open("ab"), stderr=subprocess.STDOUT)
+                                   "--port", str(port)], stdout=log_file.open("ab"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
         deadline = time.monotonic() + 180
         while not _healthy(api_url):
             if server.poll() is not None or time.monotonic() > deadline:
