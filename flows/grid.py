@@ -44,7 +44,7 @@ from tasks.infra import reaper
 if TYPE_CHECKING:
     from ray import ObjectRef
 
-# The grid's tables by key (tasks/grid/tables.py TABLES; tests/test_flows.py keeps the two equal): a Literal, so
+# The grid's tables by key (tasks/grid/tables.py TABLES; tests/test_flow_ui.py keeps the two equal): a Literal, so
 # the deployment's form in the Prefect UI offers exactly these.
 TableKey = Literal["table1", "table2", "table3", "table4", "figure5"]
 GRID_FILE = "grid/dvc.yaml"  # the grid's stages, outside the pipeline's dvc.yaml

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -60,16 +61,17 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, report
         "rows": rows, "trials": len(params.train.trials), "gallery_draws": cfg.gallery_repeats,
         "evaluations_per_row": len(results["lr"]), "std_over": spread, "protocol": PROTOCOL_NOTE}
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))  # rows in table order
-    _write_pictures(params, report_dir, rows, results, pictures)
-    _log_to_mlflow(train_summary, metrics, report_dir,
-                   {name: np.stack([c for _, c, _ in evals]).mean(axis=0) for name, evals in results.items()})
+    cmc = {name: np.stack([c for _, c, _ in evals]).mean(axis=0) for name, evals in results.items()}  # (20,) each
+    _write_pictures(params, report_dir, rows, cmc, len(results["lr"]), pictures)
+    _log_to_mlflow(train_summary, metrics, report_dir, cmc)
     log.info("evaluate: LR rank-1 %.1f%%, HR rank-1 %.1f%%, mAP %.1f%%", 100 * rows["lr"]["rank1"],
              100 * rows.get("hr", rows["lr"])["rank1"], 100 * rows["lr"]["mAP"])
     return metrics
 
 
-def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], results: dict[str, list],
-                    pictures: dict[str, Any]) -> None:
+def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc: dict[str, np.ndarray],
+                    draws: int, pictures: dict[str, Any]) -> None:
+    """`cmc`: each row's mean CMC curve over its `draws` evaluations (trials x gallery draws)."""
     from PIL import Image
 
     from tasks.evaluation.reporting import (
@@ -83,14 +85,10 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], res
 
     unseen = params.protocol.unseen_rates
     cfg = params.evaluate
-    curves = {row_label(n, unseen): np.stack([c for _, c, _ in evals]).mean(axis=0).tolist()
-              for n, evals in results.items()}
-    draws = len(next(iter(results.values())))
-    plot_cmc(curves, report_dir / "cmc.png",
+    plot_cmc({row_label(n, unseen): curve.tolist() for n, curve in cmc.items()}, report_dir / "cmc.png",
              title=f"CMC on {params.dataset.name}, single-shot gallery (mean of {draws} trial x gallery draws)")
     # Columns keyed by row name (lr, r2, ..., hr): stable names dvc.yaml's plot definition can name.
-    plot_rows = cmc_plot_rows({n: np.stack([c for _, c, _ in evals]).mean(axis=0).tolist()
-                               for n, evals in results.items()})
+    plot_rows = cmc_plot_rows({n: curve.tolist() for n, curve in cmc.items()})
     with (report_dir / "cmc.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(plot_rows[0]))
         writer.writeheader()
@@ -135,6 +133,7 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
     """Metrics (`<row>_<metric>`), each row's CMC as metric `cmc_<row>` stepped by rank (MLflow draws the curve),
     every report file, and a run description holding the results table, go to each trial's training run."""
     from mlflow import MlflowClient
+    from mlflow.entities import Metric
 
     from tasks.infra.tracking import tracking_uri
 
@@ -147,13 +146,14 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
         f"CMC: {metrics['protocol']['cmc']}", f"mAP: {metrics['protocol']['mAP']}", "",
         "Pictures, under the run's artifacts `evaluation/`: "
         + ", ".join(f"`{f.name}`" for f in files if f.suffix == ".png")])
+    now = int(time.time() * 1000)
+    batch = [Metric(key, value, now, 0) for key, value in flat.items()] + [
+        Metric(f"cmc_{row}", float(value), now, rank) for row, curve in cmc.items()
+        for rank, value in enumerate(curve, start=1)]
     for info in train_summary["trials"].values():
         run_id = info["mlflow_run_id"]
-        for key, value in flat.items():
-            client.log_metric(run_id, key, value)
-        for row, curve in cmc.items():
-            for rank, value in enumerate(curve[:20], start=1):
-                client.log_metric(run_id, f"cmc_{row}", float(value), step=rank)
+        for start in range(0, len(batch), 1000):  # MLflow's limit of metrics per batch
+            client.log_batch(run_id, metrics=batch[start:start + 1000])
         for file in files:
             client.log_artifact(run_id, str(file), artifact_path="evaluation")
         client.set_tag(run_id, "mlflow.note.content", description)  # the run page's description
