@@ -40,10 +40,10 @@ experiments: $(STAMP) ## Run the paper's experiment grid (Tables 1-4, Figure 5);
 	$(BIN)/rain experiments
 
 test: $(STAMP) ## Run the default test suite (slow tests excluded)
-	$(BIN)/pytest -m "not slow"
+	PYTHONFAULTHANDLER=1 $(BIN)/pytest -m "not slow"
 
 test-all: $(STAMP) ## Run every test, slow ones included
-	$(BIN)/pytest
+	PYTHONFAULTHANDLER=1 $(BIN)/pytest
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .

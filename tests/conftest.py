@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,24 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("RAY_ADDRESS", None)
+
+_verdict: list[int] = []  # the session's exit status, once pytest has reported it
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _verdict.append(int(exitstatus))
+
+
+@atexit.register  # registered before Ray, Prefect and MLflow import: runs after their exit handlers
+def _exit_with_the_verdict() -> None:
+    """End the process once every Python exit handler has run, without the interpreter's teardown of
+    native libraries: Ray's core-worker threads outlive `ray.shutdown()`, and one CI run that had
+    passed every test died in that teardown (SIGSEGV, exit 139). The verdict is pytest's, unchanged;
+    PYTHONFAULTHANDLER (Makefile) prints the threads of any crash that comes before this."""
+    if _verdict:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_verdict[-1])
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,9 @@ def two_nodes() -> Iterator[list[str]]:
     import ray
     from ray.cluster_utils import Cluster
 
-    ray.shutdown()  # an earlier test's embedded cluster would take the grid's runs
+    from tasks.infra.raycluster import disconnect
+
+    disconnect()  # an earlier test's embedded cluster would take the grid's runs
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -39,7 +41,7 @@ def two_nodes() -> Iterator[list[str]]:
     try:
         yield [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     finally:
-        ray.shutdown()
+        disconnect()
         cluster.shutdown()
 
 

@@ -24,9 +24,9 @@ def two_nodes() -> Iterator[str]:
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     yield cluster.address
-    import ray
+    from tasks.infra.raycluster import disconnect
 
-    ray.shutdown()
+    disconnect()
     cluster.shutdown()
 
 

@@ -26,13 +26,11 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    from tasks.infra.raycluster import connect
+    from tasks.infra.raycluster import connect, disconnect
 
     connect(None)  # before anything imports ray: it decides the loopback-only mode
     yield
-    import ray
-
-    ray.shutdown()
+    disconnect()
 
 
 @pytest.fixture()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import Params
-from tasks.infra.raycluster import connect, require_resources
+from tasks.infra.raycluster import connect, disconnect, require_resources
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -43,13 +43,11 @@ def cluster(address: str | None) -> Iterator[None]:
     already = sys.modules.get("ray")  # not imported here before `connect`: it sets what `import ray` reads
     opened = already is None or not already.is_initialized()
     connect(address)
-    import ray
-
     try:
         yield
     finally:
         if opened:
-            ray.shutdown()
+            disconnect()
 
 
 def submit(params: Params, config: str, seed: int, project_dir: Path, parent_run_id: str | None,

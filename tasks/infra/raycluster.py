@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -32,6 +33,16 @@ def connect(address: str | None) -> None:
     else:
         # The dashboard (Train's state API needs it) stays on loopback too.
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def disconnect() -> None:
+    """`ray.shutdown()`, after freeing the object references nothing holds any more: a reference freed
+    after shutdown (at the next collection, or in the interpreter's teardown) calls into the core worker
+    that shutdown destroyed (ray-project/ray#31145, and the segfault at exit that CI saw once)."""
+    import ray
+
+    gc.collect()
+    ray.shutdown()
 
 
 class NotEnoughResources(RuntimeError):
