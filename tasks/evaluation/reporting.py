@@ -185,7 +185,8 @@ def plot_label_fraction(
     ax.set_ylabel(f"LR rank-1 (%), {spread}")
     ax.set_title("Semi-supervised cross-resolution re-ID (Figure 5)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    # Below the axes: inside, it covered the measured curve wherever that ran low.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize="small")
     _tight(fig)
     return _save_figure(fig, path, dpi)
 
