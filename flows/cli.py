@@ -232,6 +232,8 @@ def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str
     from rich.table import Table
     from rich.text import Text
 
+    from tasks.registry.promote import MAP, RANK1, RANK1_STD
+
     keys: dict[tuple[str, str, str], str] = {}
     table = Table(title=Text(f"{model} in {uri}"))
     for col in ("version", "aliases", "LR rank-1 %", "mAP %", "measured", "created (UTC)", "forced because"):
@@ -239,10 +241,10 @@ def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str
     for r in rows:
         key = (r["dataset"], r["protocol"], r["eval_set"])
         letter = keys.setdefault(key, chr(ord("A") + len(keys)))
-        rank1 = f"{100 * float(r['rank1']):.1f}" if r["rank1"] else "-"
-        if r["rank1"] and r["rank1_std"]:
-            rank1 += f" ± {100 * float(r['rank1_std']):.1f}"
-        cells = (r["version"], r["aliases"], rank1, f"{100 * float(r['mAP']):.1f}" if r["mAP"] else "-",
+        rank1 = f"{100 * float(r[RANK1]):.1f}" if r[RANK1] else "-"
+        if r[RANK1] and r[RANK1_STD]:
+            rank1 += f" ± {100 * float(r[RANK1_STD]):.1f}"
+        cells = (r["version"], r["aliases"], rank1, f"{100 * float(r[MAP]):.1f}" if r[MAP] else "-",
                  letter, r["created"], r["promotion_force_reason"])
         table.add_row(*(Text(c) for c in cells))
     console.print(table)

@@ -32,6 +32,10 @@ T = TypeVar("T")
 # dataset.name values: the keys of tasks/datasets ADAPTERS (tests/test_params_validation.py keeps them equal). Not
 # imported from there: tasks.datasets imports this module, and every stage would then depend on every adapter.
 DATASETS = ("synthetic", "viper", "cuhk03", "cuhk03-detected", "caviar", "market1501", "custom")
+# The `sources` entry of a dataset whose archive is another dataset's: its adapter's `source_name` (tests/
+# test_params_validation.py keeps the two equal; not imported from there, for the reason above). Any other dataset
+# reads the entry of its own name.
+SHARED_SOURCES = {"cuhk03-detected": "cuhk03"}
 # Seeds feed numpy (no negatives) and torch.manual_seed (below 2**64); int64 holds every seed both take.
 SEED_LIMIT = 2**63
 
@@ -370,6 +374,10 @@ class Params:
         """The grid's runs (runs/<config>/seed-<s>/), its training-rate data variants and its tables."""
         return Path(self.paths.experiments) / self.dataset.name
 
+    def source_name(self) -> str:
+        """The `sources` entry the dataset in use downloads from (it may have none: synthetic)."""
+        return SHARED_SOURCES.get(self.dataset.name, self.dataset.name)
+
 
 def _require(ok: bool, key: str, value: object, expected: str) -> None:
     require(ok, key, value, f"expected {expected}", InvalidParam)
@@ -474,22 +482,40 @@ def missing_keys(cls: type, data: object, where: str) -> list[str]:
     return missing
 
 
-def flat_params(params: Params) -> dict[str, str]:
-    """Params as dotted keys, the way MLflow and DVC show them."""
-    out: dict[str, str] = {}
+def param_values(params: Params) -> dict[str, Any]:
+    """Every parameter by its dotted key (as DVC names them), with its typed value: what run keys and
+    `params_values_sha256` hash (as JSON, where None, a string "none" and a list stay apart)."""
+    out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
         if dataclasses.is_dataclass(value):
             for f in dataclasses.fields(value):
                 walk(f"{prefix}{f.name}.", getattr(value, f.name))
-        elif isinstance(value, dict):
+        elif isinstance(value, Mapping):
             for k, v in value.items():
                 walk(f"{prefix}{k}.", v)
         else:
-            out[prefix.rstrip(".")] = str(value)
+            out[prefix.rstrip(".")] = value
 
     walk("", params)
     return out
+
+
+def flat_params(params: Params) -> dict[str, str]:
+    """Params as a person reads them in MLflow (a run's params): dotted keys, lists in JSON as params.yaml
+    writes them (`[2, 3, 4]`, `[]`), booleans as `true`/`false`, None as `none`, and of `sources` only the
+    entry of the dataset in use (the others' URLs and md5s say nothing about this run)."""
+    used = f"sources.{params.source_name()}."
+    return {key: _readable(value) for key, value in param_values(params).items()
+            if not key.startswith("sources.") or key.startswith(used)}
+
+
+def _readable(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool | tuple | list):
+        return json.dumps(value)
+    return str(value)
 
 
 def train_stage_params() -> tuple[str, ...]:
@@ -499,5 +525,7 @@ def train_stage_params() -> tuple[str, ...]:
     return ("model", "objective", *(k for k in train if k not in OUTPUT_NEUTRAL), "ray.num_workers", "ray.use_gpu")
 
 
-def params_hash(params: Params) -> str:
-    return hashlib.sha256(json.dumps(flat_params(params), sort_keys=True).encode()).hexdigest()
+def params_values_sha256(params: Params) -> str:
+    """sha256 of every parameter value (`param_values` as canonical JSON): equal for two params.yaml files that
+    differ only in comments, layout or key order, unlike the sha256 of the file."""
+    return hashlib.sha256(json.dumps(param_values(params), sort_keys=True).encode()).hexdigest()

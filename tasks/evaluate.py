@@ -130,16 +130,16 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc
 
 def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], report_dir: Path,
                    cmc: dict[str, np.ndarray]) -> None:
-    """Metrics (`<row>_<metric>`), each row's CMC as metric `cmc_<row>` stepped by rank (MLflow draws the curve),
-    every report file, and a run description holding the results table, go to each trial's training run."""
+    """Metrics (`eval/<row>_<metric>`, each std as `eval_std/<row>_<metric>`), each row's CMC as metric
+    `cmc/<row>` stepped by rank (MLflow draws the curve), every report file, and a run description holding the
+    results table, go to each trial's training run."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from tasks.infra.tracking import tracking_uri
+    from tasks.infra.tracking import CMC, NOTE_TAG, eval_metrics, tracking_uri
 
     client = MlflowClient(tracking_uri())
-    flat = {f"{row}_{k}": float(v) for row, values in metrics["rows"].items()
-            for k, v in values.items() if k not in ("row", "label")}
+    flat = eval_metrics(metrics["rows"])
     files = sorted(report_dir.iterdir())
     description = "\n".join([
         "## Results (percent)", "", (report_dir / "table.md").read_text().strip(), "",
@@ -148,7 +148,7 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
         + ", ".join(f"`{f.name}`" for f in files if f.suffix == ".png")])
     now = int(time.time() * 1000)
     batch = [Metric(key, value, now, 0) for key, value in flat.items()] + [
-        Metric(f"cmc_{row}", float(value), now, rank) for row, curve in cmc.items()
+        Metric(CMC + row, float(value), now, rank) for row, curve in cmc.items()
         for rank, value in enumerate(curve, start=1)]
     for info in train_summary["trials"].values():
         run_id = info["mlflow_run_id"]
@@ -156,7 +156,7 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
             client.log_batch(run_id, metrics=batch[start:start + 1000])
         for file in files:
             client.log_artifact(run_id, str(file), artifact_path="evaluation")
-        client.set_tag(run_id, "mlflow.note.content", description)  # the run page's description
+        client.set_tag(run_id, NOTE_TAG, description)  # the run page's description
 
 
 def main() -> None:

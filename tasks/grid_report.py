@@ -29,7 +29,7 @@ from tasks.config import Params, load_params
 from tasks.evaluation.reporting import METRIC_LABELS
 from tasks.grid import configs as grid
 from tasks.grid import tables as grid_tables
-from tasks.grid.runs import experiments_mlflow_name, load_result
+from tasks.grid.runs import experiments_mlflow_description, experiments_mlflow_name, load_result
 from tasks.infra.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def open_parent_run(params: Params) -> str:
     from tasks.infra.tracking import git_commit, mlflow_experiment_id, tracking_uri
 
     client = MlflowClient(tracking_uri())
-    exp_id = mlflow_experiment_id(client, experiments_mlflow_name(params))
+    exp_id = mlflow_experiment_id(client, experiments_mlflow_name(params), experiments_mlflow_description(params))
     return str(client.create_run(exp_id, run_name=f"grid-{time.strftime('%Y%m%d-%H%M%S')}", tags={
         "stage": "experiments", "dataset": params.dataset.name, "git_commit": git_commit()}).info.run_id)
 
@@ -321,7 +321,7 @@ def _mlflow_parent(params: Params, results: dict[tuple[str, int], dict[str, Any]
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-    from tasks.infra.tracking import tracking_uri
+    from tasks.infra.tracking import eval_metric, tracking_uri
 
     client = MlflowClient(tracking_uri())
     if parent_run_id is None:
@@ -333,9 +333,9 @@ def _mlflow_parent(params: Params, results: dict[tuple[str, int], dict[str, Any]
             log.warning("MLflow run %s of %s seed %d is not in %s; not nested", result["mlflow_run_id"], config, seed,
                         client.tracking_uri)
     now = int(time.time() * 1000)
-    metrics = [Metric(f"{r['config']}.{r['query_set']}.{m}_{kind}", float(r[m if kind == 'mean' else f'{m}_std']),
-                      now, 0)
-               for r in rows for m in grid_tables.RANK1_AND_MAP if m in r for kind in ("mean", "std")]
+    # A table row's figure over seeds: eval/<config>.<query set>_<metric>, its std eval_std/..., as a run's rows.
+    metrics = [Metric(eval_metric(f"{r['config']}.{r['query_set']}", key), float(r[key]), now, 0)
+               for r in rows for m in grid_tables.RANK1_AND_MAP if m in r for key in (m, f"{m}_std")]
     unique = {m.key: m for m in metrics}  # a configuration read by several tables is logged once
     values = list(unique.values())
     for i in range(0, len(values), 1000):

@@ -24,11 +24,17 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from rain_model.metrics import METRIC_KEYS
 from tasks.config import Params, flat_params, load_params
 from tasks.grid import configs as grid
 from tasks.grid.data import train_manifest, train_store
-from tasks.grid.runs import experiments_mlflow_name, inputs, load_result, result_path, write_atomic
+from tasks.grid.runs import (
+    experiments_mlflow_description,
+    experiments_mlflow_name,
+    inputs,
+    load_result,
+    result_path,
+    write_atomic,
+)
 from tasks.infra.logs import setup_logging
 from tasks.training import weights
 
@@ -150,9 +156,14 @@ def _table(params: Params, scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _finish_mlflow_run(client: Any, run_id: str, result: dict[str, Any]) -> None:
-    for name, values in result["rows"].items():
-        for metric in METRIC_KEYS:
-            client.log_metric(run_id, f"{name}_{metric}", float(values[metric]))
+    from mlflow.entities import Metric
+
+    from tasks.infra.tracking import eval_metrics
+
+    now = int(time.time() * 1000)
+    figures = [Metric(key, value, now, 0) for key, value in eval_metrics(result["rows"]).items()]
+    for i in range(0, len(figures), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=figures[i:i + 1000])
     client.log_metric(run_id, "train_seconds", result["train_seconds"])
     client.set_terminated(run_id, status="FINISHED")
 
@@ -165,13 +176,13 @@ def _start_mlflow_run(params: Params, run_params: Params, config: str, seed: int
     from tasks.infra.tracking import git_commit, mlflow_experiment_id, tracking_uri
 
     client = MlflowClient(tracking_uri())
-    exp_id = mlflow_experiment_id(client, experiments_mlflow_name(params))
+    exp_id = mlflow_experiment_id(client, experiments_mlflow_name(params), experiments_mlflow_description(params))
     tags = {"config": config, "seed": str(seed), "trial": str(trial), "result_key": key, "git_commit": git_commit(),
             "dataset": params.dataset.name, "stage": "experiment"}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(exp_id, run_name=f"{config}-seed{seed}", tags=tags).info.run_id
-    logged = [Param(k, v[:6000]) for k, v in flat_params(run_params).items() if not k.startswith("sources.")]
+    logged = [Param(k, v[:6000]) for k, v in flat_params(run_params).items()]
     for i in range(0, len(logged), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=logged[i:i + 100])
     return client, str(run_id)

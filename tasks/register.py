@@ -6,14 +6,30 @@ a person browsing the registry can tell where it came from and how good it is, a
 tell whether two versions were measured the same way:
 
 - where it came from: `git_commit` (with `git_dirty`: uncommitted changes to tracked files),
-  `mlflow_run_id`, `weights_sha256`, `params_sha256` (params.yaml), `mlr_manifest_sha256`,
-  `pretrained_sha256` (the file `model.pretrained_path` that initialised training, or `none`), and from
-  dvc.lock (when the stage runs under DVC) the hashes DVC recorded: `dvc_data_md5` (the raw dataset
-  folder), `dvc_mlr_manifest_md5`, `dvc_models_md5` and `dvc_params_sha256` (the parameter values
-  every upstream stage ran with, canonical JSON);
+  `mlflow_run_id`, `weights_sha256`, `mlr_manifest_sha256`, `params_yaml_sha256`, `pretrained_sha256` (the
+  file `model.pretrained_path` that initialised training, or `none`), and from dvc.lock (when the stage runs
+  under DVC) the hashes DVC recorded: `dvc_data_md5` (the raw dataset folder), `dvc_mlr_manifest_md5`,
+  `dvc_models_md5` and `dvc_params_sha256`;
 - how it was measured: `dataset`, `protocol` (MLR split and evaluation settings as one string) and
   `eval_set` (sha256 of the HR and MLR manifests: the exact images and splits it was scored on);
-- how good it is: `rank1`, `rank1_std`, `rank5`, `rank10`, `rank20`, `mAP` (LR queries, fractions).
+- how good it is: `lr_rank1`, `lr_rank1_std`, `lr_rank5`, `lr_rank10`, `lr_rank20`, `lr_mAP` (the LR queries'
+  figures, fractions: metrics.json's `lr` row, the training run's `eval/lr_*` metrics). Versions registered
+  before these names (`rank1`, ..., `mAP`) are still read by `rain promote` (tasks/registry/promote.py).
+
+The lineage hashes, each under one name wherever it appears (the training run carries the first and last):
+
+- `mlr_manifest_sha256`: sha256 of the MLR manifest file (data/manifests/<dataset>-mlr.parquet), the data the
+  model was trained and scored on;
+- `params_yaml_sha256`: sha256 of the params.yaml file as it was on disk, comments and layout included;
+- `dvc_params_sha256`: sha256 of the parameter values dvc.lock recorded for the upstream stages (the keys each
+  stage lists in dvc.yaml, canonical JSON): what DVC says the model's stages ran with;
+- `params_values_sha256` (the training run's tag): sha256 of every parameter value the run trained with
+  (tasks/config.py `param_values`, canonical JSON, initial weights resolved to their file), all sections, so
+  it differs from `dvc_params_sha256`, and it ignores comments and layout, so it differs from
+  `params_yaml_sha256`.
+
+The logged model (MLflow 3's LoggedModel, the version's source) shows the training run's final figures as its
+metrics (`model_figures`), not those of the run's first step.
 
 The model is self-contained: its settings (`model_settings`) never name a file outside it, so it loads on
 any machine, and they carry the `serve` request limits, which it enforces wherever it is served.
@@ -40,7 +56,7 @@ from rain_model.config import ModelConfig
 from rain_model.metrics import METRIC_KEYS
 from tasks.config import PROMOTED_ALIASES, Params, is_promoted_alias, load_params
 from tasks.infra.logs import setup_logging
-from tasks.infra.tracking import file_hash, git_commit, tracking_uri
+from tasks.infra.tracking import CMC, HEADLINE_ROW, figure_name, file_hash, git_commit, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +71,12 @@ REQUIREMENTS = ("torch", "torchvision", "mlflow", "pillow", "numpy", "pandas", "
                 "pyarrow")
 # Stages whose parameters shaped the model and its figures (register's own do not).
 UPSTREAM_STAGES = ("download", "manifest", "synthesize", "decode", "train", "evaluate")
+# Run metrics whose latest value is no figure of the model: a CMC curve's last point is its rank 20, and system/ is
+# MLflow's record of the machine that trained it.
+NOT_MODEL_FIGURES = (CMC, "system/")
+# The figures a version is tagged with (figure_name(HEADLINE_ROW, ...)): the LR queries' CMC and mAP, and the
+# spread of its rank-1 (`rain promote --list` shows rank-1 ± std).
+VERSION_FIGURES = (*METRIC_KEYS, "rank1_std")
 
 
 def _example_image(params: Params) -> str:
@@ -158,9 +180,33 @@ def model_settings(params: Params, num_classes: int, pretrained: dict[str, str |
             "flip": params.evaluate.flip, "pretrained": pretrained, "serve": dataclasses.asdict(params.serve)}
 
 
-def log_model(params: Params, weights: Path, settings: dict[str, Any]) -> Any:
+def model_figures(client: Any, run_id: str) -> tuple[int, list[Any]]:
+    """(step, figures) for logging the model of training run `run_id`: figures are the latest entry of each of
+    its metrics (what the run page shows) but NOT_MODEL_FIGURES; step is one past every metric of the run.
+
+    MLflow's log_model links to the new LoggedModel every run metric logged at its `step` (default 0): step 0
+    holds the first training step's losses and the first epoch's means, so the model showed those while the run
+    shows the last ones. At a step past every metric it links nothing, and the figures are linked instead (the
+    same entries with the model's id: the run's history gets no new point)."""
+    histories = {key: client.get_metric_history(run_id, key) for key in client.get_run(run_id).data.metrics}
+    step = 1 + max((m.step for history in histories.values() for m in history), default=-1)
+    figures = [max(history, key=lambda m: (m.step, m.timestamp, m.value)) for key, history in histories.items()
+               if history and not key.startswith(NOT_MODEL_FIGURES)]
+    return step, figures
+
+
+def link_figures(client: Any, run_id: str, model_id: str, figures: list[Any]) -> None:
+    from mlflow.entities import Metric
+
+    linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in figures]
+    for i in range(0, len(linked), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=linked[i:i + 1000])
+
+
+def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int = 0) -> Any:
     """The pyfunc (tasks/registry/pyfunc_model.py, from code) with `weights` and `settings`, logged to the
-    active MLflow run; returns MLflow's ModelInfo (its `model_uri` is what gets registered)."""
+    active MLflow run as its output at `step` (model_figures); returns MLflow's ModelInfo (its `model_uri` is
+    what gets registered)."""
     import mlflow
     import pandas as pd
 
@@ -173,7 +219,7 @@ def log_model(params: Params, weights: Path, settings: dict[str, Any]) -> Any:
             artifacts={"weights": str(weights), "config": str(config)},
             code_paths=[str(PACKAGE_ROOT / "rain_model"), str(PACKAGE_ROOT / "tasks")],
             input_example=pd.DataFrame({"image": [_example_image(params)]}),
-            pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS],
+            pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS], step=step,
         )
 
 
@@ -199,27 +245,28 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
     weights = model_dir / info["weights"]
     name = params.register.model_name
     pretrained = pretrained_provenance(params.model)
+    step, figures = model_figures(client, info["mlflow_run_id"])
     with mlflow.start_run(run_id=info["mlflow_run_id"]):
-        logged = log_model(params, weights, model_settings(params, info["num_classes"], pretrained))
+        logged = log_model(params, weights, model_settings(params, info["num_classes"], pretrained), step)
+    link_figures(client, info["mlflow_run_id"], logged.model_id, figures)
+    lr = metrics["rows"][HEADLINE_ROW]
     tags = {
         "git_commit": git_commit(), "git_dirty": git_dirty(), "dataset": params.dataset.name, "trial": trial,
         "protocol": protocol_tag(params), "eval_set": eval_set_hash(manifest_path, mlr_path),
         "variant": params.objective.variant, "backbone": params.model.backbone,
-        "mlr_manifest_sha256": file_hash(mlr_path), "params_sha256": file_hash(params_file),
+        "mlr_manifest_sha256": file_hash(mlr_path), "params_yaml_sha256": file_hash(params_file),
         "weights_sha256": file_hash(weights), "mlflow_run_id": info["mlflow_run_id"],
         "pretrained_sha256": "none" if pretrained is None else pretrained["sha256"] or "unknown",
-    } | dvc_lineage(lock_file, params) | {k: f"{metrics[k]:.6f}" for k in METRIC_KEYS}
-    if "rank1_std" in metrics.get("rows", {}).get("lr", {}):
-        tags["rank1_std"] = f"{metrics['rows']['lr']['rank1_std']:.6f}"
+    } | dvc_lineage(lock_file, params) | {figure_name(HEADLINE_ROW, k): f"{lr[k]:.6f}" for k in VERSION_FIGURES}
     # Tags go in with the version, so no reader ever sees a version without its lineage and metrics.
     mv = mlflow.register_model(logged.model_uri, name, tags=tags)
     client.update_registered_model(name, description=MODEL_DESCRIPTION)
-    lr = metrics["rows"]["lr"]
     client.update_model_version(name, mv.version, description=(
         f"{params.objective.variant} ({params.model.backbone}, levels {list(params.model.levels)}) trained on "
         f"{params.dataset.name} trial {trial}. LR queries: rank-1 {100 * lr['rank1']:.1f}%, mAP "
-        f"{100 * lr['mAP']:.1f}%; the tags hold every metric and where the model came from (git commit, data and "
-        f"params hashes, MLflow run {info['mlflow_run_id']})."))
+        f"{100 * lr['mAP']:.1f}%; the tags hold the LR queries' figures (`{figure_name(HEADLINE_ROW, 'rank1')}`, "
+        f"...) and where the model came from (git commit, data and params hashes, MLflow run "
+        f"{info['mlflow_run_id']})."))
     client.set_registered_model_alias(name, params.register.alias, mv.version)
     registration = {"model_name": name, "version": int(mv.version), "alias": params.register.alias,
                     "model_uri": f"models:/{name}/{mv.version}", "tags": tags}

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from tasks.config import Params, flat_params, load_params, params_hash
+from tasks.config import Params, flat_params, load_params, params_values_sha256
 from tasks.infra.logs import setup_logging
 from tasks.infra.raycluster import connect, require_resources
-from tasks.infra.tracking import git_commit, mlflow_experiment_id, tracking_uri
+from tasks.infra.tracking import CMC, EPOCH, EVAL, EVAL_STD, TRAIN, git_commit, mlflow_experiment_id, tracking_uri
 from tasks.training import resume, weights
 from tasks.training.artifacts import STATE_FILE, summary_path, weights_path
 from tasks.training.loop import FaultPlan, NonFiniteTraining, TrainJob, WorkerContext, ddp_backend, train_loop
@@ -50,7 +50,7 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_d
     model_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri()
     client = mlflow.MlflowClient(uri)
-    exp_id = mlflow_experiment_id(client, f"rain-{params.dataset.name}")
+    exp_id = mlflow_experiment_id(client, f"rain-{params.dataset.name}", experiment_description(params))
 
     summary: dict[str, Any] = {"trials": {}}
     reads = resume.inputs(mlr_path, store_dir, params.model.pretrained_path)
@@ -80,9 +80,22 @@ def _training_rows(mlr_path: Path, trial: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _open_mlflow_run(client: Any, exp_id: str, ray_run: Path, params: Params, trial: int, data_hash: str) -> str:
+def experiment_description(params: Params) -> str:
+    """What experiment `rain-<dataset>` holds, on its page in the MLflow UI."""
+    return (f"Training runs of the RAIN pipeline (`dvc repro`, `rain run`) on dataset `{params.dataset.name}`: one "
+            f"run per trained trial, with every parameter, each loss by its paper name per step (`{TRAIN}`) and "
+            f"its epoch mean (`{EPOCH}`), the evaluation figures per query row (`{EVAL}`, their std in "
+            f"`{EVAL_STD}`), each row's CMC curve over rank (`{CMC}`), the report pictures, a results table as the "
+            f"run's description, and the logged model that the register stage makes a version of "
+            f"`{params.register.model_name}`.")
+
+
+def _open_mlflow_run(client: Any, exp_id: str, ray_run: Path, params: Params, trial: int,
+                     mlr_manifest_sha256: str) -> str:
     """The MLflow run of Ray run `ray_run`: the interrupted one it resumes, reopened, or a new one tagged with
-    its lineage and holding every param; returns its id."""
+    its lineage and holding every param; returns its id. The lineage tags are named as on the model version
+    (tasks/register.py): `mlr_manifest_sha256` (the data it trained on), `params_values_sha256` (every
+    parameter value it ran with, initial weights resolved)."""
     previous = resume.previous_mlflow_run(ray_run)
     if previous is not None:
         try:
@@ -97,7 +110,8 @@ def _open_mlflow_run(client: Any, exp_id: str, ray_run: Path, params: Params, tr
             return str(previous)
     name = f"{params.dataset.name}-trial{trial}-{time.strftime('%Y%m%d-%H%M%S')}"
     mlflow_run = client.create_run(exp_id, run_name=name, tags={
-        "git_commit": git_commit(), "data_hash": data_hash, "params_hash": params_hash(params),
+        "git_commit": git_commit(), "mlr_manifest_sha256": mlr_manifest_sha256,
+        "params_values_sha256": params_values_sha256(params),
         "dataset": params.dataset.name, "ray_run": ray_run.name,
         "trial": str(trial), "variant": params.objective.variant, "stage": "train"})
     run_id = str(mlflow_run.info.run_id)
@@ -186,6 +200,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: the shared loop with Ray's rank, device, checkpoint and report."""
     import ray.train
 
+    setup_logging()  # a Ray worker's root logger has no handler: rank 0's progress lines would be lost
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if job.params.ray.use_gpu else torch.device("cpu")

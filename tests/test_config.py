@@ -83,6 +83,46 @@ def test_values_are_typed_and_frozen(tmp_path: Path) -> None:
     assert all(type(s).__dataclass_params__.frozen for s in sections if dataclasses.is_dataclass(s))  # type: ignore[attr-defined]
 
 
+def test_flat_params_reads_as_params_yaml_writes_it(tmp_path: Path) -> None:
+    # MLflow shows these to a person: no Python reprs such as `(2, 3, 4)`, `()`, `None` or `True`.
+    from tasks.config import flat_params
+
+    params = load_params(write(tmp_path, {"train": {"lr_decay_epochs": []}, "ray": {"use_gpu": True}}))
+    flat = flat_params(params)
+    assert flat["protocol.train_rates"] == "[2, 3, 4]" and flat["protocol.unseen_rates"] == "[8]"
+    assert flat["train.lr_decay_epochs"] == "[]"
+    assert flat["model.pretrained"] == "none" and flat["ray.address"] == "none"  # None, one way everywhere
+    assert flat["ray.use_gpu"] == "true" and flat["evaluate.flip"] == "false"
+    assert flat["objective.lr"] == "0.00035" and flat["dataset.name"] == "synthetic"
+    assert not [v for v in flat.values() if v.startswith(("(", "None", "True", "False"))]
+
+
+@pytest.mark.parametrize(("dataset", "source"), [("viper", "viper"), ("cuhk03-detected", "cuhk03"),
+                                                 ("synthetic", None)])
+def test_flat_params_holds_only_the_source_of_the_dataset_in_use(tmp_path: Path, dataset: str,
+                                                                 source: str | None) -> None:
+    from tasks.config import flat_params
+
+    params = load_params(write(tmp_path, {"dataset": {"name": dataset}}))
+    sources = {k for k in flat_params(params) if k.startswith("sources.")}
+    expected = {f"sources.{source}.{f}" for f in ("url", "md5", "filename")} if source else set()
+    assert sources == expected
+    if source:
+        assert flat_params(params)[f"sources.{source}.md5"] == params.sources[source].md5
+
+
+def test_the_params_hash_tells_values_apart_that_read_alike(tmp_path: Path) -> None:
+    # None and the string "none" read the same in MLflow; the hash and the run keys use the typed values.
+    from tasks.config import flat_params, param_values, params_values_sha256
+
+    params = load_params(write(tmp_path, {}))
+    named = dataclasses.replace(params, ray=dataclasses.replace(params.ray, address="none"))
+    assert flat_params(named)["ray.address"] == flat_params(params)["ray.address"]
+    assert params_values_sha256(named) != params_values_sha256(params)
+    assert param_values(params)["protocol.train_rates"] == (2, 3, 4)
+    assert params_values_sha256(load_params(write(tmp_path, {}))) == params_values_sha256(params)
+
+
 def test_derived_paths_follow_paths_and_dataset(tmp_path: Path) -> None:
     params = load_params(write(tmp_path, {"paths": {"manifests": "m"}, "dataset": {"name": "viper"}}))
     assert params.mlr_manifest_path() == Path("m/viper-mlr.parquet")

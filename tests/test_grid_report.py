@@ -56,10 +56,12 @@ def test_missing_runs_are_listed_by_configuration_and_seed(project: Params) -> N
 def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
+    from tasks.grid.runs import experiments_mlflow_description
     from tasks.infra.tracking import mlflow_experiment_id
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp_id = mlflow_experiment_id(client, "rain-synthetic-experiments", tmp_path)
+    exp_id = mlflow_experiment_id(client, "rain-synthetic-experiments", experiments_mlflow_description(project),
+                                  tmp_path)
     children = {}
     for config in grid.CONFIGS:
         for seed in (0, 1):
@@ -112,7 +114,10 @@ def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Pa
     assert {r.info.run_id for r in nested} == set(children.values())
     parent_run = client.get_run(parent)
     assert parent_run.info.status == "FINISHED"
-    assert parent_run.data.metrics["multi_level.lr.rank1_mean"] == pytest.approx(ours["rank1"])
+    # A row's figure over seeds in the eval/ section, its std in eval_std/, named as a run's rows are.
+    assert parent_run.data.metrics["eval/multi_level.lr_rank1"] == pytest.approx(ours["rank1"])
+    assert parent_run.data.metrics["eval_std/multi_level.lr_rank1"] == pytest.approx(ours["rank1_std"])
+    assert all(k.startswith(("eval/", "eval_std/")) for k in parent_run.data.metrics), parent_run.data.metrics
     assert {"results.md", "results.csv", "label_fraction.png", "rate_bars.png"} <= {
         a.path for a in client.list_artifacts(parent)}
     assert json.loads((out / "results.json").read_text())["parent_run_id"] == parent

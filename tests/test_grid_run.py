@@ -35,6 +35,7 @@ def test_a_run_writes_its_result_and_is_then_up_to_date(project: tuple[Path, Par
     assert losses["L_adv"] == losses["L_D"] == 0.0 and min(losses["L_rec"], losses["L_cls"]) > 0  # Eq. 7 w/o L_adv
     assert (result["config"], result["seed"], result["trial"], result["epochs"]) == ("baseline_hrlr", 0, 0, 1)
     assert runs.is_done(params, "baseline_hrlr", 0)
+    _assert_mlflow_run(root, result)
 
     again = grid_run.run(params, "baseline_hrlr", 0)  # up to date: returned as written, not trained
     assert again == result
@@ -51,6 +52,24 @@ def test_a_run_writes_its_result_and_is_then_up_to_date(project: tuple[Path, Par
     finally:
         index.write_text(original)
     assert runs.is_done(params, "baseline_hrlr", 0)
+
+
+def _assert_mlflow_run(root: Path, result: dict) -> None:
+    """The grid run in MLflow: metrics in the pipeline's sections, params as a person reads them."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(result["mlflow_run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "experiment grid" in experiment.tags["mlflow.note.content"]
+    metrics = run.data.metrics
+    lr = result["rows"]["lr"]
+    assert metrics["eval/lr_rank1"] == pytest.approx(lr["rank1"]) and metrics["eval/r8_mAP"] >= 0
+    assert metrics["eval_std/lr_rank1"] == pytest.approx(lr["rank1_std"])
+    assert {"train/L_cls", "epoch/L_cls"} <= set(metrics)
+    assert {k for k in metrics if "/" not in k} == {"train_seconds"}, sorted(metrics)
+    assert run.data.params["train.trials"] == "[0]" and not [k for k in run.data.params if k.startswith("sources.")]
 
 
 def test_a_torn_result_is_refused_by_path_and_an_unknown_configuration_by_name(

@@ -206,6 +206,16 @@ def test_the_dataset_names_are_the_adapters() -> None:
     assert set(DATASETS) == set(ADAPTERS)
 
 
+def test_the_source_each_dataset_reads_is_its_adapters() -> None:
+    # tasks/config.py SHARED_SOURCES (what a run logs of `sources`) against each adapter's `source_name`.
+    from tasks.config import DatasetChoice
+    from tasks.datasets import ADAPTERS
+
+    for name, adapter in ADAPTERS.items():
+        params = dataclasses.replace(Params(), dataset=DatasetChoice(name))
+        assert params.source_name() == getattr(adapter, "source_name", name), name
+
+
 def test_a_params_yaml_with_one_setting_names_every_missing_section(tmp_path: Path) -> None:
     # Reproduced: `train: {epochs: 1}` alone was accepted, then failed in DVC with "Could not find 'paths.raw'".
     with pytest.raises(ParamsError) as info:

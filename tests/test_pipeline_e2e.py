@@ -48,9 +48,10 @@ def test_flow_runs_every_stage_and_registers_a_candidate(first_run: tuple[Path, 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     version = client.get_model_version_by_alias("rain-reid", "candidate")
     assert version.tags["dataset"] == "synthetic"
-    assert float(version.tags["rank1"]) == pytest.approx(metrics["rank1"], abs=1e-6)
+    assert float(version.tags["lr_rank1"]) == pytest.approx(metrics["rank1"], abs=1e-6)
     run = client.get_run(version.run_id)
-    assert {"L_cls", "L_tri", "L_rec", "L_adv", "L_D", "lr_rank1"} <= set(run.data.metrics)
+    assert {"train/L_cls", "train/L_tri", "train/L_rec", "train/L_adv", "train/L_D", "eval/lr_rank1"} <= set(
+        run.data.metrics)
     for picture in ("cmc.png", "tsne_identity.png", "tsne_resolution.png", "ranked_gallery.png"):
         assert (project / "reports/synthetic" / picture).stat().st_size > 0
 
@@ -65,12 +66,48 @@ def test_mlflow_shows_the_results_table_the_cmc_curve_and_described_models(
     run = client.get_run(version.run_id)
     note = run.data.tags["mlflow.note.content"]  # the run page's description
     assert (project / "reports/synthetic/table.md").read_text().strip() in note and "cmc.png" in note
-    cmc = client.get_metric_history(run.info.run_id, "cmc_lr")
+    cmc = client.get_metric_history(run.info.run_id, "cmc/lr")
     assert [m.step for m in cmc] == list(range(1, 21))  # a curve over rank, 1 to 20
     values = [m.value for m in cmc]
     assert values == sorted(values) and values[0] == pytest.approx(result["metrics"]["rows"]["lr"]["rank1"])
     assert "cross-resolution person re-ID" in client.get_registered_model("rain-reid").description
     assert f"rank-1 {100 * result['metrics']['rank1']:.1f}%" in version.description
+
+
+def test_mlflow_store_shows_the_experiment_kind_grouped_metrics_readable_params_and_lr_tags(
+        first_run: tuple[Path, dict[str, Any]]) -> None:
+    """What a person opening `mlflow ui` on the store finds after one pipeline run."""
+    from mlflow import MlflowClient
+
+    project, result = first_run
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rain-synthetic")
+    assert experiment is not None
+    # The UI opens it on its training runs (not the GenAI overview), with a description of what it holds.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "Training runs of the RAIN pipeline" in experiment.tags["mlflow.note.content"]
+
+    version = client.get_model_version_by_alias("rain-reid", "candidate")
+    run = client.get_run(version.run_id)
+    assert "## Results (percent)" in run.data.tags["mlflow.note.content"]
+    names = set(run.data.metrics)
+    for section in ("train/", "epoch/", "eval/", "eval_std/", "cmc/"):  # one chart section each
+        assert any(n.startswith(section) for n in names), (section, sorted(names))
+    assert {"epoch/L_cls", "epoch/images_per_second", "eval/lr_mAP", "eval_std/lr_rank1", "cmc/r8"} <= names
+    ungrouped = {n for n in names if "/" not in n}
+    assert ungrouped == {"train_seconds"}, ungrouped  # no loss, epoch mean or evaluation figure outside a section
+
+    params = run.data.params  # as a person reads them, and no dataset source this run did not use
+    assert params["protocol.train_rates"] == "[2, 3, 4]" and params["model.pretrained"] == "none"
+    assert params["evaluate.flip"] == "false" and not [k for k in params if k.startswith("sources.")]
+
+    lr = result["metrics"]["rows"]["lr"]
+    for figure in ("rank1", "rank1_std", "rank5", "rank10", "rank20", "mAP"):  # the gate's tags, named for LR
+        assert float(version.tags[f"lr_{figure}"]) == pytest.approx(lr[figure], abs=1e-6)
+    assert version.tags["mlr_manifest_sha256"] == run.data.tags["mlr_manifest_sha256"]  # one name per hash
+    assert "LR queries: rank-1" in version.description
+    linked = {m.key: m.value for m in client.get_logged_model(version.source.removeprefix("models:/")).metrics}
+    assert linked["train/L_cls"] == pytest.approx(run.data.metrics["train/L_cls"])  # the final step's, as the run
 
 
 def test_the_flow_run_is_named_and_tagged_by_its_settings_and_links_its_mlflow_run_and_model(

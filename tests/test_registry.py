@@ -26,7 +26,9 @@ import yaml
 from typer.testing import CliRunner
 
 from tasks.registry.promote import (
+    LEGACY_FIGURES,
     LOCK_SUFFIX,
+    RANK1,
     LockTimeout,
     PromoteRequest,
     PromotionError,
@@ -91,15 +93,40 @@ def test_registered_version_carries_lineage_and_the_candidate_alias(project: Pat
     assert tags["dvc_models_md5"] == _lock_stage_md5(project, "train", "models/synthetic")
     assert len(tags["dvc_params_sha256"]) == 64
     assert tags["mlr_manifest_sha256"] == file_hash(project / "data/manifests/synthetic-mlr.parquet")
+    assert tags["params_yaml_sha256"] == file_hash(project / "params.yaml")
     assert tags["weights_sha256"] == file_hash(project / "models/synthetic/trial-0.safetensors")
     assert tags["eval_set"] == eval_set_hash(project / "data/manifests/synthetic.parquet",
                                              project / "data/manifests/synthetic-mlr.parquet")
     assert tags["dataset"] == "synthetic" and "train_rates=[2, 3, 4]" in tags["protocol"]
     assert "distance=cosine" in tags["protocol"] and "gallery_draws=1" in tags["protocol"]
-    for key in ("rank1", "rank5", "rank10", "rank20", "mAP"):
-        assert float(tags[key]) == pytest.approx(metrics[key], abs=1e-6)
+    lr = metrics["rows"]["lr"]  # the LR queries' figures, named for them
+    for key in ("rank1", "rank1_std", "rank5", "rank10", "rank20", "mAP"):
+        assert float(tags[f"lr_{key}"]) == pytest.approx(lr[key], abs=1e-6)
+    assert not {"rank1", "mAP", "params_sha256", "data_hash", "params_hash"} & set(tags)  # the older names
+    # One name per hash across run and version: the training run carries the same manifest hash.
+    run_tags = client.get_run(version.run_id).data.tags
+    assert run_tags["mlr_manifest_sha256"] == tags["mlr_manifest_sha256"]
+    assert len(run_tags["params_values_sha256"]) == 64
     assert tags["git_commit"]  # "unknown" here: the micro project is not a git repository
     assert str(client.get_registered_model(MODEL).aliases["candidate"]) == str(registration["version"])
+
+
+def test_the_logged_model_shows_the_runs_final_figures_not_its_first_steps(project: Path, client: Any) -> None:
+    # MLflow links to a logged model the run's metrics at the step it is logged at (0 by default: the first
+    # training step's losses); the register stage links the latest value of each figure instead.
+    version = client.get_model_version(MODEL, "1")
+    run = client.get_run(version.run_id)
+    assert version.source.startswith("models:/m-")  # the LoggedModel (the sqlite store leaves `model_id` unset)
+    linked = client.get_logged_model(version.source.removeprefix("models:/")).metrics
+    shown = {m.key: m for m in linked}
+    figures = {k: v for k, v in run.data.metrics.items() if not k.startswith(("cmc/", "system/"))}
+    assert {"train/L_cls", "epoch/L_cls", "eval/lr_rank1", "eval_std/lr_rank1"} <= set(shown)
+    assert set(shown) == set(figures) and len(linked) == len(figures)  # one entry each: none from step 0 besides
+    for key, value in figures.items():
+        assert shown[key].value == pytest.approx(value), key
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/L_cls")]
+    assert shown["train/L_cls"].step == max(steps) > 0  # the last training step, as the run shows it
+    assert len(steps) == len(set(steps))  # linking added no point to the run's own history
 
 
 def test_the_model_holds_no_pickle_and_its_weights_are_safetensors(project: Path, mlflow_global: None) -> None:
@@ -255,7 +282,7 @@ def _versions(client: Any, rank1s: list[float]) -> tuple[str, list[str]]:
     client.create_registered_model(name)
     versions = []
     for r in rank1s:
-        tags = dict(base.tags) | {"rank1": f"{r:.6f}"}
+        tags = dict(base.tags) | {RANK1: f"{r:.6f}"}
         mv = client.create_model_version(name, base.source, run_id=base.run_id, tags=tags)
         versions.append(str(mv.version))
     return name, versions
@@ -311,6 +338,26 @@ def test_gate_refuses_a_version_measured_differently_unless_forced_with_a_reason
     assert "new protocol adopted" in listing.output and "something else" in listing.output
 
 
+def test_a_version_tagged_by_the_older_register_stage_is_listed_and_gated(project: Path, client: Any) -> None:
+    from flows.cli import app
+
+    name, (v1, v2) = _versions(client, [0.50, 0.40])
+    for new, old in LEGACY_FIGURES.items():  # v1 as the register stage tagged it before the LR names
+        value = client.get_model_version(name, v1).tags.get(new)
+        if value is not None:
+            client.set_model_version_tag(name, v1, old, value)
+            client.delete_model_version_tag(name, v1, new)
+    assert "lr_rank1" not in client.get_model_version(name, v1).tags
+    assert _promote(project, client, name, v1).accepted  # a first champion with the older names
+    worse = _promote(project, client, name, v2)
+    assert not worse.accepted and "0.4000 < champion's 0.5000" in worse.reason
+    listing = CliRunner().invoke(app, ["promote", "--project", str(project), "--model", name, "--list"],
+                                 env={"COLUMNS": "200"})
+    assert listing.exit_code == 0, listing.output
+    lines = {line.split("│")[1].strip(): line for line in listing.output.splitlines() if line.count("│") > 3}
+    assert "50.0" in lines[v1] and "40.0" in lines[v2]
+
+
 def test_registry_text_with_rich_markup_is_listed_as_written(project: Path, client: Any) -> None:
     # A reason or tag is anyone's free text: `[/bold]` once made rich raise MarkupError on every --list.
     from flows.cli import app
@@ -328,12 +375,27 @@ def test_registry_text_with_rich_markup_is_listed_as_written(project: Path, clie
 
 
 def test_gate_on_tags() -> None:
-    tags = {"dataset": "d", "protocol": "p", "eval_set": "e", "rank1": "0.5"}
+    tags = {"dataset": "d", "protocol": "p", "eval_set": "e", "lr_rank1": "0.5"}
     assert gate(tags, None)[0]
-    assert gate(tags, tags | {"rank1": "0.5"})[0]
-    assert not gate(tags, tags | {"rank1": "0.51"})[0]
-    assert not gate(tags | {"rank1": "0.9"}, tags | {"eval_set": "other"})[0]
-    assert not gate({"rank1": "0.9"}, None)[0]  # unknown provenance never becomes champion unforced
+    assert gate(tags, tags | {"lr_rank1": "0.5"})[0]
+    assert not gate(tags, tags | {"lr_rank1": "0.51"})[0]
+    assert not gate(tags | {"lr_rank1": "0.9"}, tags | {"eval_set": "other"})[0]
+    assert not gate({"lr_rank1": "0.9"}, None)[0]  # unknown provenance never becomes champion unforced
+
+
+def test_gate_reads_a_version_registered_under_the_older_figure_names() -> None:
+    # The register stage tagged `rank1` (`mAP`, ...) before the figures were named for the LR queries: a
+    # champion registered then is still compared, its `rank1` read as `lr_rank1`.
+    provenance = {"dataset": "d", "protocol": "p", "eval_set": "e"}
+    old = provenance | {"rank1": "0.5", "mAP": "0.3"}
+    assert LEGACY_FIGURES["lr_rank1"] == "rank1" and LEGACY_FIGURES["lr_mAP"] == "mAP"
+    passes, why = gate(provenance | {"lr_rank1": "0.4"}, old)
+    assert not passes and "0.4000 < champion's 0.5000" in why
+    assert gate(provenance | {"lr_rank1": "0.6"}, old)[0]
+    assert gate(old, provenance | {"lr_rank1": "0.45"})[0]  # an old-style candidate too
+    assert not gate(old | {"lr_rank1": "0.4"}, provenance | {"lr_rank1": "0.45"})[0]  # the current name wins
+    passes, why = gate(provenance | {"lr_rank1": "0.6"}, provenance)  # a champion with neither name
+    assert not passes and "champion lacks the tag 'lr_rank1'" in why and "'rank1'" in why
 
 
 def test_promote_refuses_an_unknown_version_or_a_blank_force_reason(project: Path, client: Any) -> None:
@@ -357,7 +419,7 @@ events = []
 real_gate, real_set = p.gate, MlflowClient.set_registered_model_alias
 
 def slow_gate(candidate, champion):
-    events.append(["read", time.time(), None if champion is None else champion.get("rank1")])
+    events.append(["read", time.time(), None if champion is None else champion.get("lr_rank1")])
     time.sleep(0.5)  # widen the window between reading the champion and moving the alias
     return real_gate(candidate, champion)
 

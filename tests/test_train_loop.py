@@ -91,3 +91,28 @@ def test_the_resume_key_follows_what_the_weights_depend_on_and_nothing_else() ->
                resume.run_key(params, 0, reads | {"pretrained": "another file's sha256"}),
                resume.run_key(params, 0, reads | {"code": "edited"})]
     assert key not in changed and len(set(changed)) == len(changed)
+
+
+@pytest.mark.parametrize("variant, shown", [("rain", "L_adv .* L_rec .* L_cls .* L_tri .* L_D "),
+                                            ("baseline_hr", "L_cls .* L_tri [0-9.e-]+ \\|")])
+def test_rank_0_logs_one_line_per_epoch_and_no_schedule_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture, variant: str,
+                                                              shown: str) -> None:
+    """Without L_adv the discriminator's optimizer never steps: it has no LR schedule to step either (torch
+    warned "lr_scheduler.step() before optimizer.step()" for every run without it)."""
+    import logging
+    import re
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    params = micro_params({"train": {"epochs": 2}, "objective": {"variant": variant}})
+    mlr = prepare_data(tmp_path, params)
+    job = TrainJob(params=params, rows=read_rows(str(mlr), 0, ["train"]), store=str(params.store_dir()))
+    caplog.set_level(logging.INFO, logger="tasks.training.progress")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train_loop(job, WorkerContext())
+    lines = [r.getMessage() for r in caplog.records if r.name == "tasks.training.progress"]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all(re.search(shown, line) for line in lines), lines
+    assert "ETA" in lines[0] and lines[1].endswith("done")

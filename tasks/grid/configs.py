@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.config import OUTPUT_NEUTRAL, Params, ParamsError, flat_params
+from tasks.config import OUTPUT_NEUTRAL, Params, ParamsError, param_values
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def _replace(obj: Any, path: list[str], value: Any) -> Any:
 def run_key(params: Params, name: str, seed: int, inputs: Mapping[str, str]) -> str:
     """What a finished run was computed from: its configured params and its input hashes. A result whose
     key differs (params.yaml, the data or the code changed) does not count as done."""
-    flat = flat_params(configure(params, name, seed))
+    flat = param_values(configure(params, name, seed))
     for volatile in ("experiments.seeds", "experiments.cpus_per_run", "experiments.use_gpu",
                      "register.model_name", "register.alias", "evaluate.tsne_identities", "evaluate.sheet_queries",
                      "evaluate.batch_size", *OUTPUT_NEUTRAL):

@@ -1,4 +1,9 @@
-"""MLflow location and run lineage shared by the stages that log (train, evaluate, register)."""
+"""MLflow location, experiments, metric names and run lineage shared by the stages that log (train, evaluate,
+register, the grid).
+
+Metric names are grouped by a prefix ending in `/`: MLflow's UI draws one chart section per prefix, as it
+does for its own `system/` metrics, so each kind of figure gets a section of its own (the prefixes below).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,49 @@ import hashlib
 import os
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # mlflow is slow to import; only the stages that log need it at run time
     from mlflow import MlflowClient
 
 DEFAULT_DB = "mlflow.db"
+
+# Metric sections (the UI's chart groups). The losses keep the paper's names after the prefix (train/L_cls).
+TRAIN = "train/"  # each loss per training step
+EPOCH = "epoch/"  # each loss's mean over an epoch, and images_per_second, stepped by epoch
+EVAL = "eval/"  # evaluation figures, <row>_<metric> (figure_name): eval/lr_rank1, eval/r8_mAP, ...
+EVAL_STD = "eval_std/"  # the std of each figure, same name: apart, so a std is not a chart among the figures
+CMC = "cmc/"  # each row's CMC curve, stepped by rank (1 to 20)
+STD_SUFFIX = "_std"  # how metrics.json and the grid's tables name a figure's spread (rank1_std)
+# The evaluation row the paper reports and the promotion gate compares: LR queries, each at its drawn rate.
+HEADLINE_ROW = "lr"
+
+# Experiment tags MLflow's UI reads. experimentKind: the MLflow 3 UI opens an experiment without it on its GenAI
+# overview (traces, prompts); custom_model_development opens it on its training runs (the value its front end
+# and its onboarding skill use; mlflow.utils.mlflow_tags has no constant for it). The note is the description
+# the experiment page shows, the same tag MLflow uses for a run's description.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"
+
+
+def figure_name(row: str, metric: str) -> str:
+    """`lr_rank1`: figure `metric` (rank1, ..., mAP) of evaluation row `row`, as a model version tag and, after
+    the EVAL prefix, as a metric."""
+    return f"{row}_{metric}"
+
+
+def eval_metric(row: str, metric: str) -> str:
+    """MLflow metric name of a row's figure (`eval/lr_rank1`) or of its spread (`rank1_std`: `eval_std/lr_rank1`)."""
+    if metric.endswith(STD_SUFFIX):
+        return EVAL_STD + figure_name(row, metric.removesuffix(STD_SUFFIX))
+    return EVAL + figure_name(row, metric)
+
+
+def eval_metrics(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Every figure and std of evaluation rows (metrics.json's `rows`, a grid result's) by its metric name."""
+    return {eval_metric(row, k): float(v) for row, values in rows.items() for k, v in values.items()
+            if k not in ("row", "label")}
 
 
 def tracking_uri(project_dir: Path | None = None) -> str:
@@ -21,13 +63,19 @@ def tracking_uri(project_dir: Path | None = None) -> str:
     return f"sqlite:///{((project_dir or Path.cwd()) / DEFAULT_DB).resolve()}"
 
 
-def mlflow_experiment_id(client: MlflowClient, name: str, project_dir: Path | None = None) -> str:
-    """Id of experiment `name`, created with its artifacts under <project>/mlartifacts when new."""
+def mlflow_experiment_id(client: MlflowClient, name: str, description: str, project_dir: Path | None = None) -> str:
+    """Id of experiment `name`, created with its artifacts under <project>/mlartifacts when new. It carries the
+    experiment kind and `description` (what it holds): set at creation, and added to an existing experiment
+    that lacks them (one made by an older version); a description someone wrote in the UI is kept."""
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: description}
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return str(found.experiment_id)
-    location = ((project_dir or Path.cwd()) / "mlartifacts" / name).resolve().as_uri()
-    return str(client.create_experiment(name, artifact_location=location))
+    if found is None:
+        location = ((project_dir or Path.cwd()) / "mlartifacts" / name).resolve().as_uri()
+        return str(client.create_experiment(name, artifact_location=location, tags=tags))
+    for key, value in tags.items():
+        if key not in found.tags:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return str(found.experiment_id)
 
 
 def git_commit(project_dir: Path | None = None) -> str:

@@ -2,9 +2,11 @@
 
 The gate: a version may become champion when it was measured on the same dataset, with the same
 protocol and on the same evaluation images (tags `dataset`, `protocol`, `eval_set`, written by the
-register stage) as the current champion, and its LR rank-1 is at least the champion's. With no
-champion yet, any version that carries those tags and a rank-1 may become champion. `force_reason`
-overrides the gate; the reason is recorded on the version (tag `promotion_force_reason`, with the gate
+register stage) as the current champion, and its LR rank-1 (tag `lr_rank1`) is at least the champion's. With no
+champion yet, any version that carries those tags and a rank-1 may become champion. A version registered
+before the figures were named for the LR queries carries `rank1` (`mAP`, ...) instead, the same figure: the
+gate and the listing read it under the new name (`LEGACY_FIGURES`), so an older champion is still compared.
+`force_reason` overrides the gate; the reason is recorded on the version (tag `promotion_force_reason`, with the gate
 verdict it overrode in `promotion_gate_verdict`).
 
 Races. MLflow has no compare-and-set on aliases: two promoters that both read "champion = v1", then
@@ -45,12 +47,19 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import CHAMPION, PROMOTED_ALIASES
+from tasks.infra.tracking import HEADLINE_ROW, figure_name
 
 log = logging.getLogger(__name__)
 
 GATE_TAGS = ("dataset", "protocol", "eval_set")
+# The LR queries' figures the gate compares (rank-1) and the listing shows, as the register stage tags them.
+RANK1, RANK1_STD, MAP = (figure_name(HEADLINE_ROW, m) for m in ("rank1", "rank1_std", "mAP"))
 LOCK_SUFFIX = ".promotion-lock"
-LIST_TAGS = ("rank1", "rank1_std", "mAP", "dataset", "protocol", "eval_set", "promotion_force_reason")
+LIST_TAGS = (RANK1, RANK1_STD, MAP, "dataset", "protocol", "eval_set", "promotion_force_reason")
+# The register stage's figure tags before they were named for the LR queries (a registry written then holds
+# them): a fixed record of those names, not derived from today's metric list. Read as the new names when absent.
+LEGACY_FIGURES = {figure_name(HEADLINE_ROW, old): old for old in ("rank1", "rank1_std", "rank5", "rank10",
+                                                                  "rank20", "mAP")}
 
 
 class PromotionError(RuntimeError):
@@ -88,19 +97,30 @@ class Decision:
     forced: bool = False
 
 
+def version_tags(tags: dict[str, str]) -> dict[str, str]:
+    """A version's tags with each figure under its current name, also where an older register stage wrote it
+    under its legacy one (LEGACY_FIGURES); a tag under the current name wins."""
+    return {new: tags[old] for new, old in LEGACY_FIGURES.items() if old in tags} | tags
+
+
 def gate(candidate: dict[str, str], champion: dict[str, str] | None) -> tuple[bool, str]:
     """(passes, why) for tags of a candidate version against the current champion's (None: no champion)."""
-    missing = [k for k in (*GATE_TAGS, "rank1") if k not in candidate]
+    candidate = version_tags(candidate)
+    champion = None if champion is None else version_tags(champion)
+    missing = [k for k in (*GATE_TAGS, RANK1) if k not in candidate]
     if missing:
         return False, f"the version lacks the tags {missing} (not registered by the register stage?)"
-    rank1 = float(candidate["rank1"])
+    rank1 = float(candidate[RANK1])
     if champion is None:
         return True, f"no champion yet; rank-1 {rank1:.4f}"
     differ = [k for k in GATE_TAGS if champion.get(k) != candidate[k]]
     if differ:
         details = "; ".join(f"{k}: {candidate[k]!r} vs champion's {champion.get(k)!r}" for k in differ)
         return False, f"not comparable with the champion, measured differently ({details})"
-    best = float(champion.get("rank1", "nan"))
+    if RANK1 not in champion:
+        return False, (f"the champion lacks the tag {RANK1!r} (nor the older {LEGACY_FIGURES[RANK1]!r}), so there is "
+                       f"no rank-1 to beat; promote with --force and a reason")
+    best = float(champion[RANK1])
     if rank1 >= best:
         return True, f"rank-1 {rank1:.4f} >= champion's {best:.4f}"
     return False, f"rank-1 {rank1:.4f} < champion's {best:.4f}"
@@ -170,7 +190,8 @@ def list_versions(client: Any, model_name: str) -> list[dict[str, str]]:
     for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
         row = {"version": str(mv.version), "aliases": ", ".join(sorted(by_version.get(str(mv.version), []))),
                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M")}
-        rows.append(row | {k: mv.tags.get(k, "") for k in LIST_TAGS})
+        tags = version_tags(dict(mv.tags))
+        rows.append(row | {k: tags.get(k, "") for k in LIST_TAGS})
     return rows
 
 

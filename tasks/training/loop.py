@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tasks.config import Params, TrainConfig
+from tasks.training.progress import Progress
 
 if TYPE_CHECKING:  # imported where used: the Ray driver imports this module and needs none of them
     from torch.optim.lr_scheduler import LRScheduler
@@ -76,7 +77,7 @@ class _Training:
 
     model: RAIN
     optimizers: Optimizers
-    schedulers: list[LRScheduler]  # generator's, then discriminator's
+    schedulers: list[LRScheduler]  # generator's, then discriminator's when it steps
     sampler: IdentityBalancedSampler
     loader: DataLoader[Any]
     generator: torch.nn.Module  # model.generator, DDP-wrapped when there are several ranks
@@ -95,8 +96,10 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
         _resume_from(training, ctx.resume)
     resumed_at = training.next_epoch if ctx.resume is not None else None
     logger = _RankZeroLogger(job, resumed_at, nodes=training.nodes) if ctx.rank == 0 else None
+    progress = Progress(job.params.train.epochs, len(training.loader), shown_losses(job.params)) \
+        if ctx.rank == 0 else None
     try:
-        _train_epochs(job, ctx, training, logger)
+        _train_epochs(job, ctx, training, logger, progress)
     finally:
         if logger is not None:
             logger.close()
@@ -105,16 +108,19 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
 def _build_training(job: TrainJob, ctx: WorkerContext) -> _Training:
     """This rank's loader, the model on its device, both optimizers and LR schedules, DDP-wrapped."""
     from rain_model.network import RAIN
-    from rain_model.objective import make_optimizers, place_model
+    from rain_model.objective import StepPlan, make_optimizers, place_model
 
     params, cfg = job.params, job.params.train
     sampler, loader, labels = _build_loader(job, ctx)
     num_classes = max(max(labels, default=-1) + 1, 1)  # the labelled identities (one output at 0% labels)
     model = place_model(RAIN(params.model, num_classes), params.objective, ctx.device)
     optimizers = make_optimizers(model, params.objective)
+    # No schedule for an optimizer that never steps (no L_adv: no D step); torch warns when one is stepped.
+    stepped = (optimizers.generator, optimizers.discriminator) if StepPlan.of(params.objective).adversarial \
+        else (optimizers.generator,)
     schedulers: list[LRScheduler] = [
         torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_decay_epochs), gamma=cfg.lr_decay)
-        for opt in (optimizers.generator, optimizers.discriminator)]
+        for opt in stepped]
     generator, discriminators, nodes = _wrap_for_ddp(model, ctx)
     return _Training(model=model, optimizers=optimizers, schedulers=schedulers, sampler=sampler, loader=loader,
                      generator=generator, discriminators=discriminators, num_classes=num_classes, nodes=nodes)
@@ -171,7 +177,16 @@ def _resume_from(training: _Training, state: dict[str, Any]) -> None:
     training.next_epoch, training.step = state["epoch"] + 1, state["step"]
 
 
-def _train_epochs(job: TrainJob, ctx: WorkerContext, training: _Training, logger: _RankZeroLogger | None) -> None:
+def shown_losses(params: Params) -> tuple[str, ...]:
+    """The loss terms the objective optimises, by the paper's names, and L_D when D trains."""
+    from rain_model.objective import LOSS_NAMES
+
+    terms = params.objective.active_terms()
+    return tuple(n for n in LOSS_NAMES if n in terms or (n == "L_D" and "L_adv" in terms))
+
+
+def _train_epochs(job: TrainJob, ctx: WorkerContext, training: _Training, logger: _RankZeroLogger | None,
+                  progress: Progress | None) -> None:
     """The remaining epochs, each ending in exactly one report (with a checkpoint state when one is due)."""
     from rain_model.objective import NonFiniteLossError
 
@@ -179,7 +194,7 @@ def _train_epochs(job: TrainJob, ctx: WorkerContext, training: _Training, logger
     last_checkpoint = time.monotonic()
     for epoch in range(training.next_epoch, cfg.epochs):
         try:
-            metrics = _one_epoch(job, ctx, training, epoch, logger)
+            metrics = _one_epoch(job, ctx, training, epoch, logger, progress)
         except NonFiniteLossError as exc:
             # Every rank sees the same non-finite step (the check is all-reduced), so every rank
             # reports once more and stops: no hang, and no pointless restart from a checkpoint.
@@ -189,6 +204,8 @@ def _train_epochs(job: TrainJob, ctx: WorkerContext, training: _Training, logger
             return
         if logger is not None:
             logger.epoch(metrics, epoch)
+        if progress is not None:
+            progress.epoch(epoch, metrics, metrics["images_per_second"] * ctx.world)  # all ranks
         if ctx.rank == 0 and checkpoint_due(cfg, epoch, time.monotonic() - last_checkpoint):
             last_checkpoint = time.monotonic()
             ctx.report(metrics, _checkpoint_state(training, epoch))
@@ -197,12 +214,14 @@ def _train_epochs(job: TrainJob, ctx: WorkerContext, training: _Training, logger
 
 
 def _one_epoch(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: int,
-               logger: _RankZeroLogger | None) -> dict[str, Any]:
+               logger: _RankZeroLogger | None, progress: Progress | None) -> dict[str, Any]:
     """Train on every batch of `epoch`, step the LR schedules, and return the epoch's report."""
     training.sampler.set_epoch(epoch)
     training.model.train()
+    if progress is not None:
+        progress.start_epoch()
     started, start_time = time.perf_counter(), time.time()
-    sums, batches, images = _train_batches(job, ctx, training, logger)
+    sums, batches, images = _train_batches(job, ctx, training, logger, progress, epoch)
     for sched in training.schedulers:
         sched.step()
     seconds = time.perf_counter() - started
@@ -214,8 +233,8 @@ def _one_epoch(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: in
     return metrics
 
 
-def _train_batches(job: TrainJob, ctx: WorkerContext, training: _Training,
-                   logger: _RankZeroLogger | None) -> tuple[dict[str, float], int, int]:
+def _train_batches(job: TrainJob, ctx: WorkerContext, training: _Training, logger: _RankZeroLogger | None,
+                   progress: Progress | None, epoch: int) -> tuple[dict[str, float], int, int]:
     """One `train_step` per batch of the loader; returns (sum of each loss, batches, images)."""
     from rain_model.objective import Batch, train_step
 
@@ -237,6 +256,8 @@ def _train_batches(job: TrainJob, ctx: WorkerContext, training: _Training,
         training.step += 1
         batches += 1
         images += int(y.shape[0])
+        if progress is not None:
+            progress.batch(epoch, batches, images * ctx.world)
     return sums, batches, images
 
 
@@ -261,7 +282,8 @@ def _maybe_fail(fault: FaultPlan | None, rank: int, step: int) -> None:
 
 
 class _RankZeroLogger:
-    """MLflow logging from rank 0 only: each loss by its paper name per step, epoch means, system metrics."""
+    """MLflow logging from rank 0 only: each loss by its paper name per step (`train/L_cls`), epoch means
+    (`epoch/L_cls`, `epoch/images_per_second`), system metrics (`system/`); sections of tasks/infra/tracking.py."""
 
     FLUSH_AT = 600  # metrics per write (MLflow takes up to 1000): 100 steps of the six losses
 
@@ -283,7 +305,7 @@ class _RankZeroLogger:
                                             tracking_uri=job.tracking_uri)
         self.monitor.start()
 
-    def _log(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+    def _log(self, values: dict[str, float], step: int, prefix: str) -> None:
         if self.client is None or self.run_id is None:
             return
         from mlflow.entities import Metric
@@ -300,11 +322,15 @@ class _RankZeroLogger:
         self.pending = []
 
     def step(self, losses: dict[str, float], step: int) -> None:
-        self._log(losses, step)
+        from tasks.infra.tracking import TRAIN
+
+        self._log(losses, step, TRAIN)
 
     def epoch(self, metrics: dict[str, Any], epoch: int) -> None:
+        from tasks.infra.tracking import EPOCH
+
         self._log({k: float(v) for k, v in metrics.items() if k.startswith("L_") or k == "images_per_second"},
-                  epoch, prefix="epoch_")
+                  epoch, EPOCH)
         self.flush()
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tasks.config import Params, flat_params, train_stage_params
+from tasks.config import Params, param_values, train_stage_params
 
 MLFLOW_RUN_FILE = "rain-mlflow-run"  # in a Ray run's folder: the MLflow run a resumed run continues
 STAGE = "tasks.train"
@@ -36,7 +36,7 @@ def inputs(mlr_path: Path, store_dir: Path, pretrained: str | None) -> dict[str,
 def run_key(params: Params, trial: int, inputs: dict[str, str]) -> str:
     """sha256 of the trial, the train stage's params (other trials listed do not count) and `inputs`."""
     wanted = train_stage_params()
-    chosen = {k: v for k, v in flat_params(params).items()
+    chosen = {k: v for k, v in param_values(params).items()
               if k != "train.trials" and any(k == w or k.startswith(w + ".") for w in wanted)}
     text = json.dumps({"trial": trial, "params": chosen, "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
