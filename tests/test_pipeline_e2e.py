@@ -135,6 +135,36 @@ def test_the_flow_run_is_named_and_tagged_by_its_settings_and_links_its_mlflow_r
     assert "[cmc](file://" in markdown  # pictures as links
 
 
+def test_the_flow_log_shows_one_line_per_epoch_and_no_dvc_git_hint(first_run: tuple[Path, dict[str, Any]]) -> None:
+    """What a user reads in the Prefect UI: training's epoch lines (from rank 0 of the Ray worker group), none of
+    DVC's "git add dvc.lock" advice."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, LogFilter, LogFilterFlowRunId
+
+    from flows.links import pipeline_label
+    from tasks.config import load_params
+
+    project, _ = first_run
+    name, _ = pipeline_label(load_params(project / "params.yaml"))
+    epoch_line = re.compile(r"tasks\.training\.progress: epoch (\d+)/(\d+): L_adv .* \| \d+ images/s, .* \| ")
+    with get_client(sync_client=True) as client:
+        (run,) = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["rain"])))
+                  if r.name == name]
+        log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
+        for _ in range(30):  # the flow's logs reach the server in batches, shortly after the flow returns
+            messages: list[str] = []
+            while page := client.read_logs(log_filter=log_filter, limit=200, offset=len(messages)):
+                messages += [entry.message for entry in page]
+            if any(epoch_line.search(m) for m in messages):
+                break
+            time.sleep(1)
+    epochs = [match.groups() for m in messages if (match := epoch_line.search(m))]
+    assert epochs == [("1", "2"), ("2", "2")], messages
+    assert not [m for m in messages if re.search(r"git add|autostage|dvc push", m)]
+
+
 def _changed_pipeline_stages(project: Path) -> set[str]:
     """Stages of the pipeline's dvc.yaml that `dvc status` reports (the grid's never ran here), but `fingerprint`:
     it is always changed (it reads the dataset's source files on every repro, tasks/fingerprint.py)."""
