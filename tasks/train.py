@@ -200,7 +200,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: the shared loop with Ray's rank, device, checkpoint and report."""
     import ray.train
 
-    setup_logging()  # a Ray worker's root logger has no handler: rank 0's progress lines would be lost
+    setup_logging(replace=True)  # Ray's root handler drops the logger's name, by which the flow's log keeps a line
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if job.params.ray.use_gpu else torch.device("cpu")

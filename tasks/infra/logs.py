@@ -12,8 +12,11 @@ from types import TracebackType
 ERROR_MARKER = "rain-stage-error:"
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def setup_logging(level: int = logging.INFO, replace: bool = False) -> None:
+    """Log lines as `time LEVEL logger: message` (the flow's log keeps a Ray worker's lines by the `tasks.`
+    logger name). `replace`: drop the root handlers already set up (a Ray worker's prints the message only)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=replace)
     sys.excepthook = _print_with_summary
 
 
