@@ -136,7 +136,7 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from tasks.infra.tracking import CMC, NOTE_TAG, eval_metrics, tracking_uri
+    from tasks.infra.tracking import CMC, NOTE_TAG, eval_metrics, log_metrics, tracking_uri
 
     client = MlflowClient(tracking_uri())
     flat = eval_metrics(metrics["rows"])
@@ -152,8 +152,7 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
         for rank, value in enumerate(curve, start=1)]
     for info in train_summary["trials"].values():
         run_id = info["mlflow_run_id"]
-        for start in range(0, len(batch), 1000):  # MLflow's limit of metrics per batch
-            client.log_batch(run_id, metrics=batch[start:start + 1000])
+        log_metrics(client, run_id, batch)
         for file in files:
             client.log_artifact(run_id, str(file), artifact_path="evaluation")
         client.set_tag(run_id, NOTE_TAG, description)  # the run page's description

@@ -321,7 +321,7 @@ def _mlflow_parent(params: Params, results: dict[tuple[str, int], dict[str, Any]
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-    from tasks.infra.tracking import eval_metric, tracking_uri
+    from tasks.infra.tracking import eval_metric, log_metrics, tracking_uri
 
     client = MlflowClient(tracking_uri())
     if parent_run_id is None:
@@ -337,9 +337,7 @@ def _mlflow_parent(params: Params, results: dict[tuple[str, int], dict[str, Any]
     metrics = [Metric(eval_metric(f"{r['config']}.{r['query_set']}", key), float(r[key]), now, 0)
                for r in rows for m in grid_tables.RANK1_AND_MAP if m in r for key in (m, f"{m}_std")]
     unique = {m.key: m for m in metrics}  # a configuration read by several tables is logged once
-    values = list(unique.values())
-    for i in range(0, len(values), 1000):
-        client.log_batch(parent_run_id, metrics=values[i:i + 1000])
+    log_metrics(client, parent_run_id, list(unique.values()))
     client.set_tag(parent_run_id, "runs", str(len(results)))
     for name in ("results.md", "results.csv", "label_fraction.png", "rate_bars.png"):
         if (out_dir / name).exists():

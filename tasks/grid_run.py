@@ -158,12 +158,11 @@ def _table(params: Params, scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _finish_mlflow_run(client: Any, run_id: str, result: dict[str, Any]) -> None:
     from mlflow.entities import Metric
 
-    from tasks.infra.tracking import eval_metrics
+    from tasks.infra.tracking import eval_metrics, log_metrics
 
     now = int(time.time() * 1000)
     figures = [Metric(key, value, now, 0) for key, value in eval_metrics(result["rows"]).items()]
-    for i in range(0, len(figures), 1000):  # MLflow takes at most 1000 metrics per batch
-        client.log_batch(run_id, metrics=figures[i:i + 1000])
+    log_metrics(client, run_id, figures)
     client.log_metric(run_id, "train_seconds", result["train_seconds"])
     client.set_terminated(run_id, status="FINISHED")
 
@@ -171,9 +170,8 @@ def _finish_mlflow_run(client: Any, run_id: str, result: dict[str, Any]) -> None
 def _start_mlflow_run(params: Params, run_params: Params, config: str, seed: int, trial: int, key: str,
                       parent_run_id: str | None, flat_params: Any) -> tuple[Any, str]:
     from mlflow import MlflowClient
-    from mlflow.entities import Param
 
-    from tasks.infra.tracking import git_commit, mlflow_experiment_id, tracking_uri
+    from tasks.infra.tracking import git_commit, log_params, mlflow_experiment_id, tracking_uri
 
     client = MlflowClient(tracking_uri())
     exp_id = mlflow_experiment_id(client, experiments_mlflow_name(params), experiments_mlflow_description(params))
@@ -182,9 +180,7 @@ def _start_mlflow_run(params: Params, run_params: Params, config: str, seed: int
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(exp_id, run_name=f"{config}-seed{seed}", tags=tags).info.run_id
-    logged = [Param(k, v[:6000]) for k, v in flat_params(run_params).items()]
-    for i in range(0, len(logged), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=logged[i:i + 100])
+    log_params(client, run_id, flat_params(run_params))
     return client, str(run_id)
 
 

@@ -56,7 +56,7 @@ from rain_model.config import ModelConfig
 from rain_model.metrics import METRIC_KEYS
 from tasks.config import PROMOTED_ALIASES, Params, is_promoted_alias, load_params
 from tasks.infra.logs import setup_logging
-from tasks.infra.tracking import CMC, HEADLINE_ROW, figure_name, file_hash, git_commit, tracking_uri
+from tasks.infra.tracking import CMC, HEADLINE_ROW, figure_name, file_hash, git_commit, log_metrics, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +199,7 @@ def link_figures(client: Any, run_id: str, model_id: str, figures: list[Any]) ->
     from mlflow.entities import Metric
 
     linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in figures]
-    for i in range(0, len(linked), 1000):  # MLflow takes at most 1000 metrics per batch
-        client.log_batch(run_id, metrics=linked[i:i + 1000])
+    log_metrics(client, run_id, linked)
 
 
 def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int = 0) -> Any:

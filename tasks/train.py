@@ -26,7 +26,17 @@ import torch
 from tasks.config import Params, flat_params, load_params, params_values_sha256
 from tasks.infra.logs import setup_logging
 from tasks.infra.raycluster import connect, require_resources
-from tasks.infra.tracking import CMC, EPOCH, EVAL, EVAL_STD, TRAIN, git_commit, mlflow_experiment_id, tracking_uri
+from tasks.infra.tracking import (
+    CMC,
+    EPOCH,
+    EVAL,
+    EVAL_STD,
+    TRAIN,
+    git_commit,
+    log_params,
+    mlflow_experiment_id,
+    tracking_uri,
+)
 from tasks.training import resume, weights
 from tasks.training.artifacts import STATE_FILE, summary_path, weights_path
 from tasks.training.loop import FaultPlan, NonFiniteTraining, TrainJob, WorkerContext, ddp_backend, train_loop
@@ -115,8 +125,7 @@ def _open_mlflow_run(client: Any, exp_id: str, ray_run: Path, params: Params, tr
         "dataset": params.dataset.name, "ray_run": ray_run.name,
         "trial": str(trial), "variant": params.objective.variant, "stage": "train"})
     run_id = str(mlflow_run.info.run_id)
-    for key, value in flat_params(params).items():
-        client.log_param(run_id, key, value[:6000])
+    log_params(client, run_id, flat_params(params))
     resume.remember_mlflow_run(ray_run, run_id)
     return run_id
 

@@ -56,6 +56,27 @@ def eval_metrics(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
             if k not in ("row", "label")}
 
 
+# MLflow's limits per log_batch call.
+METRICS_PER_BATCH = 1000
+PARAMS_PER_BATCH = 100
+PARAM_VALUE_CHARS = 6000  # the longest param value MLflow stores
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: list[Any]) -> None:
+    """Every `mlflow.entities.Metric` of `metrics` to run `run_id`, in as few calls as MLflow allows."""
+    for start in range(0, len(metrics), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + METRICS_PER_BATCH])
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    """`params` (name: value) to run `run_id` in as few calls as MLflow allows, each value cut to its limit."""
+    from mlflow.entities import Param
+
+    logged = [Param(key, value[:PARAM_VALUE_CHARS]) for key, value in params.items()]
+    for start in range(0, len(logged), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=logged[start:start + PARAMS_PER_BATCH])
+
+
 def tracking_uri(project_dir: Path | None = None) -> str:
     """MLFLOW_TRACKING_URI when set (a team server), else the project's own sqlite registry."""
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
