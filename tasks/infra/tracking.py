@@ -24,6 +24,7 @@ EPOCH = "epoch/"  # each loss's mean over an epoch, and images_per_second, stepp
 EVAL = "eval/"  # evaluation figures, <row>_<metric> (figure_name): eval/lr_rank1, eval/r8_mAP, ...
 EVAL_STD = "eval_std/"  # the std of each figure, same name: apart, so a std is not a chart among the figures
 CMC = "cmc/"  # each row's CMC curve, stepped by rank (1 to 20)
+TIME = "time/"  # seconds a stage spent: time/train_seconds (and a grid run's time/eval_seconds)
 STD_SUFFIX = "_std"  # how metrics.json and the grid's tables name a figure's spread (rank1_std)
 # The evaluation row the paper reports and the promotion gate compares: LR queries, each at its drawn rate.
 HEADLINE_ROW = "lr"
