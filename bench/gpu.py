@@ -10,6 +10,9 @@ In the same run, at ResNet-50 256x128 with P x K = 16 x 4 identity images (each 
   5. ddp:      a one-process process group (NCCL on CUDA, gloo otherwise) with the DDP-wrapped RAIN model
   6. loop:     two epochs of tasks/training/loop.py on a generated synthetic set, from the store, with
                train.loader_workers 0 (load in the training process) and 2 (prefetching processes)
+  7. paper:    presets/paper.yaml (sampled triplets, Eq. 1 on both resolutions, bf16, no flip) trained by the
+               same loop and scored on the device as the evaluate stage scores (CMC, mAP on the test split):
+               `rain run --preset paper` without Ray, ImageNet weights (nothing downloads) or 10 trials
 Every figure goes to a JSON file (--out) and is printed. --tiny runs it all on the CPU in seconds
 (ResNet-18, 64x32, 4 x 2), which the test suite does; on one H100 the full run takes about two minutes.
 
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,13 +41,15 @@ from bench.loader import synthetic_params, training_set
 from rain_model.config import ModelConfig, ObjectiveConfig
 from rain_model.network import RAIN
 from rain_model.objective import Batch, forward_generator, generator_losses, make_optimizers, place_model, train_step
+from tasks.evaluation.scoring import score_trial, summarise
 from tasks.images.store import ImageStore, StorePairs
 from tasks.training.loop import TrainJob, WorkerContext, ddp_backend, train_loop
+from tests.micro_project import REPO, merge
 
 FULL = {"backbone": "resnet50", "height": 256, "width": 128, "p": 16, "k": 4, "identities": 200, "steps": 60,
-        "warmup": 10}
+        "warmup": 10, "paper_epochs": 2}
 TINY = {"backbone": "resnet18", "height": 64, "width": 32, "p": 4, "k": 2, "identities": 12, "steps": 2,
-        "warmup": 1}
+        "warmup": 1, "paper_epochs": 2}
 
 
 def sync(device: torch.device) -> None:
@@ -181,6 +187,34 @@ def loop_epochs(rows: list[dict], store: ImageStore, cfg: dict[str, Any], device
                         if k.startswith("L_") or k in ("epoch", "images", "images_per_second")} for r in reports]}
 
 
+def paper_preset(rows: list[dict], store: ImageStore, cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """presets/paper.yaml trained for cfg["paper_epochs"] epochs by the training loop, then scored on `device`
+    by the evaluate stage's scoring on trial 0's test split. Its ImageNet weights are left out (no network
+    here) and one trial is trained, on the generated set `rows` and `store` were made from (same size and
+    trial count)."""
+    preset = yaml.safe_load((REPO / "presets" / "paper.yaml").read_text())
+    preset.pop("ray")  # one GPU in this process, no Ray
+    params = synthetic_params(cfg["identities"], cfg["height"], cfg["width"], merge(preset, {
+        "model": {"backbone": cfg["backbone"], "pretrained": None},
+        "protocol": {"trials": 1},
+        "train": {"trials": [0], "epochs": cfg["paper_epochs"], "p": cfg["p"], "k": cfg["k"], "height": cfg["height"],
+                  "width": cfg["width"]},
+    }))
+    states: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    train_loop(TrainJob(params=params, rows=rows, store=str(store.folder)),
+               WorkerContext(device=device, report=lambda metrics, state: states.extend([state] if state else [])))
+    trained = time.perf_counter()
+    model = RAIN(params.model, states[-1]["num_classes"])
+    model.load_state_dict(states[-1]["model"])
+    scores, _ = score_trial(model.to(device).eval(), params, params.mlr_manifest_path(), 0, store)
+    return {"objective": {"mining": params.objective.mining, "adv_loss": params.objective.adv_loss,
+                          "bf16_autocast": params.objective.bf16_autocast}, "flip": params.evaluate.flip,
+            "train_seconds": round(trained - started, 1), "score_seconds": round(time.perf_counter() - trained, 1),
+            "rows": {name: {k: round(float(v), 4) for k, v in summarise(name, evals).items() if k in ("rank1", "mAP")}
+                     for name, evals in scores.items()}}
+
+
 def run(cfg: dict[str, Any], device: torch.device, work: Path) -> dict[str, Any]:
     ids = cfg["p"]
     n = cfg["p"] * cfg["k"]
@@ -206,6 +240,7 @@ def run(cfg: dict[str, Any], device: torch.device, work: Path) -> dict[str, Any]
     result["ddp"] = ddp_steps(cfg, batch, ids, device)
     # Loading in the training process (the CPU default) and in two prefetching DataLoader processes.
     result["train_loop"] = {f"loader_workers={w}": loop_epochs(rows, store, cfg, device, w) for w in (0, 2)}
+    result["paper_preset"] = paper_preset(rows, store, cfg, device)
     return result
 
 
@@ -214,6 +249,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="ResNet-18 at 64x32, 4 x 2, on the CPU: a smoke run")
     ap.add_argument("--out", type=Path, default=Path("bench/out/gpu.json"))
     ap.add_argument("--device", default=None, help="default: cuda when available (never with --tiny)")
+    ap.add_argument("--paper-epochs", type=int, default=None, help="epochs of the paper preset's training (default 2)")
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     if device.type == "cuda":
@@ -223,7 +259,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         here = Path.cwd()
         try:
-            result = run(TINY if args.tiny else FULL, device, Path(tmp))
+            cfg = TINY if args.tiny else FULL
+            result = run(cfg | ({"paper_epochs": args.paper_epochs} if args.paper_epochs else {}), device, Path(tmp))
         finally:
             os.chdir(here)
     result["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -6,12 +6,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytest
 import yaml
 
 from tasks.config import Params, parse
+
+if TYPE_CHECKING:  # bench/gpu.py imports this module on a bare GPU machine, which has no pytest
+    import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +97,8 @@ def prepare_data(root: Path, params: Params) -> Path:
 
 def prepared(factory: pytest.TempPathFactory, name: str, overrides: dict[str, Any]) -> tuple[Path, Params]:
     """A folder with the micro dataset downloaded, synthesized and decoded (module-scoped fixtures)."""
+    import pytest
+
     root = factory.mktemp(name)
     params = micro_params(overrides)
     with pytest.MonkeyPatch.context() as mp:

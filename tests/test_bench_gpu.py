@@ -14,7 +14,7 @@ from tests.micro_project import REPO
 
 # What the bare GPU image lacks: the script must import none of them. (pandas is missing there too, but
 # pyarrow imports it when present to write pandas metadata, and does without it when absent.)
-ABSENT = ("ray", "prefect", "mlflow", "dvc", "h5py", "safetensors", "sklearn", "matplotlib", "typer")
+ABSENT = ("ray", "prefect", "mlflow", "dvc", "h5py", "safetensors", "sklearn", "matplotlib", "typer", "pytest")
 # Runs the script, then names every one of those that got imported (torch probes some with find_spec,
 # which imports nothing).
 SCRIPT = """
@@ -44,3 +44,8 @@ def test_gpu_check_runs_tiny_on_the_cpu_without_the_orchestration_stack(tmp_path
     for run in result["train_loop"].values():
         assert [e["epoch"] for e in run["epochs"]] == [0, 1]
         assert all(e["images"] > 0 and e["L_total"] > 0 for e in run["epochs"])
+    paper = result["paper_preset"]  # presets/paper.yaml's objective, trained and scored as evaluate scores
+    assert paper["objective"] == {"mining": "sampled", "adv_loss": "minimax", "bf16_autocast": True}
+    assert paper["flip"] is False and paper["train_seconds"] > 0
+    assert {"lr", "hr", "r8"} <= set(paper["rows"])
+    assert all(0 <= row["rank1"] <= 1 and 0 < row["mAP"] <= 1 for row in paper["rows"].values())
