@@ -160,9 +160,9 @@ OUTPUT_NEUTRAL = ("train.checkpoint_every_epochs", "train.checkpoint_every_secon
 @dataclass(frozen=True)
 class TrainConfig:
     trials: tuple[int, ...] = (0,)
-    height: int = 96
+    height: int = 128
     width: int = 64
-    epochs: int = 11
+    epochs: int = 13
     p: int = 8
     k: int = 4
     seed: int = 0
@@ -250,7 +250,7 @@ class ExperimentsConfig:
     asks of the Ray cluster (which then decides how many run at once)."""
 
     seeds: tuple[int, ...] = (0, 1, 2)  # seed s: train.seed = s on protocol trial s mod protocol.trials
-    epochs: int = 11  # every grid run's training length (train.epochs is the pipeline's)
+    epochs: int = 13  # every grid run's training length (train.epochs is the pipeline's)
     cpus_per_run: int = 1  # CPUs Ray reserves for each run, and its threads
     use_gpu: bool = False  # true: each run asks Ray for one GPU
 

@@ -212,7 +212,7 @@ def test_channels_last_gives_the_same_outputs_and_gradients() -> None:
     """Only the memory layout changes, so only float summation order differs: features within 1e-4,
     losses within 1e-4 relative, gradients at cosine > 0.9999 and within 1 % of the largest entry."""
     plain_losses, plain_grad, plain_out = _generator_pass(ObjectiveConfig(channels_last=False))
-    assert plain_out.feats[0].is_contiguous()  # the default is channels_last: this pass must not be
+    assert plain_out.feats[0].is_contiguous()
     cl_losses, cl_grad, cl_out = _generator_pass(ObjectiveConfig(channels_last=True))
     assert cl_out.feats[0].is_contiguous(memory_format=torch.channels_last)  # the switch took effect
     assert torch.allclose(cl_out.v, plain_out.v, rtol=0, atol=1e-4)
