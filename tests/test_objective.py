@@ -208,6 +208,23 @@ def test_bf16_autocast_matches_fp32_within_stated_tolerance() -> None:
     assert abs(bf16_grad.norm() / fp32_grad.norm() - 1) < 0.05
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bfloat16_warns_naming_the_key(monkeypatch: pytest.MonkeyPatch,
+                                                                     native: bool) -> None:
+    """params.yaml turns bf16 on for CPUs too (faster where the CPU has avx512_bf16 or AMX); elsewhere
+    oneDNN emulates it, slower than fp32, and the user is told which key to change."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        objective.place_model(_model(), ObjectiveConfig(bf16_autocast=True), torch.device("cpu"))
+        objective.place_model(_model(), ObjectiveConfig(bf16_autocast=False), torch.device("cpu"))
+    messages = [str(w.message) for w in caught if "bfloat16" in str(w.message)]
+    assert len(messages) == (0 if native else 1), messages
+    assert all("objective.bf16_autocast: false" in m for m in messages)
+
+
 def test_channels_last_gives_the_same_outputs_and_gradients() -> None:
     """Only the memory layout changes, so only float summation order differs: features within 1e-4,
     losses within 1e-4 relative, gradients at cosine > 0.9999 and within 1 % of the largest entry."""
