@@ -48,6 +48,11 @@ def _positive_ints(name: str, value: tuple[int, ...]) -> None:
             "every entry must be an int >= 1")
 
 
+def _int_at_least(name: str, value: int, minimum: int) -> None:
+    require(not isinstance(value, bool) and isinstance(value, int) and value >= minimum, name, value,
+            f"must be an integer >= {minimum}")
+
+
 def _finite(name: str, value: float, minimum: float, strict: bool) -> None:
     require(not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value), name, value,
             "must be a finite number")
@@ -111,6 +116,14 @@ class ObjectiveConfig:
     """Triplet positives/negatives: batch_hard (hardest in the batch) | sampled (one random each, paper)."""
     adv_loss: str = "non_saturating"
     """Feature-extractor side of Eq. 1: non_saturating (-log D(f_L)) | minimax (Eq. 1 itself)."""
+    adv_ramp_epochs: int = 0
+    """Warm-up of L_adv: epoch e (from 0) weights it w_adv * min(1, e / adv_ramp_epochs), so the identity
+    losses shape the features first while the D_j already train; 0: w_adv from the first step."""
+    d_steps: int = 1
+    """Updates of the D_j per F/G/C update, each on the same batch's detached features."""
+    d_label_smoothing: float = 0.0
+    """One-sided label smoothing of the D step: HR features are labelled 1 - this (Salimans et al. 2016),
+    which keeps D_j from growing over-confident and F's gradient from fading; 0: Eq. 1 as written."""
     lr: float = 3.5e-4
     """Adam learning rate of F, G, C."""
     lr_d: float = 1e-4
@@ -135,6 +148,11 @@ class ObjectiveConfig:
             _finite(name, getattr(self, name), 0.0, strict=False)
         for name in ("margin", "lr", "lr_d"):
             _finite(name, getattr(self, name), 0.0, strict=True)
+        _int_at_least("adv_ramp_epochs", self.adv_ramp_epochs, 0)
+        _int_at_least("d_steps", self.d_steps, 1)
+        _finite("d_label_smoothing", self.d_label_smoothing, 0.0, strict=False)
+        require(self.d_label_smoothing < 0.5, "d_label_smoothing", self.d_label_smoothing,
+                "must be < 0.5 (HR features must stay labelled closer to HR than to LR)")
         for name in ("beta1", "beta1_d"):
             value = getattr(self, name)
             _finite(name, value, 0.0, strict=False)

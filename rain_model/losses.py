@@ -14,15 +14,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def discriminator_loss(logits_hr: Sequence[Tensor], logits_lr: Sequence[Tensor]) -> Tensor:
+def discriminator_loss(logits_hr: Sequence[Tensor], logits_lr: Sequence[Tensor], smoothing: float = 0.0) -> Tensor:
     """Loss of the D step: minus Eq. 1, summed over the levels j.
 
     D_j maximises Eq. 1, E_xH[log D_j(f_j^H)] + E_xL[log(1 - D_j(f_j^L))], which is minimising the
     binary cross-entropy with HR features labelled 1 and LR features labelled 0. ``logits_*[j]`` are
     the pre-sigmoid outputs of D_j, shape (B,). The features must be detached by the caller.
+    ``smoothing`` > 0 labels HR features 1 - smoothing instead (one-sided label smoothing).
     """
     terms = [
-        F.binary_cross_entropy_with_logits(hr, torch.ones_like(hr))
+        F.binary_cross_entropy_with_logits(hr, torch.full_like(hr, 1.0 - smoothing))
         + F.binary_cross_entropy_with_logits(lr, torch.zeros_like(lr))
         for hr, lr in zip(logits_hr, logits_lr, strict=True)
     ]

@@ -15,6 +15,12 @@ from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
 from rain_model.config import ObjectiveConfig
+from rain_model.diagnostics import (
+    centroid_gap,
+    discriminator_accuracy,
+    feature_distance,
+    gradient_norms,
+)
 from rain_model.losses import (
     adversarial_loss,
     classification_loss,
@@ -163,27 +169,46 @@ def _discriminator_update(
     parts: Sequence[tuple[Sequence[Tensor], int]],
     obj: ObjectiveConfig,
     step: int,
+    diagnostics: dict[str, float] | None = None,
 ) -> Tensor:
-    """The max side of Eq. 8: one update of all D_j whose gradient is the mean over `parts` (micro-batches)
-    of each part's L_D gradient; returns the mean L_D (detached).
+    """The max side of Eq. 8: ``obj.d_steps`` updates of all D_j, each with the mean over `parts`
+    (micro-batches) of each part's L_D gradient; returns the mean L_D of the first update (detached).
 
     A part is (f_j for j in the discriminators' levels, each (2B, d_j, h, w) with HR rows first; n_hr).
-    The features are detached here, so F, G and C get no gradient from this update.
+    The features are detached here, so F, G and C get no gradient from this update. With ``diagnostics``,
+    each D_j's accuracy on the HR and the LR rows before its first update is added to it.
     """
-    optimizer.zero_grad(set_to_none=True)
-    total = None
-    for feats, n_hr in parts:
-        feats_det = tuple(f.detach() for f in feats)
-        with _autocast(obj, feats_det[0].device):
-            logits = discriminators(feats_det)  # per level (2B,)
-        l_d = discriminator_loss([lg[:n_hr].float() for lg in logits], [lg[n_hr:].float() for lg in logits])
-        _check_finite({"L_D": l_d}, step)
-        l_d.backward()
-        total = l_d.detach() / len(parts) if total is None else total + l_d.detach() / len(parts)
-    _average_grads(optimizer, len(parts))
-    optimizer.step()
-    assert total is not None
-    return total
+    levels: tuple[int, ...] = tuple(getattr(_unwrap(discriminators), "levels", ()))
+    detached = [(tuple(f.detach() for f in feats), n_hr) for feats, n_hr in parts]
+    first = None
+    for d_step in range(obj.d_steps):
+        optimizer.zero_grad(set_to_none=True)
+        total = None
+        for feats_det, n_hr in detached:
+            with _autocast(obj, feats_det[0].device):
+                logits = discriminators(feats_det)  # per level (2B,)
+            logits_hr, logits_lr = [lg[:n_hr].float() for lg in logits], [lg[n_hr:].float() for lg in logits]
+            if d_step == 0 and diagnostics is not None:
+                for j, hr, lr in zip(levels, logits_hr, logits_lr, strict=True):
+                    acc_hr, acc_lr = discriminator_accuracy(hr.detach(), lr.detach())
+                    diagnostics[f"D{j}_accuracy_HR"] = diagnostics.get(f"D{j}_accuracy_HR", 0.0) + acc_hr / len(parts)
+                    diagnostics[f"D{j}_accuracy_LR"] = diagnostics.get(f"D{j}_accuracy_LR", 0.0) + acc_lr / len(parts)
+            l_d = discriminator_loss(logits_hr, logits_lr, obj.d_label_smoothing)
+            _check_finite({"L_D": l_d}, step)
+            l_d.backward()
+            total = l_d.detach() / len(parts) if total is None else total + l_d.detach() / len(parts)
+        _average_grads(optimizer, len(parts))
+        optimizer.step()
+        first = total if first is None else first
+    assert first is not None
+    return first
+
+
+def adv_weight(obj: ObjectiveConfig, epoch: int) -> float:
+    """The weight of L_adv in epoch ``epoch`` (from 0): w_adv, ramped up over ``obj.adv_ramp_epochs``."""
+    if obj.adv_ramp_epochs == 0:
+        return obj.w_adv
+    return obj.w_adv * min(1.0, epoch / obj.adv_ramp_epochs)
 
 
 def generator_losses(
@@ -244,24 +269,32 @@ def _generator_update(
     parts: Sequence[tuple[GeneratorOutput, Batch]],
     obj: ObjectiveConfig,
     step: int,
+    w_adv: float,
+    diagnostics: dict[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """The min side of Eq. 8: one update of F, G, C on L_total = sum_t w_t L_t (Eq. 7), its gradient the
     mean over `parts` (micro-batches); returns the mean detached terms and ``L_total``.
 
     Only the generator optimizer steps; the D_j are used with detached parameters and do not change.
-    Terms whose weight is 0 are not computed, so they contribute exactly zero gradient; parameters of a
-    head that was not run (G or C) end the step with ``grad = None`` and are skipped by the optimizer.
+    Terms whose weight is 0 in the config are not computed, so they contribute exactly zero gradient;
+    parameters of a head that was not run (G or C) end the step with ``grad = None`` and are skipped by
+    the optimizer. ``w_adv`` is this step's weight of L_adv (``adv_weight``'s ramp). With ``diagnostics``,
+    the first part's gradient norms at each f_j are added to it (``diagnostics.gradient_norms``).
     """
     plan = StepPlan.of(obj)
-    weights = {"L_adv": obj.w_adv, "L_rec": obj.w_rec, "L_cls": obj.w_cls, "L_tri": obj.w_tri}
+    weights = {"L_adv": w_adv, "L_rec": obj.w_rec, "L_cls": obj.w_cls, "L_tri": obj.w_tri}
     optimizer.zero_grad(set_to_none=True)
     mean: dict[str, Tensor] = {}
-    for out, batch in parts:
+    for i, (out, batch) in enumerate(parts):
         losses = generator_losses(discriminators, out, batch, obj)
         zero = out.v.new_zeros((), dtype=torch.float32)
         l_total = sum((weights[name] * losses[name] for name in obj.active_terms()), start=zero)
         losses["L_total"] = l_total
         _check_finite(losses, step)
+        if diagnostics is not None and i == 0 and plan.adversarial:
+            identity = weights["L_cls"] * losses["L_cls"] + weights["L_tri"] * losses["L_tri"]
+            levels = tuple(getattr(_unwrap(discriminators), "levels", ()))
+            diagnostics |= gradient_norms(weights["L_adv"] * losses["L_adv"], identity, out.feats, levels)
         (l_total + out.touch).backward()
         for name, value in losses.items():
             term = value.detach().float() / len(parts)
@@ -284,6 +317,8 @@ def train_step(
     obj: ObjectiveConfig,
     step: int,
     micro_batches: int = 1,
+    w_adv: float | None = None,
+    diagnostics: dict[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """One RAIN training step (Eq. 8): first the D step, then the F/G/C step.
 
@@ -304,6 +339,11 @@ def train_step(
     ``micro_batches`` > 1 splits the batch into that many consecutive equal parts, runs F on each part
     separately (so BatchNorm normalises with each part's statistics) and averages the parts' gradients
     before each update: on one device, the same update as that many DDP workers each given one part.
+
+    ``w_adv`` is this step's weight of L_adv (default ``obj.w_adv``; the training loop passes
+    ``adv_weight(obj, epoch)``). ``diagnostics``, when given, receives the state of the game on this
+    batch (rain_model/diagnostics.py): every D_j's accuracy, the HR-LR feature distance and centroid gap,
+    and the gradient norms at each f_j. Computing them changes nothing the step does.
     """
     _check_batch(batch)
     n = batch.x_hr.shape[0]
@@ -319,8 +359,16 @@ def train_step(
     l_d = parts[0][0].v.new_zeros((), dtype=torch.float32)
     if plan.adversarial:
         l_d = _discriminator_update(discriminators, optimizers.discriminator,
-                                    [(out.feats, chunk.x_hr.shape[0]) for out, chunk in parts], obj, step)
-    losses = _generator_update(generator, discriminators, optimizers.generator, parts, obj, step)
+                                    [(out.feats, chunk.x_hr.shape[0]) for out, chunk in parts], obj, step,
+                                    diagnostics)
+    if diagnostics is not None and not plan.hr_only:
+        # Each part's v holds its HR rows, then its LR rows (row i and row n_hr + i: the same image).
+        v_hr = torch.cat([out.v[:chunk.x_hr.shape[0]] for out, chunk in parts])  # (B, d)
+        v_lr = torch.cat([out.v[chunk.x_hr.shape[0]:] for out, chunk in parts])  # (B, d)
+        diagnostics["feature_distance"] = feature_distance(v_hr, v_lr)
+        diagnostics["centroid_gap"] = centroid_gap(v_hr, v_lr)
+    losses = _generator_update(generator, discriminators, optimizers.generator, parts, obj, step,
+                               obj.w_adv if w_adv is None else w_adv, diagnostics)
     losses["L_D"] = l_d
     return {name: losses[name] for name in LOSS_NAMES}
 

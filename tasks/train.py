@@ -31,6 +31,7 @@ from tasks.infra.tracking import (
     EPOCH,
     EVAL,
     EVAL_STD,
+    GAME,
     TIME,
     TRAIN,
     git_commit,
@@ -95,7 +96,9 @@ def experiment_description(params: Params) -> str:
     """What experiment `rain-<dataset>` holds, on its page in the MLflow UI."""
     return (f"Training runs of the RAIN pipeline (`dvc repro`, `rain run`) on dataset `{params.dataset.name}`: one "
             f"run per trained trial, with every parameter, each loss by its paper name per step (`{TRAIN}`) and "
-            f"its epoch mean (`{EPOCH}`), the evaluation figures per query row (`{EVAL}`, their std in "
+            f"its epoch mean (`{EPOCH}`), the min-max game's diagnostics per epoch (`{GAME}`: each D_j's accuracy, "
+            f"the HR-LR feature distance, L_adv's gradient against the identity losses'), the evaluation figures "
+            f"per query row (`{EVAL}`, their std in "
             f"`{EVAL_STD}`), each row's CMC curve over rank (`{CMC}`), the report pictures, a results table as the "
             f"run's description, and the logged model that the register stage makes a version of "
             f"`{params.register.model_name}`.")

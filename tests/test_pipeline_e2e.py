@@ -91,9 +91,10 @@ def test_mlflow_store_shows_the_experiment_kind_grouped_metrics_readable_params_
     run = client.get_run(version.run_id)
     assert "## Results (percent)" in run.data.tags["mlflow.note.content"]
     names = set(run.data.metrics)
-    for section in ("train/", "epoch/", "eval/", "eval_std/", "cmc/", "time/"):  # one chart section each
+    for section in ("train/", "epoch/", "game/", "eval/", "eval_std/", "cmc/", "time/"):  # one chart section each
         assert any(n.startswith(section) for n in names), (section, sorted(names))
-    assert {"epoch/L_cls", "epoch/images_per_second", "eval/lr_mAP", "eval_std/lr_rank1", "cmc/r8"} <= names
+    assert {"epoch/L_cls", "epoch/images_per_second", "game/D4_accuracy_HR", "game/grad_f5_ratio", "eval/lr_mAP",
+            "eval_std/lr_rank1", "cmc/r8"} <= names
     ungrouped = {n for n in names if "/" not in n}
     assert not ungrouped, ungrouped  # no loss, epoch mean, evaluation figure or time outside a section
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from tasks.training.progress import Progress, duration, epoch_line, eta_seconds
+from tasks.training.progress import Progress, duration, epoch_line, eta_seconds, game_summary
 
 
 def test_durations_read_at_a_glance() -> None:
@@ -23,6 +23,18 @@ def test_an_epoch_line_names_each_loss_the_rate_and_the_eta() -> None:
     line = epoch_line(2, 20, {"L_cls": 4.1234, "L_tri": 0.35}, 412.4, 6.23, 105.0)
     assert line == "epoch 3/20: L_cls 4.123  L_tri 0.35 | 412 images/s, 6.2 s | ETA 1m45s"
     assert epoch_line(19, 20, {"L_cls": 1.0}, 400.0, 6.0, 0.0).endswith("| done")
+
+
+def test_the_game_summary_names_each_discriminator_the_distance_the_gradient_ratio_and_the_weight() -> None:
+    game = {"D4_accuracy_HR": 0.914, "D4_accuracy_LR": 0.88, "D5_accuracy_HR": 0.75, "D5_accuracy_LR": 0.7,
+            "feature_distance": 0.2134, "centroid_gap": 0.05, "grad_f4_ratio": 0.3, "grad_f5_ratio": 0.123,
+            "w_adv": 0.5}
+    assert game_summary(game) == ("D4 HR/LR 0.91/0.88  D5 HR/LR 0.75/0.70  HR-LR distance 0.213  "
+                                  "|adv|/|id| f4 0.3 f5 0.12  w_adv 0.5")
+    assert game_summary({}) == ""
+    line = epoch_line(0, 2, {"L_adv": 0.7}, 100.0, 1.0, 1.0, game)
+    assert line.startswith("epoch 1/2: L_adv 0.7 | D4 HR/LR 0.91/0.88")
+    assert line.endswith("w_adv 0.5 | 100 images/s, 1.0 s | ETA 1s")
 
 
 class FakeClock:

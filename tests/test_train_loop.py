@@ -116,3 +116,25 @@ def test_rank_0_logs_one_line_per_epoch_and_no_schedule_warns(tmp_path: Path, mo
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert all(re.search(shown, line) for line in lines), lines
     assert "ETA" in lines[0] and lines[1].endswith("done")
+
+
+def test_each_epoch_reports_the_game_and_the_ramped_w_adv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The diagnostics of every step, averaged over the epoch, reach the report (MLflow's `game/` section)
+    and the epoch line; with a 2-epoch ramp, epoch e trains with w_adv * e / 2."""
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    params = micro_params({"train": {"epochs": 3}, "objective": {"w_adv": 0.6, "adv_ramp_epochs": 2}})
+    mlr = prepare_data(tmp_path, params)
+    reports: list[dict[str, Any]] = []
+    job = TrainJob(params=params, rows=read_rows(str(mlr), 0, ["train"]), store=str(params.store_dir()))
+    caplog.set_level(logging.INFO, logger="tasks.training.progress")
+    train_loop(job, WorkerContext(report=lambda metrics, state: reports.append(metrics)))
+    assert [m["game/w_adv"] for m in reports] == pytest.approx([0.0, 0.3, 0.6])
+    for m in reports:
+        assert 0 <= m["game/D4_accuracy_HR"] <= 1 and 0 <= m["game/D5_accuracy_LR"] <= 1
+        assert m["game/feature_distance"] > 0 and m["game/grad_f5_L_id"] > 0
+    assert reports[0]["game/grad_f4_L_adv"] == 0.0 and reports[2]["game/grad_f4_L_adv"] > 0  # weight 0, then not
+    lines = [r.getMessage() for r in caplog.records if r.name == "tasks.training.progress"]
+    assert all("D4 HR/LR" in line and "HR-LR distance" in line for line in lines), lines

@@ -70,13 +70,14 @@ def experiments_mlflow_name(params: Params) -> str:
 
 def experiments_mlflow_description(params: Params) -> str:
     """What experiment `experiments_mlflow_name` holds, on its page in the MLflow UI."""
-    from tasks.infra.tracking import EPOCH, EVAL, EVAL_STD, TRAIN
+    from tasks.infra.tracking import EPOCH, EVAL, EVAL_STD, GAME, TRAIN
 
     return (f"The paper's experiment grid (`rain experiments`, grid/dvc.yaml) on dataset `{params.dataset.name}`: "
             f"a parent run per grid, with each table row's mean over seeds (`{EVAL}<config>.<row>_<metric>`, the "
             f"std over seeds in `{EVAL_STD}`) and the grid's tables and plots as artifacts; nested under it, one "
             f"run per configuration and seed with its params, losses per step (`{TRAIN}`) and epoch "
-            f"(`{EPOCH}`), and every evaluation row (`{EVAL}`, `{EVAL_STD}`).")
+            f"(`{EPOCH}`), the min-max game's diagnostics (`{GAME}`), and every evaluation row (`{EVAL}`, "
+            f"`{EVAL_STD}`).")
 
 
 def write_atomic(path: Path, text: str) -> None:

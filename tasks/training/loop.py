@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tasks.config import Params, TrainConfig
+from tasks.infra.tracking import GAME
 from tasks.training.progress import Progress
 
 if TYPE_CHECKING:  # imported where used: the Ray driver imports this module and needs none of them
@@ -221,11 +222,16 @@ def _one_epoch(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: in
     if progress is not None:
         progress.start_epoch()
     started, start_time = time.perf_counter(), time.time()
-    sums, batches, images = _train_batches(job, ctx, training, logger, progress, epoch)
+    sums, game, batches, images = _train_batches(job, ctx, training, logger, progress, epoch)
     for sched in training.schedulers:
         sched.step()
     seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {k: v / max(batches, 1) for k, v in sums.items()}
+    metrics |= {GAME + k: v / max(batches, 1) for k, v in game.items()}
+    if "L_adv" in job.params.objective.active_terms():
+        from rain_model.objective import adv_weight
+
+        metrics[GAME + "w_adv"] = adv_weight(job.params.objective, epoch)
     # Identity images per second on this rank (each is seen at HR and LR).
     metrics |= {"epoch": epoch, "nodes": len(set(training.nodes)), "images": images,
                 "images_per_second": images / max(seconds, 1e-9), "epoch_start_time": start_time,
@@ -234,23 +240,30 @@ def _one_epoch(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: in
 
 
 def _train_batches(job: TrainJob, ctx: WorkerContext, training: _Training, logger: _RankZeroLogger | None,
-                   progress: Progress | None, epoch: int) -> tuple[dict[str, float], int, int]:
-    """One `train_step` per batch of the loader; returns (sum of each loss, batches, images)."""
-    from rain_model.objective import Batch, train_step
+                   progress: Progress | None, epoch: int) -> tuple[dict[str, float], dict[str, float], int, int]:
+    """One `train_step` per batch of the loader; returns (sum of each loss, sum of each diagnostic of the
+    game (rain_model/diagnostics.py), batches, images)."""
+    from rain_model.objective import Batch, adv_weight, train_step
 
     device = ctx.device
+    w_adv = adv_weight(job.params.objective, epoch)
     sums: dict[str, float] = {}
+    game: dict[str, float] = {}
     batches, images = 0, 0
     for x_hr, x_lr, y in training.loader:  # uint8 (B, 3, H, W) twice, labels (B,)
         _maybe_fail(job.fault, ctx.rank, training.step)
         batch = Batch(x_hr=x_hr.to(device, non_blocking=True).float().div_(255),
                       x_lr=x_lr.to(device, non_blocking=True).float().div_(255),
                       labels=y.to(device, non_blocking=True))
+        diagnostics: dict[str, float] = {}
         losses = train_step(training.generator, training.discriminators, training.optimizers, batch,
-                            job.params.objective, training.step, micro_batches=job.params.train.micro_batches)
+                            job.params.objective, training.step, micro_batches=job.params.train.micro_batches,
+                            w_adv=w_adv, diagnostics=diagnostics)
         values = {k: float(v) for k, v in losses.items()}
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
+        for k, v in diagnostics.items():
+            game[k] = game.get(k, 0.0) + v
         if logger is not None:
             logger.step(values, training.step)
         training.step += 1
@@ -258,7 +271,7 @@ def _train_batches(job: TrainJob, ctx: WorkerContext, training: _Training, logge
         images += int(y.shape[0])
         if progress is not None:
             progress.batch(epoch, batches, images * ctx.world)
-    return sums, batches, images
+    return sums, game, batches, images
 
 
 def _checkpoint_state(training: _Training, epoch: int) -> dict[str, Any]:
@@ -283,7 +296,8 @@ def _maybe_fail(fault: FaultPlan | None, rank: int, step: int) -> None:
 
 class _RankZeroLogger:
     """MLflow logging from rank 0 only: each loss by its paper name per step (`train/L_cls`), epoch means
-    (`epoch/L_cls`, `epoch/images_per_second`), system metrics (`system/`); sections of tasks/infra/tracking.py."""
+    (`epoch/L_cls`, `epoch/images_per_second`), the game's diagnostics (`game/D4_accuracy_HR`), system
+    metrics (`system/`); sections of tasks/infra/tracking.py."""
 
     FLUSH_AT = 600  # metrics per write (MLflow takes up to 1000): 100 steps of the six losses
 
@@ -331,6 +345,7 @@ class _RankZeroLogger:
 
         self._log({k: float(v) for k, v in metrics.items() if k.startswith("L_") or k == "images_per_second"},
                   epoch, EPOCH)
+        self._log({k: float(v) for k, v in metrics.items() if k.startswith(GAME)}, epoch, "")
         self.flush()
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """What training prints while it runs (rank 0): one line per epoch and a sign of life within long epochs.
 
-    epoch 3/20: L_adv 0.69  L_rec 0.021  L_cls 4.12  L_tri 0.35  L_D 1.38 | 412 images/s, 6.2 s | ETA 1m45s
+    epoch 3/20: L_adv 0.69  L_rec 0.021  L_cls 4.12  L_tri 0.35  L_D 1.38 | D4 HR/LR 0.91/0.88  D5 HR/LR 0.75/0.70
+      HR-LR distance 0.21  |adv|/|id| f4 0.3 f5 0.12  w_adv 1 | 412 images/s, 6.2 s | ETA 1m45s   (one line)
     epoch 4/20: batch 120/310, 405 images/s
 
 The ETA is the mean time of the epochs this process has trained times the epochs left: a resumed run
@@ -12,6 +13,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+
+from tasks.infra.tracking import GAME
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +40,28 @@ def eta_seconds(elapsed: float, epochs_done: int, epochs_left: int) -> float | N
     return elapsed / epochs_done * epochs_left
 
 
+def game_summary(game: Mapping[str, float]) -> str:
+    """The game's diagnostics (rain_model/diagnostics.py, without their section prefix) in a few words:
+    `D4 HR/LR 0.91/0.88  D5 HR/LR 0.75/0.70  HR-LR distance 0.21  |adv|/|id| f4 0.30 f5 0.12`."""
+    levels = sorted({k[1:k.index("_")] for k in game if k.startswith("D") and k.endswith("_accuracy_HR")})
+    parts = [f"D{j} HR/LR {game[f'D{j}_accuracy_HR']:.2f}/{game[f'D{j}_accuracy_LR']:.2f}" for j in levels]
+    if "feature_distance" in game:
+        parts.append(f"HR-LR distance {game['feature_distance']:.3g}")
+    ratios = [f"f{j} {game[f'grad_f{j}_ratio']:.2g}" for j in levels if f"grad_f{j}_ratio" in game]
+    if ratios:
+        parts.append("|adv|/|id| " + " ".join(ratios))
+    if game.get("w_adv") is not None:
+        parts.append(f"w_adv {game['w_adv']:.2g}")
+    return "  ".join(parts)
+
+
 def epoch_line(epoch: int, epochs: int, losses: Mapping[str, float], images_per_second: float, seconds: float,
-               eta: float | None) -> str:
+               eta: float | None, game: Mapping[str, float] | None = None) -> str:
     shown = "  ".join(f"{name} {value:.4g}" for name, value in losses.items())
     when = "done" if epoch + 1 == epochs else f"ETA {duration(eta)}" if eta is not None else "ETA -"
-    return (f"epoch {epoch + 1}/{epochs}: {shown} | {images_per_second:.0f} images/s, {seconds:.1f} s | {when}")
+    summary = game_summary(game or {})
+    return (f"epoch {epoch + 1}/{epochs}: {shown} | {summary + ' | ' if summary else ''}"
+            f"{images_per_second:.0f} images/s, {seconds:.1f} s | {when}")
 
 
 class Progress:
@@ -76,4 +96,5 @@ class Progress:
         self.epochs_done += 1
         eta = eta_seconds(now - (self.started or now), self.epochs_done, self.epochs - epoch - 1)
         shown = {name: losses[name] for name in self.losses if name in losses}
-        log.info("%s", epoch_line(epoch, self.epochs, shown, images_per_second, now - self.epoch_started, eta))
+        game = {k[len(GAME):]: v for k, v in losses.items() if k.startswith(GAME)}
+        log.info("%s", epoch_line(epoch, self.epochs, shown, images_per_second, now - self.epoch_started, eta, game))
