@@ -114,7 +114,8 @@ def run(project: ProjectOption = Path("."), preset: PresetOption = None) -> None
 def experiments(
     seeds: Annotated[list[int] | None, typer.Option("--seed", help="A seed of the grid (repeat); default: "
                                                      "experiments.seeds of params.yaml.")] = None,
-    table: Annotated[list[str] | None, typer.Option(help="Only this table (repeat): table1..table4, figure5.")]
+    table: Annotated[list[str] | None, typer.Option(help="Only this table (repeat): table1..table4, figure5, "
+                                                        "adv_sweep.")]
     = None,
     project: ProjectOption = Path("."),
     preset: PresetOption = None,

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 # The grid's tables by key (tasks/grid/tables.py TABLES; tests/test_flow_ui.py keeps the two equal): a Literal, so
 # the deployment's form in the Prefect UI offers exactly these.
-TableKey = Literal["table1", "table2", "table3", "table4", "figure5"]
+TableKey = Literal["table1", "table2", "table3", "table4", "figure5", "adv_sweep"]
 GRID_FILE = "grid/dvc.yaml"  # the grid's stages, outside the pipeline's dvc.yaml
 DATA_STAGES = ("fingerprint", "download", "manifest", "synthesize", "decode", f"{GRID_FILE}:grid_data")
 MAX_WAITING = 64  # Prefect tasks waiting on their Ray task at once; all runs are queued on the cluster at once
@@ -84,7 +84,8 @@ def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[
         dataset: Must equal params.yaml's dataset.name (a check, not a switch); empty: params.yaml's.
         seeds: Seeds to run, e.g. [0, 1, 2]; each trains on protocol trial seed mod protocol.trials. Empty:
             experiments.seeds in params.yaml.
-        tables: Which of the paper's tables to compute (only their configurations run). Empty: all five.
+        tables: Which tables to compute (only their configurations run): the paper's five and the L_adv
+            sweep. Empty: all.
     """
     from tasks.grid.runs import code_hash, is_done
     from tasks.grid_report import open_parent_run

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 VARIANTS = ("rain", "baseline_hr", "baseline_hrlr")
 MINING = ("batch_hard", "sampled")
-ADV_LOSSES = ("non_saturating", "minimax")
+ADV_LOSSES = ("non_saturating", "minimax", "reversal")
 
 
 class InvalidValue(ValueError):
@@ -115,7 +115,9 @@ class ObjectiveConfig:
     mining: str = "batch_hard"
     """Triplet positives/negatives: batch_hard (hardest in the batch) | sampled (one random each, paper)."""
     adv_loss: str = "non_saturating"
-    """Feature-extractor side of Eq. 1: non_saturating (-log D(f_L)) | minimax (Eq. 1 itself)."""
+    """Feature-extractor side of Eq. 1: non_saturating (-log D(f_L)) | minimax (Eq. 1 itself) | reversal
+    (a gradient-reversal layer, Ganin & Lempitsky 2015: one backward trains D_j on Eq. 1 and gives F minus
+    w_adv times its gradient, in place of the two-optimizer alternation; D_j updates once per step)."""
     adv_ramp_epochs: int = 0
     """Warm-up of L_adv: epoch e (from 0) weights it w_adv * min(1, e / adv_ramp_epochs), so the identity
     losses shape the features first while the D_j already train; 0: w_adv from the first step."""
@@ -134,7 +136,7 @@ class ObjectiveConfig:
     """Adam beta1 of F, G, C."""
     beta1_d: float = 0.5
     """Adam beta1 of the discriminators (0.5 as usual for adversarial training)."""
-    bf16_autocast: bool = False
+    bf16_autocast: bool = True
     """bfloat16 autocast of the forward passes: for GPUs, and for CPUs with native bf16 (avx512_bf16, AMX),
     where oneDNN makes a ResNet-18 RAIN step 1.5-1.8x faster; older CPUs emulate it and get slower."""
     channels_last: bool = False
@@ -150,6 +152,8 @@ class ObjectiveConfig:
             _finite(name, getattr(self, name), 0.0, strict=True)
         _int_at_least("adv_ramp_epochs", self.adv_ramp_epochs, 0)
         _int_at_least("d_steps", self.d_steps, 1)
+        require(self.adv_loss != "reversal" or self.d_steps == 1, "d_steps", self.d_steps,
+                "must be 1 with adv_loss reversal (D_j updates in the same backward as F)")
         _finite("d_label_smoothing", self.d_label_smoothing, 0.0, strict=False)
         require(self.d_label_smoothing < 0.5, "d_label_smoothing", self.d_label_smoothing,
                 "must be < 0.5 (HR features must stay labelled closer to HR than to LR)")

@@ -50,7 +50,27 @@ def adversarial_loss(logits_hr: Sequence[Tensor], logits_lr: Sequence[Tensor], f
         return torch.stack(terms).sum()
     if form == "minimax":
         return -discriminator_loss(logits_hr, logits_lr)
-    raise ValueError(f"adv_loss={form!r}: must be non_saturating or minimax")
+    raise ValueError(f"adv_loss={form!r}: must be non_saturating or minimax (reversal: see reverse_gradient)")
+
+
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by -scale."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.scale * grad, None  # type: ignore[attr-defined]
+
+
+def reverse_gradient(x: Tensor, scale: float) -> Tensor:
+    """x unchanged, with the gradient flowing back through it multiplied by -scale (Ganin & Lempitsky 2015):
+    a loss that D_j minimises on reverse_gradient(f_j, w_adv) trains D_j and makes F maximise it, weighted
+    w_adv, in one backward (the `reversal` form of L_adv)."""
+    return _GradientReversal.apply(x, scale)
 
 
 def reconstruction_loss(x_rec: Tensor, x_hr: Tensor) -> Tensor:

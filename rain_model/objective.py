@@ -26,6 +26,7 @@ from rain_model.losses import (
     classification_loss,
     discriminator_loss,
     reconstruction_loss,
+    reverse_gradient,
     triplet_loss,
 )
 from rain_model.network import RAIN, Generator, GeneratorOutput
@@ -178,7 +179,6 @@ def _discriminator_update(
     The features are detached here, so F, G and C get no gradient from this update. With ``diagnostics``,
     each D_j's accuracy on the HR and the LR rows before its first update is added to it.
     """
-    levels: tuple[int, ...] = tuple(getattr(_unwrap(discriminators), "levels", ()))
     detached = [(tuple(f.detach() for f in feats), n_hr) for feats, n_hr in parts]
     first = None
     for d_step in range(obj.d_steps):
@@ -189,10 +189,7 @@ def _discriminator_update(
                 logits = discriminators(feats_det)  # per level (2B,)
             logits_hr, logits_lr = [lg[:n_hr].float() for lg in logits], [lg[n_hr:].float() for lg in logits]
             if d_step == 0 and diagnostics is not None:
-                for j, hr, lr in zip(levels, logits_hr, logits_lr, strict=True):
-                    acc_hr, acc_lr = discriminator_accuracy(hr.detach(), lr.detach())
-                    diagnostics[f"D{j}_accuracy_HR"] = diagnostics.get(f"D{j}_accuracy_HR", 0.0) + acc_hr / len(parts)
-                    diagnostics[f"D{j}_accuracy_LR"] = diagnostics.get(f"D{j}_accuracy_LR", 0.0) + acc_lr / len(parts)
+                _record_accuracy(diagnostics, _unwrap(discriminators), logits_hr, logits_lr, len(parts))
             l_d = discriminator_loss(logits_hr, logits_lr, obj.d_label_smoothing)
             _check_finite({"L_D": l_d}, step)
             l_d.backward()
@@ -204,6 +201,15 @@ def _discriminator_update(
     return first
 
 
+def _record_accuracy(diagnostics: dict[str, float], d_net: nn.Module, logits_hr: Sequence[Tensor],
+                     logits_lr: Sequence[Tensor], parts: int) -> None:
+    """Add each D_j's accuracy on one part's HR and LR logits (a 1/`parts` share: the mean over parts)."""
+    for j, hr, lr in zip(getattr(d_net, "levels", ()), logits_hr, logits_lr, strict=True):
+        acc_hr, acc_lr = discriminator_accuracy(hr.detach(), lr.detach())
+        diagnostics[f"D{j}_accuracy_HR"] = diagnostics.get(f"D{j}_accuracy_HR", 0.0) + acc_hr / parts
+        diagnostics[f"D{j}_accuracy_LR"] = diagnostics.get(f"D{j}_accuracy_LR", 0.0) + acc_lr / parts
+
+
 def adv_weight(obj: ObjectiveConfig, epoch: int) -> float:
     """The weight of L_adv in epoch ``epoch`` (from 0): w_adv, ramped up over ``obj.adv_ramp_epochs``."""
     if obj.adv_ramp_epochs == 0:
@@ -212,12 +218,17 @@ def adv_weight(obj: ObjectiveConfig, epoch: int) -> float:
 
 
 def generator_losses(
-    discriminators: nn.Module, out: GeneratorOutput, batch: Batch, obj: ObjectiveConfig
+    discriminators: nn.Module, out: GeneratorOutput, batch: Batch, obj: ObjectiveConfig,
+    w_adv: float | None = None, diagnostics: dict[str, float] | None = None,
 ) -> dict[str, Tensor]:
     """The four terms of Eq. 7 on one forward's outputs (with graph); switched-off terms are 0 constants.
 
     Every term is the sum of its HR and its LR expectation (only HR for baseline_hr). L_adv goes through
-    the current D_j with their parameters detached: F gets the gradient, the D_j get none.
+    the current D_j with their parameters detached: F gets the gradient, the D_j get none. With
+    ``adv_loss="reversal"``, L_adv is instead the D_j's own loss (minus Eq. 1) on
+    ``reverse_gradient(f_j, w_adv)`` with live D_j parameters: its backward trains the D_j and gives F minus
+    w_adv times its gradient, so it enters L_total with weight 1 (``w_adv`` defaults to ``obj.w_adv``;
+    ``diagnostics`` then receives the D_j's accuracies, measured on these logits).
     """
     plan = StepPlan.of(obj)
     n_hr = batch.x_hr.shape[0]
@@ -225,7 +236,15 @@ def generator_losses(
     halves = [slice(0, n_hr)] if plan.hr_only else [slice(0, n_hr), slice(n_hr, 2 * n_hr)]
     zero = out.v.new_zeros((), dtype=torch.float32)
     losses = {"L_adv": zero, "L_rec": zero, "L_cls": zero, "L_tri": zero}
-    if plan.adversarial:
+    if plan.adversarial and obj.adv_loss == "reversal":
+        scale = obj.w_adv if w_adv is None else w_adv
+        with _autocast(obj, out.v.device):
+            logits = discriminators(tuple(reverse_gradient(f, scale) for f in out.feats))  # per level (2B,)
+        logits_hr, logits_lr = [lg[:n_hr].float() for lg in logits], [lg[n_hr:].float() for lg in logits]
+        losses["L_adv"] = discriminator_loss(logits_hr, logits_lr, obj.d_label_smoothing)
+        if diagnostics is not None:
+            _record_accuracy(diagnostics, _unwrap(discriminators), logits_hr, logits_lr, parts=1)
+    elif plan.adversarial:
         d_net = _unwrap(discriminators)
         d_params = {name: p.detach() for name, p in d_net.named_parameters()}
         feats = out.feats if obj.adv_loss == "minimax" else tuple(f[n_hr:] for f in out.feats)
@@ -282,11 +301,12 @@ def _generator_update(
     the first part's gradient norms at each f_j are added to it (``diagnostics.gradient_norms``).
     """
     plan = StepPlan.of(obj)
-    weights = {"L_adv": w_adv, "L_rec": obj.w_rec, "L_cls": obj.w_cls, "L_tri": obj.w_tri}
+    reversal = plan.adversarial and obj.adv_loss == "reversal"  # w_adv acts inside the reversal layer
+    weights = {"L_adv": 1.0 if reversal else w_adv, "L_rec": obj.w_rec, "L_cls": obj.w_cls, "L_tri": obj.w_tri}
     optimizer.zero_grad(set_to_none=True)
     mean: dict[str, Tensor] = {}
     for i, (out, batch) in enumerate(parts):
-        losses = generator_losses(discriminators, out, batch, obj)
+        losses = generator_losses(discriminators, out, batch, obj, w_adv, diagnostics if i == 0 else None)
         zero = out.v.new_zeros((), dtype=torch.float32)
         l_total = sum((weights[name] * losses[name] for name in obj.active_terms()), start=zero)
         losses["L_total"] = l_total
@@ -357,7 +377,10 @@ def train_step(
               for i in range(0, n, size)]
     parts = [(forward_generator(generator, chunk, obj, levels), chunk) for chunk in chunks]
     l_d = parts[0][0].v.new_zeros((), dtype=torch.float32)
-    if plan.adversarial:
+    reversal = plan.adversarial and obj.adv_loss == "reversal"
+    if reversal:  # the D_j learn in the F/G/C backward: their gradients are collected there
+        optimizers.discriminator.zero_grad(set_to_none=True)
+    elif plan.adversarial:
         l_d = _discriminator_update(discriminators, optimizers.discriminator,
                                     [(out.feats, chunk.x_hr.shape[0]) for out, chunk in parts], obj, step,
                                     diagnostics)
@@ -369,6 +392,10 @@ def train_step(
         diagnostics["centroid_gap"] = centroid_gap(v_hr, v_lr)
     losses = _generator_update(generator, discriminators, optimizers.generator, parts, obj, step,
                                obj.w_adv if w_adv is None else w_adv, diagnostics)
+    if reversal:
+        _average_grads(optimizers.discriminator, len(parts))
+        optimizers.discriminator.step()
+        l_d = losses["L_adv"]  # the D_j's loss itself (see generator_losses)
     losses["L_D"] = l_d
     return {name: losses[name] for name in LOSS_NAMES}
 

@@ -137,6 +137,9 @@ class ProtocolConfig:
     trials: int = 10
     # Test identities per trial: an int is a count, 0 means half of the identities (VIPeR, CAVIAR).
     test_identities: int = 0  # 0: the dataset adapter's paper split (tasks/datasets), or half
+    # Validation identities per trial, taken from the training identities (disjoint from train and test): their
+    # view-1 images at the MLR rates are queries against their view-0 images, to choose an epoch or a setting.
+    val_identities: int = 0  # 0: none
     workers: int = 0  # synthesis processes; 0 = all cores
 
     def __post_init__(self) -> None:
@@ -149,6 +152,7 @@ class ProtocolConfig:
                  "protocol.unseen_rates", self.unseen_rates, "distinct rates >= 2 (or none)")
         _require(self.trials >= 1, "protocol.trials", self.trials, ">= 1")
         _require(self.test_identities >= 0, "protocol.test_identities", self.test_identities, ">= 0")
+        _require(self.val_identities >= 0, "protocol.val_identities", self.val_identities, ">= 0 (0: none)")
         _require(self.workers >= 0, "protocol.workers", self.workers, ">= 0 (0: all cores)")
 
 
@@ -173,6 +177,8 @@ class TrainConfig:
     lr_decay: float = 0.1
     loader_workers: int = 0  # DataLoader processes per Ray worker (0: load in the training process)
     micro_batches: int = 1  # split each worker's batch, BN per part, gradients averaged (see objective.train_step)
+    val_every_epochs: int = 1  # with protocol.val_identities: score the validation split every N epochs (and the
+    # last); the weights kept are the best epoch's on it
 
     def __post_init__(self) -> None:
         _require(len(self.trials) > 0 and min(self.trials) >= 0 and len(set(self.trials)) == len(self.trials),
@@ -194,6 +200,7 @@ class TrainConfig:
         _require(self.checkpoint_every_seconds > 0, "train.checkpoint_every_seconds", self.checkpoint_every_seconds,
                  "> 0")
         _require(self.loader_workers >= 0, "train.loader_workers", self.loader_workers, ">= 0")
+        _require(self.val_every_epochs >= 1, "train.val_every_epochs", self.val_every_epochs, ">= 1")
         _require(self.micro_batches >= 1 and (self.p * self.k) % self.micro_batches == 0, "train.micro_batches",
                  self.micro_batches, "a divisor of P x K")
         # F down-samples by 32 and G up-samples f5 back by x2 stages to the HR size it is compared with (Eq. 2);
@@ -253,6 +260,7 @@ class ExperimentsConfig:
     epochs: int = 13  # every grid run's training length (train.epochs is the pipeline's)
     cpus_per_run: int = 1  # CPUs Ray reserves for each run, and its threads
     use_gpu: bool = False  # true: each run asks Ray for one GPU
+    val_identities: int = 20  # the L_adv sweep's validation split (protocol.val_identities of its runs)
 
     def __post_init__(self) -> None:
         _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds)
@@ -260,6 +268,7 @@ class ExperimentsConfig:
                  "experiments.seeds", self.seeds, "one or more distinct seeds in [0, 2**63)")
         _require(self.epochs >= 1, "experiments.epochs", self.epochs, ">= 1")
         _require(self.cpus_per_run >= 1, "experiments.cpus_per_run", self.cpus_per_run, ">= 1")
+        _require(self.val_identities >= 1, "experiments.val_identities", self.val_identities, ">= 1")
 
 
 # The aliases only `rain promote` moves (tasks/registry/promote.py imports them from here, so that tasks/config.py
@@ -518,11 +527,17 @@ def _readable(value: Any) -> str:
     return str(value)
 
 
+# How the validation split is scored: with protocol.val_identities these decide which epoch's weights are kept.
+VALIDATION_SCORING = ("evaluate.distance", "evaluate.flip", "evaluate.gallery_repeats")
+
+
 def train_stage_params() -> tuple[str, ...]:
     """What the train stage's weights depend on, as dvc.yaml lists its params (tests/test_stage_deps.py):
-    the network, the objective, every train setting but the output-neutral ones, and the DDP layout."""
+    the network, the objective, every train setting but the output-neutral ones, how the validation split is
+    scored, and the DDP layout."""
     train = (f"train.{f.name}" for f in dataclasses.fields(TrainConfig))
-    return ("model", "objective", *(k for k in train if k not in OUTPUT_NEUTRAL), "ray.num_workers", "ray.use_gpu")
+    return ("model", "objective", *(k for k in train if k not in OUTPUT_NEUTRAL), *VALIDATION_SCORING,
+            "ray.num_workers", "ray.use_gpu")
 
 
 def params_values_sha256(params: Params) -> str:

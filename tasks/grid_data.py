@@ -1,10 +1,11 @@
-"""Stage `grid_data`: the training LR images Tables 2 and 4 need, one folder per rate set.
+"""Stage `grid_data`: the training data the grid needs beyond the pipeline's: other LR rates (Table 4) and
+a validation split (the L_adv sweep), one folder per (rates, validation identities).
 
-Each rate set of the grid other than protocol.train_rates is synthesized by the MLR protocol's code
-(tasks/protocol/mlr.py) with only the rates changed, and decoded as the decode stage does, into
-<experiments>/<dataset>/data/rates-<r...>/ (lr/, mlr.parquet and store/).
-The train/test split does not depend on the rates, so these runs train on the same identities as the
-pipeline's and are tested on the pipeline's MLR queries (rates {2, 3, 4} and the unseen ones).
+Each variant is synthesized by the MLR protocol's code (tasks/protocol/mlr.py) with only the rates and
+`protocol.val_identities` changed, and decoded as the decode stage does, into
+<experiments>/<dataset>/data/rates-<r...>[-val<n>]/ (lr/, mlr.parquet and store/). The train/test split
+depends on neither (validation identities come out of the training ones), so these runs are tested on the
+pipeline's MLR queries (rates {2, 3, 4} and the unseen ones).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ def run(params: Params) -> dict[str, int]:
         shutil.rmtree(out)  # a DVC output: rebuilt whole, nothing stale survives a change of the grid
     out.mkdir(parents=True)
     summary: dict[str, int] = {}
-    for rates in grid.rate_variants(params):
-        variant = dataclasses.replace(params, protocol=dataclasses.replace(params.protocol, train_rates=rates))
-        folder = variant_dir(params, rates)
+    for rates, val in grid.data_variants(params):
+        variant = dataclasses.replace(params, protocol=dataclasses.replace(params.protocol, train_rates=rates,
+                                                                            val_identities=val))
+        folder = variant_dir(params, rates, val)
         done = synthesize(variant, params.raw_dir(), params.manifest_path(), folder / "lr", folder / "mlr.parquet")
         decode_manifest(variant, folder / "mlr.parquet", folder / "store")
-        summary[grid.rates_key(rates)] = done["lr_images"]
-    log.info("grid_data: %s", summary or "no rate variants needed")
+        summary[grid.data_key(rates, val)] = done["lr_images"]
+    log.info("grid_data: %s", summary or "no data variants needed")
     return summary
 
 

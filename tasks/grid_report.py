@@ -63,6 +63,64 @@ def stat(values: list[float]) -> tuple[float, float]:
     return float(mean), float(std)
 
 
+def figure(result: dict[str, Any], query_set: str, metric: str) -> float:
+    """One figure of a run: an evaluation row's, or (query set `val`) the validation split's LR rank-1 at the
+    epoch the run kept."""
+    if query_set == "val":
+        if metric != "rank1" or result.get("validation") is None:
+            raise ValueError(f"run {result['config']} seed {result['seed']}: no validation {metric} (only rank1 of "
+                             "a configuration with a validation split)")
+        return float(result["validation"]["lr_rank1"])
+    return float(result["rows"][query_set][metric])
+
+
+SWEEP = tuple(f"adv_{w:.1f}" for w in grid.ADV_SWEEP)  # the L_adv sweep's configurations, w_adv ascending
+SWEEP_BASELINE, SWEEP_DEFAULT = SWEEP[0], SWEEP[-1]  # w_adv = 0 (the HR & LR baseline) and the paper's w_adv = 1
+
+
+def choose_adv_weight(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple[int, ...]) -> str:
+    """The sweep's configuration with the best mean validation LR rank-1 over seeds (the smaller weight on a
+    tie). Reads the validation split only: the test figures cannot change the choice."""
+    means = {c: stat([figure(results[(c, s)], "val", "rank1") for s in seeds])[0] for c in SWEEP}
+    return max(SWEEP, key=lambda c: (means[c], -SWEEP.index(c)))
+
+
+GAME_SHOWN = (("D4_accuracy_HR", "D4 accuracy HR"), ("D4_accuracy_LR", "D4 accuracy LR"),
+              ("D5_accuracy_HR", "D5 accuracy HR"), ("D5_accuracy_LR", "D5 accuracy LR"),
+              ("feature_distance", "HR-LR feature distance"), ("centroid_gap", "HR-LR centroid gap"),
+              ("grad_f4_ratio", "|grad L_adv| / |grad L_cls + L_tri| at f4"),
+              ("grad_f5_ratio", "|grad L_adv| / |grad L_cls + L_tri| at f5"))
+
+
+def sweep_markdown(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple[int, ...]) -> str:
+    """The weight chosen on the validation split, its test LR rank-1 against the HR & LR baseline's (paired by
+    seed), and the game's diagnostics in the last epoch of the chosen and the default weights."""
+    chosen = choose_adv_weight(results, seeds)
+    lines = ["### The weight of L_adv, chosen on the validation split", "",
+             f"Chosen: `{chosen}` ({grid.CONFIGS[chosen].description}), the best mean validation LR rank-1. Test "
+             "figures of the chosen weight and of the baseline only (each run keeps its best validation epoch):", "",
+             "| Seed | Chosen, test LR rank-1 | HR & LR baseline (w_adv = 0), test LR rank-1 | Chosen - baseline | "
+             "Epochs kept (chosen / baseline) |", "|---:|---:|---:|---:|---:|"]
+    gaps = []
+    for s in seeds:
+        a, b = (100 * figure(results[(c, s)], "lr", "rank1") for c in (chosen, SWEEP_BASELINE))
+        gaps.append(a - b)
+        kept = " / ".join(str(results[(c, s)]["validation"]["kept_epoch"]) for c in (chosen, SWEEP_BASELINE))
+        lines.append(f"| {s} | {a:.1f} | {b:.1f} | {a - b:+.1f} | {kept} |")
+    every = "on every seed" if all(g >= 0 for g in gaps) else f"on {sum(g >= 0 for g in gaps)} of {len(gaps)} seeds"
+    lines += ["", f"The chosen weight's test LR rank-1 is at least the baseline's {every}." if chosen != SWEEP_BASELINE
+              else "The validation split chose w_adv = 0: on it, L_adv did not help at any weight tried.", "",
+              "Diagnostics of the game in the last epoch, mean over seeds (`game/` in each run's MLflow metrics):",
+              "", "| Diagnostic | " + " | ".join(f"`{c}`" for c in SWEEP) + " |", "|:---|" + "---:|" * len(SWEEP)]
+    for key, label in GAME_SHOWN:
+        cells = []
+        for c in SWEEP:
+            values = [results[(c, s)].get("final_game", {}).get(key) for s in seeds]
+            cells.append("-" if any(v is None for v in values) else f"{stat([float(v) for v in values])[0]:.3g}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table_rows(table: grid_tables.Table, results: dict[tuple[str, int], dict[str, Any]],
                seeds: tuple[int, ...]) -> list[dict[str, Any]]:
     """One dict per table row: label, config, query_set, seeds, and <metric>/<metric>_std as fractions."""
@@ -71,7 +129,7 @@ def table_rows(table: grid_tables.Table, results: dict[tuple[str, int], dict[str
         entry: dict[str, Any] = {"table": table.key, "row": row.label, "config": row.config,
                                  "query_set": row.query_set, "seeds": len(seeds)}
         for metric in table.metrics:
-            values = [results[(row.config, s)]["rows"][row.query_set][metric] for s in seeds]
+            values = [figure(results[(row.config, s)], row.query_set, metric) for s in seeds]
             entry[metric], entry[f"{metric}_std"] = stat(values)
             entry[f"paper_{metric}"] = row.paper.get(metric)
         out.append(entry)
@@ -254,7 +312,8 @@ def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str
               f"{{2,3,4}}' rows use the MLR protocol's rates, here {list(params.protocol.train_rates)}; unseen: "
               f"{list(params.protocol.unseen_rates)}. Percent.\n")
     rates = rate_table(results, configs, seeds)
-    parts = [header, *(markdown(t, all_rows[t.key]) for t in selected), claims_markdown(results, seeds),
+    sweep = [sweep_markdown(results, seeds)] if any(t.key == "adv_sweep" for t in selected) else []
+    parts = [header, *(markdown(t, all_rows[t.key]) for t in selected), *sweep, claims_markdown(results, seeds),
              *([rates_markdown(rates)] if rates else []), runs_markdown(results, configs),
              cost_markdown(results, configs, selected)]
     (out_dir / "results.md").write_text("\n\n".join(parts) + "\n")

@@ -36,6 +36,7 @@ from tasks.grid.runs import (
     write_atomic,
 )
 from tasks.infra.logs import setup_logging
+from tasks.infra.tracking import GAME, VALIDATION
 from tasks.training import weights
 
 if TYPE_CHECKING:
@@ -65,7 +66,8 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
     client, run_id = _start_mlflow_run(params, run_params, config, seed, trial, key, parent_run_id, flat_params)
     try:
         job = TrainJob(params=weights.resolve(run_params), rows=rows, store=str(train_store(params, config).resolve()),
-                       tracking_uri=client.tracking_uri, run_id=run_id, fault=fault)
+                       tracking_uri=client.tracking_uri, run_id=run_id, fault=fault,
+                       mlr=str(train_manifest(params, config).resolve()))
         state, final_metrics, train_seconds = _train(job, device, f"experiment {config} seed {seed}")
         scores, eval_seconds = _score(params, run_params, state, trial, device)
     except BaseException:
@@ -77,6 +79,9 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
         "description": grid.CONFIGS[config].description, "epochs": run_params.train.epochs,
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "final_losses": {k: round(float(v), 5) for k, v in final_metrics.items() if k.startswith("L_")},
+        "final_game": {k.removeprefix(GAME): round(float(v), 5) for k, v in final_metrics.items()
+                       if k.startswith(GAME)},
+        "validation": _validation(run_params, state, final_metrics),
         "rows": table, "mlflow_run_id": run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _finish_mlflow_run(client, run_id, result)
@@ -84,6 +89,15 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
     log.info("experiment %s seed %d: LR rank-1 %.1f%%, r8 rank-1 %.1f%% (train %.0f s, eval %.0f s)", config, seed,
              100 * table["lr"]["rank1"], 100 * table.get("r8", table["lr"])["rank1"], train_seconds, eval_seconds)
     return result
+
+
+def _validation(run_params: Params, state: dict[str, Any], final_metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The validation split's verdict: the epoch kept (1-based) and its LR rank-1; None without validation."""
+    if state.get("best") is None:
+        return None
+    return {"identities": run_params.protocol.val_identities, "kept_epoch": state["best"]["epoch"] + 1,
+            "lr_rank1": round(float(state["best"]["lr_rank1"]), 6),
+            "last_epoch_lr_rank1": round(float(final_metrics[VALIDATION + "lr_rank1"]), 6)}
 
 
 def _run_params(params: Params, config: str, seed: int) -> Params:
@@ -138,9 +152,10 @@ def _score(params: Params, run_params: Params, state: dict[str, Any], trial: int
     from rain_model.network import RAIN
     from tasks.evaluation.scoring import score_trial
     from tasks.images.store import ImageStore
+    from tasks.training.loop import kept_weights
 
     model = RAIN(weights.without_initial_weights(run_params).model, state["num_classes"])
-    model.load_state_dict(state["model"])
+    model.load_state_dict(kept_weights(state))
     model = model.to(device).eval()
     started = time.perf_counter()
     scores, _ = score_trial(model, run_params, params.mlr_manifest_path(), trial, ImageStore(params.store_dir()))

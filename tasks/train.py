@@ -41,7 +41,15 @@ from tasks.infra.tracking import (
 )
 from tasks.training import resume, weights
 from tasks.training.artifacts import STATE_FILE, summary_path, weights_path
-from tasks.training.loop import FaultPlan, NonFiniteTraining, TrainJob, WorkerContext, ddp_backend, train_loop
+from tasks.training.loop import (
+    FaultPlan,
+    NonFiniteTraining,
+    TrainJob,
+    WorkerContext,
+    ddp_backend,
+    kept_weights,
+    train_loop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +85,7 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_d
         run_id = _open_mlflow_run(client, exp_id, ray_dir / name, params, trial, reads["mlr_manifest"])
         # Workers do not share the driver's working folder: the store's path is absolute.
         job = TrainJob(params=params, rows=rows, store=str(store_dir.resolve()), tracking_uri=uri, run_id=run_id,
-                       fault=fault)
+                       fault=fault, mlr=str(mlr_path.resolve()))
         summary["trials"][str(trial)] = _train_trial(job, trial, name, client, run_id, model_dir, ray_dir)
     summary_path(model_dir).write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
@@ -140,7 +148,7 @@ def _train_trial(job: TrainJob, trial: int, name: str, client: Any, run_id: str,
     trainer = _torch_trainer(job, name, ray_dir)
     started = time.perf_counter()
     result, state = _fit(trainer, client, run_id, trial, name)
-    _save_weights(state["model"], weights_path(model_dir, trial))
+    _save_weights(kept_weights(state), weights_path(model_dir, trial))
     shutil.rmtree(ray_dir / name, ignore_errors=True)  # finished: nothing left to resume
     seconds = time.perf_counter() - started
     client.log_metric(run_id, TIME + "train_seconds", seconds)
@@ -148,6 +156,7 @@ def _train_trial(job: TrainJob, trial: int, name: str, client: Any, run_id: str,
     trial_summary = {
         "weights": weights_path(model_dir, trial).name, "mlflow_run_id": run_id, "ray_run": name,
         "num_classes": state["num_classes"], "epochs": state["epoch"] + 1, "seconds": round(seconds, 1),
+        "kept_epoch": (state["best"] or {}).get("epoch", state["epoch"]) + 1,  # best on validation, else the last
         "ray_nodes": int((result.metrics or {}).get("nodes", 1)), "workers": job.params.ray.num_workers,
         "final_losses": {k: round(v, 5) for k, v in (result.metrics or {}).items()
                          if k.startswith("L_")},

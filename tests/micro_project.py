@@ -27,7 +27,7 @@ MICRO: dict[str, Any] = {
     "train": {"height": 64, "width": 32, "epochs": 2, "p": 4, "k": 2, "trials": [0], "checkpoint_every_epochs": 1},
     "ray": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0},
     "evaluate": {"gallery_repeats": 2, "tsne_identities": 6, "sheet_queries": 2, "batch_size": 16},
-    "experiments": {"seeds": [0], "epochs": 1},
+    "experiments": {"seeds": [0], "epochs": 1, "val_identities": 2},
 }
 
 

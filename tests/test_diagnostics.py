@@ -12,7 +12,7 @@ from torch import nn
 from rain_model.config import InvalidValue, ModelConfig, ObjectiveConfig
 from rain_model.diagnostics import centroid_gap, discriminator_accuracy, feature_distance, gradient_norms
 from rain_model.discriminator import ResolutionDiscriminators
-from rain_model.losses import discriminator_loss
+from rain_model.losses import discriminator_loss, reverse_gradient
 from rain_model.network import RAIN
 from rain_model.objective import Batch, adv_weight, make_optimizers, train_step
 
@@ -170,3 +170,43 @@ def test_label_smoothing_moves_the_hr_target_to_1_minus_smoothing(smoothing: flo
 def test_balance_controls_out_of_range_are_refused_naming_the_key(key: str, value: object) -> None:
     with pytest.raises(InvalidValue, match=key):
         ObjectiveConfig(**{key: value})  # type: ignore[arg-type]
+
+
+def test_reverse_gradient_is_the_identity_forward_and_minus_scale_times_the_gradient_backward() -> None:
+    x = torch.randn(5, requires_grad=True)
+    y = reverse_gradient(x, 0.3)
+    assert torch.equal(y, x)
+    (y * torch.arange(5.0)).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, -0.3 * torch.arange(5.0))
+
+
+def test_the_reversal_form_trains_d_on_its_loss_and_f_against_it_in_one_step() -> None:
+    """adv_loss reversal: the D_j take one Adam step on minus Eq. 1 (their gradient is that of L_D alone),
+    and F's gradient from L_adv is minus w_adv times that of L_D at its features."""
+    obj = ObjectiveConfig(adv_loss="reversal", w_adv=0.5, bf16_autocast=False)  # fp32: compared exactly below
+    model = _model()
+    optimizers = make_optimizers(model, obj)
+    batch = _batch(0)
+    diagnostics: dict[str, float] = {}
+    losses = train_step(model.generator, model.discriminators, optimizers, batch, obj, 0, diagnostics=diagnostics)
+    assert {int(s["step"]) for s in optimizers.discriminator.state.values()} == {1}
+    assert float(losses["L_D"]) == float(losses["L_adv"]) > 0
+    assert {"D4_accuracy_HR", "D5_accuracy_LR", "grad_f4_L_adv", "feature_distance"} <= set(diagnostics)
+
+    # F's side: the gradient of L_adv at f_j is -w_adv times that of the same loss without the reversal.
+    from rain_model.losses import discriminator_loss as l_d
+    from rain_model.objective import forward_generator, generator_losses
+
+    model = _model()
+    out = forward_generator(model.generator, batch, obj, LEVELS)
+    reversed_adv = generator_losses(model.discriminators, out, batch, obj)["L_adv"]
+    logits = model.discriminators(out.feats)
+    plain = l_d([lg[:6] for lg in logits], [lg[6:] for lg in logits])
+    g_rev = torch.autograd.grad(reversed_adv, out.feats[1], retain_graph=True)[0]
+    g_plain = torch.autograd.grad(plain, out.feats[1])[0]
+    assert torch.allclose(g_rev, -0.5 * g_plain, rtol=1e-4, atol=1e-7)
+
+
+def test_reversal_with_several_d_steps_is_refused_naming_the_key() -> None:
+    with pytest.raises(InvalidValue, match="d_steps"):
+        ObjectiveConfig(adv_loss="reversal", d_steps=2)

@@ -27,7 +27,7 @@ def test_every_configuration_is_read_by_a_table_and_shared_ones_are_trained_once
     rows = [row for table in grid_tables.TABLES for row in table.rows]
     assert {row.config for row in rows} == set(grid.CONFIGS)
     assert grid_tables.configs_of(grid_tables.TABLES) == list(grid.CONFIGS)
-    assert len(rows) == 23 and len(grid.CONFIGS) == 15  # 23 table rows from 15 trainings per seed
+    assert len(rows) == 27 and len(grid.CONFIGS) == 19  # 27 table rows from 19 trainings per seed
     # The full model is Table 1's multi-level row, Table 3's "Ours", Table 4's {2,3,4} and Figure 5's 100%.
     readers = {t.key for t in grid_tables.TABLES for r in t.rows if r.config == "multi_level"}
     assert readers == {"table1", "table2", "table3", "table4", "figure5"}
@@ -68,10 +68,13 @@ def test_seed_sets_the_training_seed_the_trial_and_the_grid_length() -> None:
         grid.configure(params, "no_such", 0)
 
 
-def test_rate_variants_skip_the_pipeline_rates() -> None:
-    assert grid.rate_variants(micro_params()) == [(2,), (3,), (4,)]
+def test_data_variants_skip_the_pipeline_data() -> None:
+    # Table 4's rates, and the L_adv sweep's validation split (MICRO: experiments.val_identities 2).
+    assert grid.data_variants(micro_params()) == [((2,), 0), ((2, 3, 4), 2), ((3,), 0), ((4,), 0)]
     # With the pipeline at rate 2, rates_2 trains on the pipeline's own LR images.
-    assert grid.rate_variants(micro_params({"protocol": {"train_rates": [2]}})) == [(3,), (4,)]
+    assert grid.data_variants(micro_params({"protocol": {"train_rates": [2]}})) == [((2,), 2), ((3,), 0), ((4,), 0)]
+    # With the pipeline validating as the sweep does, the sweep trains on the pipeline's manifest.
+    assert grid.data_variants(micro_params({"protocol": {"val_identities": 2}})) == [((2,), 2), ((3,), 2), ((4,), 2)]
 
 
 def test_run_key_follows_what_changes_a_result_and_nothing_else() -> None:

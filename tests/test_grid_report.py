@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from tasks.config import Params
 from tasks.grid import configs as grid
 from tasks.grid import tables as grid_tables
 from tasks.grid.runs import result_path
-from tasks.grid_report import MissingRuns, collect, run, stat
+from tasks.grid_report import SWEEP, MissingRuns, choose_adv_weight, collect, run, stat
 from tests.micro_project import micro_params
 
 QUERY_SETS = ("lr", "r2", "r3", "r4", "r8", "hr")
@@ -25,13 +26,27 @@ def _score(config: str, seed: int, query_set: str) -> float:
                  6)
 
 
-def _write_result(params: Params, config: str, seed: int, run_id: str) -> None:
-    rows = {q: {"row": q, "rank1": _score(config, seed, q), "rank5": 0.9, "rank10": 0.95, "rank20": 1.0,
-                "mAP": _score(config, seed, q) / 2} for q in QUERY_SETS}
+def _val_score(config: str, seed: int) -> float:
+    """The validation LR rank-1 of a sweep run: highest at w_adv = 0.3, whatever the test figures say."""
+    return {"adv_0.0": 0.30, "adv_0.1": 0.32, "adv_0.3": 0.40, "adv_1.0": 0.35}[config] + 0.01 * seed
+
+
+def _figure(config: str, seed: int, query_set: str) -> float:
+    return _val_score(config, seed) if query_set == "val" else _score(config, seed, query_set)
+
+
+def _write_result(params: Params, config: str, seed: int, run_id: str,
+                  test_score: Callable[[str, int, str], float] = _score) -> None:
+    rows = {q: {"row": q, "rank1": test_score(config, seed, q), "rank5": 0.9, "rank10": 0.95, "rank20": 1.0,
+                "mAP": test_score(config, seed, q) / 2} for q in QUERY_SETS}
+    validation = {"identities": 2, "kept_epoch": 1 + seed, "lr_rank1": _val_score(config, seed),
+                  "last_epoch_lr_rank1": 0.2} if grid.CONFIGS[config].validation else None
+    game = {"D4_accuracy_HR": 0.75, "D4_accuracy_LR": 0.7, "feature_distance": 0.2 + 0.1 * seed}
     path = result_path(params, config, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"config": config, "seed": seed, "trial": seed, "rows": rows, "epochs": 1,
-                                "train_seconds": 10.0, "eval_seconds": 2.0, "mlflow_run_id": run_id}))
+                                "train_seconds": 10.0, "eval_seconds": 2.0, "mlflow_run_id": run_id,
+                                "validation": validation, "final_game": game}))
 
 
 @pytest.fixture
@@ -74,7 +89,7 @@ def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Pa
     # Every cell is the mean (and sample std) over the two seeds of that row's configuration and query set.
     for table in grid_tables.TABLES:
         for row, got in zip(table.rows, summary["tables"][table.key], strict=True):
-            values = [_score(row.config, s, row.query_set) for s in (0, 1)]
+            values = [_figure(row.config, s, row.query_set) for s in (0, 1)]
             assert got["rank1"] == pytest.approx(sum(values) / 2)
             assert got["rank1_std"] == pytest.approx(stat(values)[1])
     table2 = {r["row"]: r for r in summary["tables"]["table2"]}
@@ -83,6 +98,12 @@ def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Pa
 
     text = (out / "results.md").read_text()
     assert text.count("### Table") == 4 and "### Figure 5" in text
+    # The sweep: w_adv = 0.3 has the best validation figure; its test LR rank-1 against the baseline's, per seed.
+    assert "Chosen: `adv_0.3`" in text
+    gap = 100 * (_score("adv_0.3", 0, "lr") - _score("adv_0.0", 0, "lr"))
+    chosen, baseline = 100 * _score("adv_0.3", 0, "lr"), 100 * _score("adv_0.0", 0, "lr")
+    assert f"| 0 | {chosen:.1f} | {baseline:.1f} | {gap:+.1f} | 1 / 1 |" in text
+    assert "| HR-LR feature distance | 0.25 | 0.25 | 0.25 | 0.25 |" in text
     ours = summary["tables"]["table1"][3]
     assert f"| Ours (multi-level) (`multi_level`) | {100 * ours['rank1']:.1f} ± {100 * ours['rank1_std']:.1f} |" in text
     assert "| 78.9 |" in text  # the paper's figure next to ours
@@ -121,3 +142,16 @@ def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Pa
     assert {"results.md", "results.csv", "label_fraction.png", "rate_bars.png"} <= {
         a.path for a in client.list_artifacts(parent)}
     assert json.loads((out / "results.json").read_text())["parent_run_id"] == parent
+
+
+def test_the_sweep_chooses_on_the_validation_split_whatever_the_test_figures(project: Params) -> None:
+    """The choice reads validation figures only: test figures that favour each other weight change nothing."""
+    seeds = (0, 1)
+    for favoured in SWEEP:
+        def test_score(config: str, seed: int, query_set: str, favoured: str = favoured) -> float:
+            return 0.9 if config == favoured else 0.1
+
+        for config in SWEEP:
+            for seed in seeds:
+                _write_result(project, config, seed, "x", test_score)
+        assert choose_adv_weight(collect(project, seeds, list(SWEEP)), seeds) == "adv_0.3"

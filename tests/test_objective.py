@@ -198,7 +198,7 @@ def test_bf16_autocast_matches_fp32_within_stated_tolerance() -> None:
     whole F/G/C gradient at cosine > 0.9 to fp32's with a norm within 5 % (on this freshly initialised
     network the cosine measured 0.93-0.94 over three batches: rounding of every activation perturbs the
     small early-layer gradients most). The losses come back as float32 either way."""
-    fp32_losses, fp32_grad, _ = _generator_pass(ObjectiveConfig())
+    fp32_losses, fp32_grad, _ = _generator_pass(ObjectiveConfig(bf16_autocast=False))
     bf16_losses, bf16_grad, bf16_out = _generator_pass(ObjectiveConfig(bf16_autocast=True))
     assert bf16_out.v.dtype == torch.bfloat16  # autocast really ran
     for name, value in fp32_losses.items():
@@ -228,9 +228,9 @@ def test_bf16_on_a_cpu_without_native_bfloat16_warns_naming_the_key(monkeypatch:
 def test_channels_last_gives_the_same_outputs_and_gradients() -> None:
     """Only the memory layout changes, so only float summation order differs: features within 1e-4,
     losses within 1e-4 relative, gradients at cosine > 0.9999 and within 1 % of the largest entry."""
-    plain_losses, plain_grad, plain_out = _generator_pass(ObjectiveConfig(channels_last=False))
+    plain_losses, plain_grad, plain_out = _generator_pass(ObjectiveConfig(channels_last=False, bf16_autocast=False))
     assert plain_out.feats[0].is_contiguous()
-    cl_losses, cl_grad, cl_out = _generator_pass(ObjectiveConfig(channels_last=True))
+    cl_losses, cl_grad, cl_out = _generator_pass(ObjectiveConfig(channels_last=True, bf16_autocast=False))
     assert cl_out.feats[0].is_contiguous(memory_format=torch.channels_last)  # the switch took effect
     assert torch.allclose(cl_out.v, plain_out.v, rtol=0, atol=1e-4)
     assert all(abs(cl_losses[k] - v) <= 1e-4 * abs(v) + 1e-6 for k, v in plain_losses.items())

@@ -98,3 +98,46 @@ def stripe_contrast(period: int, rate: int) -> float:
 @pytest.mark.parametrize(("period", "rate", "survives"), [(2, 4, False), (2, 8, False), (16, 2, True)])
 def test_degrade_erases_fine_stripes_and_keeps_coarse_ones(period: int, rate: int, survives: bool) -> None:
     assert (stripe_contrast(period, rate) > 50) == survives  # measured: 0-1 erased, 95 kept
+
+
+def test_validation_identities_are_training_identities_held_out_and_leave_the_test_split_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """protocol.val_identities: drawn from the training identities (disjoint from train and test), with their
+    own LR queries and HR gallery; the test split, its gallery draw and every test row are those without it."""
+    import dataclasses
+
+    (tmp_path / "a").mkdir()
+    without, _ = build(tmp_path / "a", small_params(), monkeypatch)
+    params = small_params()
+    params = dataclasses.replace(params, protocol=dataclasses.replace(params.protocol, val_identities=2))
+    (tmp_path / "b").mkdir()
+    rows, _ = build(tmp_path / "b", params, monkeypatch)
+    test_roles = ("query", "gallery", "gallery_pool")
+    val_roles = ("val_query", "val_gallery", "val_gallery_pool")
+    for trial in range(3):
+        t = [r for r in rows if r["trial"] == trial]
+        ids = {role: {r["person_id"] for r in t if r["role"] == role} for role in ("train", *test_roles, *val_roles)}
+        val = ids["val_query"]
+        assert len(val) == 2 and ids["val_gallery"] == val
+        assert not val & ids["train"] and not val & ids["query"]
+        assert all(r["query_set"] == "mlr" and r["rate"] in (2, 3, 4) and r["camera_id"] == 1
+                   for r in t if r["role"] == "val_query")
+        assert sorted({r["label"] for r in t if r["role"] == "train"}) == list(range(len(ids["train"])))
+        before = [r for r in without if r["trial"] == trial]
+        assert ids["train"] | val == {r["person_id"] for r in before if r["role"] == "train"}
+
+        def test_rows(table: list[dict]) -> list[tuple]:
+            return sorted((r["role"], r["query_set"], r["person_id"], Path(r["path"]).name) for r in table
+                          if r["role"] in test_roles)
+        assert test_rows(t) == test_rows(before)
+    # Seeded: another trial holds out other identities.
+    assert len({frozenset(r["person_id"] for r in rows if r["trial"] == k and r["role"] == "val_gallery")
+                for k in range(3)}) > 1
+
+
+def test_more_validation_identities_than_training_ones_fail_naming_the_key() -> None:
+    cfg = ProtocolConfig(val_identities=4)
+    with pytest.raises(ValueError, match=r"protocol.val_identities = 4: trial 0 has 5 training identities"):
+        mlr.split_validation({1, 2, 3, 4, 5}, 0, cfg)
+    train, val = mlr.split_validation({1, 2, 3, 4, 5, 6}, 0, cfg)
+    assert len(val) == 4 and train == {1, 2, 3, 4, 5, 6} - val

@@ -138,3 +138,45 @@ def test_each_epoch_reports_the_game_and_the_ramped_w_adv(tmp_path: Path, monkey
     assert reports[0]["game/grad_f4_L_adv"] == 0.0 and reports[2]["game/grad_f4_L_adv"] > 0  # weight 0, then not
     lines = [r.getMessage() for r in caplog.records if r.name == "tasks.training.progress"]
     assert all("D4 HR/LR" in line and "HR-LR distance" in line for line in lines), lines
+
+
+def test_validation_reads_no_test_image_keeps_the_best_epoch_and_changes_no_weight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With protocol.val_identities the loop scores the validation split after every epoch: the weights it
+    trains are those of a run that never validates, no pixel of a test-split image is read before the model is
+    chosen, and the weights kept are those of the epoch with the best validation LR rank-1."""
+    from tasks.images.store import ImageStore
+    from tasks.training.loop import kept_weights
+
+    monkeypatch.chdir(tmp_path)
+    params = micro_params({"train": {"epochs": 3}, "protocol": {"val_identities": 2}})
+    mlr = prepare_data(tmp_path, params)
+    rows = read_rows(str(mlr), 0, ["train"])
+    read: list[str] = []
+    real_rows = ImageStore.rows
+
+    def recording(self: ImageStore, paths: Any, size: tuple[int, int]) -> Any:
+        read.extend(paths)
+        return real_rows(self, paths, size)
+
+    monkeypatch.setattr(ImageStore, "rows", recording)
+    runs: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {"plain": [], "validated": []}
+    for name, manifest in (("plain", None), ("validated", str(mlr.resolve()))):
+        job = TrainJob(params=params, rows=rows, store=str(params.store_dir()), mlr=manifest)
+        train_loop(job, WorkerContext(report=lambda metrics, state, out=runs[name]: out.append((metrics, state))))
+    plain_last, validated_last = runs["plain"][-1][1], runs["validated"][-1][1]
+    assert plain_last is not None and validated_last is not None
+    assert all(torch.equal(plain_last["model"][k], validated_last["model"][k]) for k in plain_last["model"])
+    assert plain_last["best"] is None and kept_weights(plain_last) is plain_last["model"]
+
+    test_paths = {r["path"] for r in read_rows(str(mlr), 0, ["query", "gallery", "gallery_pool"])}
+    val_paths = {r["path"] for r in read_rows(str(mlr), 0, ["val_query", "val_gallery", "val_gallery_pool"])}
+    assert val_paths and set(read) & val_paths and not set(read) & test_paths
+
+    scores = [m["val/lr_rank1"] for m, _ in runs["validated"]]
+    best = scores.index(max(scores))  # the first of equal scores: a later epoch must do better to be kept
+    assert validated_last["best"]["epoch"] == best and runs["validated"][-1][0]["val/best_epoch"] == best
+    best_state = runs["validated"][best][1]
+    assert best_state is not None  # MICRO checkpoints every epoch
+    kept = kept_weights(validated_last)
+    assert all(torch.equal(kept[k], best_state["model"][k]) for k in kept)

@@ -13,6 +13,7 @@ import numpy as np
 from rain_model.metrics import METRIC_KEYS, mean_std
 from tasks.config import Params
 from tasks.images.store import ImageStore
+from tasks.protocol.splits import TEST, role
 
 RANKS = tuple(int(k.removeprefix("rank")) for k in METRIC_KEYS if k.startswith("rank"))  # (1, 5, 10, 20)
 
@@ -35,18 +36,19 @@ def row_names(rows: list[dict], unseen: tuple[int, ...]) -> dict[str, list[int]]
     return {n: names[n] for n in order if n in names}
 
 
-def score_trial(model: Any, params: Params, mlr_path: Path, trial: int, store: ImageStore
+def score_trial(model: Any, params: Params, mlr_path: Path, trial: int, store: ImageStore, split: str = TEST
                 ) -> tuple[dict[str, list[tuple[int, np.ndarray, float]]], dict[str, Any]]:
-    """(CMC, AP) of every evaluation row of `trial` for each gallery draw, and what the pictures need."""
+    """(CMC, AP) of every evaluation row of `trial` for each gallery draw, and what the pictures need, on the
+    test split or (`split="val"`) on the validation identities; neither reads the other's rows."""
     from rain_model.metrics import pairwise_distance, single_shot_gallery
     from tasks.images.loaders import read_rows
     from tasks.registry.embed import embed_store
 
     cfg = params.evaluate
-    queries = read_rows(str(mlr_path), trial, ["query"])
-    gallery_rows = read_rows(str(mlr_path), trial, ["gallery", "gallery_pool"])
+    queries = read_rows(str(mlr_path), trial, [role(split, "query")])
+    gallery_rows = read_rows(str(mlr_path), trial, [role(split, "gallery"), role(split, "gallery_pool")])
     if not queries or not gallery_rows:
-        raise ValueError(f"{mlr_path}: trial {trial} has no queries or no gallery")
+        raise ValueError(f"{mlr_path}: trial {trial} has no {split} queries or no {split} gallery")
     paths = sorted({r["path"] for r in queries} | {r["path"] for r in gallery_rows})
     feats = embed_store(model, store, paths, (params.train.height, params.train.width), cfg.batch_size, cfg.flip)
     index = {p: i for i, p in enumerate(paths)}
@@ -57,7 +59,7 @@ def score_trial(model: Any, params: Params, mlr_path: Path, trial: int, store: I
     q_cams = np.array([r["camera_id"] for r in queries])
     g_pids = np.array([r["person_id"] for r in gallery_rows])
     g_cams = np.array([r["camera_id"] for r in gallery_rows])
-    first = np.array([i for i, r in enumerate(gallery_rows) if r["role"] == "gallery"])
+    first = np.array([i for i, r in enumerate(gallery_rows) if r["role"] == role(split, "gallery")])
     draws = [first, *single_shot_gallery(g_pids, g_cams, seed=params.protocol.seed + trial,
                                          repeats=cfg.gallery_repeats - 1)]
     results: dict[str, list[tuple[int, np.ndarray, float]]] = defaultdict(list)

@@ -30,11 +30,23 @@ class Configuration:
     overrides: Mapping[str, Any] = field(default_factory=dict)  # dotted params key -> value
     train_rates: tuple[int, ...] | None = None  # LR rates of the training images; None: protocol.train_rates
     description: str = ""
+    # True: experiments.val_identities of the training identities become a validation split, scored every
+    # train.val_every_epochs; the run keeps its best epoch there (the L_adv sweep chooses on it)
+    validation: bool = False
 
 
 def _labels(fraction: float) -> Configuration:
     return Configuration(f"labels_{fraction:.1f}", {"train.label_fraction": fraction},
                      description=f"RAIN with {fraction:.0%} of the training identities labelled")
+
+
+ADV_SWEEP = (0.0, 0.1, 0.3, 1.0)  # the weights of L_adv the sweep compares on the validation split
+
+
+def _adversarial_weight(w_adv: float) -> Configuration:
+    return Configuration(f"adv_{w_adv:.1f}", {"objective.w_adv": w_adv}, validation=True,
+                         description=f"RAIN with w_adv = {w_adv:g}, best epoch kept on the validation split"
+                                     + (" (= the HR & LR baseline)" if w_adv == 0 else ""))
 
 
 CONFIGS: dict[str, Configuration] = {c.name: c for c in (
@@ -50,17 +62,26 @@ CONFIGS: dict[str, Configuration] = {c.name: c for c in (
     Configuration("rates_3", {}, (3,), "RAIN trained with LR rate 3 only"),
     Configuration("rates_4", {}, (4,), "RAIN trained with LR rate 4 only"),
     *(_labels(f) for f in (0.0, 0.2, 0.4, 0.6, 0.8)),
+    *(_adversarial_weight(w) for w in ADV_SWEEP),
 )}
 
 
-def rate_variants(params: Params, names: list[str] | None = None) -> list[tuple[int, ...]]:
-    """Training-rate sets that need their own LR images (the pipeline's protocol.train_rates has them)."""
-    rates = {CONFIGS[n].train_rates for n in (names or list(CONFIGS))}
-    return sorted(r for r in rates if r is not None and r != tuple(params.protocol.train_rates))
+def data_protocol(params: Params, name: str) -> tuple[tuple[int, ...], int]:
+    """(LR rates of the training images, validation identities) of configuration `name`'s training data."""
+    cfg = CONFIGS[name]
+    rates = cfg.train_rates if cfg.train_rates is not None else tuple(params.protocol.train_rates)
+    return rates, params.experiments.val_identities if cfg.validation else params.protocol.val_identities
 
 
-def rates_key(rates: tuple[int, ...]) -> str:
-    return "rates-" + "-".join(str(r) for r in rates)
+def data_variants(params: Params, names: list[str] | None = None) -> list[tuple[tuple[int, ...], int]]:
+    """The training data the configurations need beyond the pipeline's MLR manifest: (rates, validation
+    identities) of each, synthesized by the grid_data stage."""
+    pipeline = (tuple(params.protocol.train_rates), params.protocol.val_identities)
+    return sorted({data_protocol(params, n) for n in (names or list(CONFIGS))} - {pipeline})
+
+
+def data_key(rates: tuple[int, ...], val_identities: int) -> str:
+    return "rates-" + "-".join(str(r) for r in rates) + (f"-val{val_identities}" if val_identities else "")
 
 
 def trial_of(params: Params, seed: int) -> int:
@@ -77,6 +98,8 @@ def configure(params: Params, name: str, seed: int) -> Params:
         **cfg.overrides}
     if cfg.train_rates is not None:
         overrides["protocol.train_rates"] = cfg.train_rates
+    if cfg.validation:
+        overrides["protocol.val_identities"] = params.experiments.val_identities
     out = params
     for dotted, value in overrides.items():
         out = _replace(out, dotted.split("."), value)

@@ -1,5 +1,5 @@
-"""Where a grid run's training data lives: the pipeline's MLR manifest and store, or the rate variant
-that the grid_data stage synthesizes for Tables 2 and 4."""
+"""Where a grid run's training data lives: the pipeline's MLR manifest and store, or the variant that the
+grid_data stage synthesizes (other training rates for Table 4, a validation split for the L_adv sweep)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from tasks.config import Params, ParamsError
 from tasks.grid import configs as grid
 
 
-def variant_dir(params: Params, rates: tuple[int, ...]) -> Path:
-    return params.experiments_dir() / "data" / grid.rates_key(rates)
+def variant_dir(params: Params, rates: tuple[int, ...], val_identities: int) -> Path:
+    return data_dir(params) / grid.data_key(rates, val_identities)
 
 
 def data_dir(params: Params) -> Path:
@@ -18,13 +18,13 @@ def data_dir(params: Params) -> Path:
 
 
 def train_manifest(params: Params, config: str) -> Path:
-    """The MLR manifest whose training rows configuration `config` trains on."""
+    """The MLR manifest whose training (and validation) rows configuration `config` trains on."""
     if config not in grid.CONFIGS:
         raise ParamsError(f"unknown experiment configuration {config!r}: choose from {list(grid.CONFIGS)}")
-    rates = grid.CONFIGS[config].train_rates
-    if rates is None or rates == tuple(params.protocol.train_rates):
+    rates, val = grid.data_protocol(params, config)
+    if (rates, val) == (tuple(params.protocol.train_rates), params.protocol.val_identities):
         return params.mlr_manifest_path()
-    return variant_dir(params, rates) / "mlr.parquet"
+    return variant_dir(params, rates, val) / "mlr.parquet"
 
 
 def train_store(params: Params, config: str) -> Path:

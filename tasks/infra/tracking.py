@@ -21,6 +21,7 @@ DEFAULT_DB = "mlflow.db"
 # Metric sections (the UI's chart groups). The losses keep the paper's names after the prefix (train/L_cls).
 TRAIN = "train/"  # each loss per training step
 EPOCH = "epoch/"  # each loss's mean over an epoch, and images_per_second, stepped by epoch
+VALIDATION = "val/"  # the validation split's LR rank-1 and mAP per scored epoch, and the epoch kept (best_epoch)
 GAME = "game/"  # the min-max game's diagnostics (rain_model/diagnostics.py) and w_adv, epoch means
 EVAL = "eval/"  # evaluation figures, <row>_<metric> (figure_name): eval/lr_rank1, eval/r8_mAP, ...
 EVAL_STD = "eval_std/"  # the std of each figure, same name: apart, so a std is not a chart among the figures

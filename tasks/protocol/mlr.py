@@ -7,7 +7,8 @@ LR copy: shrunk by r, then brought back to its original size with bilinear inter
 images (the distant camera of each pair) also get a copy at every unseen rate.
 
 MLR manifest schema, one row per (trial, role, image):
-  trial, role (train | query | gallery | gallery_pool), query_set (mlr | hr | r<rate> for queries, or
+  trial, role (train | query | gallery | gallery_pool, and val_query | val_gallery | val_gallery_pool for
+  the validation identities of `protocol.val_identities`), query_set (mlr | hr | r<rate> for queries, or
   native on a genuine-LR dataset; "" otherwise), person_id, camera_id, camera_pair, rate (1 = HR), path
   (the image this row feeds to the model, relative to the project folder), hr_path (its HR source),
   lr_path (train: its LR copy; query: = path; else ""), label (train: class index 0..K-1 of the trial's
@@ -37,6 +38,7 @@ from tasks.config import Params, ProtocolConfig
 from tasks.datasets import get_adapter
 from tasks.images.imageio import load_rgb
 from tasks.infra.parallel import map_chunks, worker_count
+from tasks.protocol.splits import TEST, VAL, role
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,19 @@ def split_identities(person_ids: Sequence[int], trial: int, cfg: ProtocolConfig,
     return {int(i) for i in order[n_test:]}, {int(i) for i in order[:n_test]}
 
 
+def split_validation(train_ids: set[int], trial: int, cfg: ProtocolConfig) -> tuple[set[int], set[int]]:
+    """(train, validation) identities: `protocol.val_identities` of the trial's training identities, drawn
+    by their own seeded generator, so the test split and its gallery draws stay those without validation."""
+    if cfg.val_identities == 0:
+        return train_ids, set()
+    ids = np.array(sorted(train_ids))
+    if not cfg.val_identities <= len(ids) - 2:
+        raise ValueError(f"protocol.val_identities = {cfg.val_identities}: trial {trial} has {len(ids)} training "
+                         f"identities seen by both views, and at least 2 must stay for training")
+    order = np.random.default_rng([cfg.seed, trial, 2]).permutation(ids)
+    return {int(i) for i in order[cfg.val_identities:]}, {int(i) for i in order[:cfg.val_identities]}
+
+
 def synthesize(params: Params, raw_dir: Path, manifest_path: Path, lr_dir: Path, mlr_path: Path) -> dict[str, int]:
     cfg = params.protocol
     adapter = get_adapter(params.dataset.name)
@@ -141,9 +156,11 @@ def synthesize(params: Params, raw_dir: Path, manifest_path: Path, lr_dir: Path,
         rows: list[dict] = []
         for trial in range(cfg.trials):
             train_ids, test_ids = split_identities(both, trial, cfg, adapter.test_identities(params))
+            train_ids, val_ids = split_validation(train_ids, trial, cfg)
             train_ids |= {pid for pid, v in views.items() if v != {0, 1}}  # one-view identities: train only
             labels = {pid: i for i, pid in enumerate(sorted(train_ids))}
             rows += _trial_rows(trial, images, labels, test_ids, cfg, adapter.native_lr_queries)
+            rows += _trial_rows(trial, images, {}, val_ids, cfg, adapter.native_lr_queries, split=VAL)
             summary["test_identities"] = len(test_ids)
         mlr_path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=MLR_SCHEMA), mlr_path)
@@ -156,13 +173,15 @@ def synthesize(params: Params, raw_dir: Path, manifest_path: Path, lr_dir: Path,
     return summary
 
 
-def _trial_rows(trial: int, images: list[dict], labels: dict[int, int], test_ids: set[int],
-                cfg: ProtocolConfig, native_lr: bool = False) -> list[dict]:
-    rng = np.random.default_rng([cfg.seed, trial, 1])
+def _trial_rows(trial: int, images: list[dict], labels: dict[int, int], eval_ids: set[int],
+                cfg: ProtocolConfig, native_lr: bool = False, split: str = TEST) -> list[dict]:
+    """The trial's rows: training rows of the `labels` identities, and the query and gallery rows of the
+    `eval_ids` identities, with roles `role(split, ...)`. A validation split gets only the headline LR queries."""
+    rng = np.random.default_rng([cfg.seed, trial, 1 if split == TEST else 3])
     rows: list[dict] = []
 
-    def row(img: dict, role: str, query_set: str, rate: int, path: str, lr_path: str, label: int) -> dict:
-        return {"trial": trial, "role": role, "query_set": query_set, "person_id": img["person_id"],
+    def row(img: dict, kind: str, query_set: str, rate: int, path: str, lr_path: str, label: int) -> dict:
+        return {"trial": trial, "role": role(split, kind), "query_set": query_set, "person_id": img["person_id"],
                 "camera_id": img["camera_id"], "camera_pair": img["camera_pair"], "rate": rate,
                 "path": path, "hr_path": img["hr_path"], "lr_path": lr_path, "label": label}
 
@@ -171,20 +190,21 @@ def _trial_rows(trial: int, images: list[dict], labels: dict[int, int], test_ids
         pid = img["person_id"]
         if pid in labels:
             rows.append(row(img, "train", "", img["rate"], img["hr_path"], img["lr_path"], labels[pid]))
-        elif pid in test_ids and img["view"] == 1 and native_lr:  # the distant camera's image as it is
+        elif pid in eval_ids and img["view"] == 1 and native_lr:  # the distant camera's image as it is
             rows.append(row(img, "query", "native", 1, img["hr_path"], img["hr_path"], -1))
-        elif pid in test_ids and img["view"] == 1:
+        elif pid in eval_ids and img["view"] == 1:
             rows.append(row(img, "query", "mlr", img["rate"], img["lr_path"], img["lr_path"], -1))
+            if split == VAL:  # what choosing needs: the headline LR queries
+                continue
             rows.append(row(img, "query", "hr", 1, img["hr_path"], img["hr_path"], -1))
             for rate in cfg.unseen_rates:
                 unseen = f"{img['lr_stem']}_r{rate}.png"
                 rows.append(row(img, "query", f"r{rate}", rate, unseen, unseen, -1))
-        elif pid in test_ids:
+        elif pid in eval_ids:
             galleries.setdefault(pid, []).append(img)
     for pid in sorted(galleries):
         pool = galleries[pid]
         chosen = int(rng.integers(len(pool)))
         for i, img in enumerate(pool):
-            role = "gallery" if i == chosen else "gallery_pool"
-            rows.append(row(img, role, "", 1, img["hr_path"], "", -1))
+            rows.append(row(img, "gallery" if i == chosen else "gallery_pool", "", 1, img["hr_path"], "", -1))
     return rows

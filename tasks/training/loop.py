@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tasks.config import Params, TrainConfig
-from tasks.infra.tracking import GAME
+from tasks.infra.tracking import GAME, VALIDATION
 from tasks.training.progress import Progress
 
 if TYPE_CHECKING:  # imported where used: the Ray driver imports this module and needs none of them
@@ -51,6 +51,8 @@ class TrainJob:
     tracking_uri: str | None = None  # MLflow: rank 0 logs losses and system metrics to run_id
     run_id: str | None = None
     fault: FaultPlan | None = None
+    mlr: str | None = None  # the MLR manifest (absolute): with protocol.val_identities, its validation rows are
+    # scored every train.val_every_epochs and the best epoch's weights are kept; its test rows are never read
 
 
 def _no_report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
@@ -87,6 +89,7 @@ class _Training:
     nodes: list[str]  # the node of every rank
     next_epoch: int = 0
     step: int = 0  # global training steps taken so far
+    best: dict[str, Any] | None = None  # rank 0, when validating: {"epoch", "lr_rank1", "model"} of the best epoch
 
 
 def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
@@ -176,6 +179,7 @@ def _resume_from(training: _Training, state: dict[str, Any]) -> None:
     training.sampler.load_state_dict(state["sampler"])
     torch.set_rng_state(state["rng"].cpu())
     training.next_epoch, training.step = state["epoch"] + 1, state["step"]
+    training.best = state.get("best")
 
 
 def shown_losses(params: Params) -> tuple[str, ...]:
@@ -203,6 +207,8 @@ def _train_epochs(job: TrainJob, ctx: WorkerContext, training: _Training, logger
             failure = {"nonfinite": str(exc), "epoch": epoch}
             ctx.report(failure, failure if ctx.rank == 0 else None)
             return
+        if ctx.rank == 0 and validation_due(job, epoch):
+            metrics |= _validate(job, ctx, training, epoch)
         if logger is not None:
             logger.epoch(metrics, epoch)
         if progress is not None:
@@ -274,12 +280,53 @@ def _train_batches(job: TrainJob, ctx: WorkerContext, training: _Training, logge
     return sums, game, batches, images
 
 
+def validation_due(job: TrainJob, epoch: int) -> bool:
+    """Score the validation split after `epoch`: every train.val_every_epochs epochs and after the last, when
+    the job has a manifest with validation identities."""
+    cfg = job.params.train
+    if job.mlr is None or job.params.protocol.val_identities == 0:
+        return False
+    return (epoch + 1) % cfg.val_every_epochs == 0 or epoch == cfg.epochs - 1
+
+
+def _validate(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: int) -> dict[str, float]:
+    """LR rank-1 and mAP of the model on the trial's validation split (`val/` metrics), scored as the evaluate
+    stage scores the test split; keeps this epoch's weights when they are the best so far. Changes nothing
+    training does next: eval mode (BatchNorm's statistics frozen) and no random numbers drawn."""
+    from tasks.evaluation.scoring import score_trial, summarise
+    from tasks.images.store import ImageStore
+    from tasks.protocol.splits import VAL
+
+    assert job.mlr is not None
+    trial = int(job.rows[0]["trial"])
+    training.model.eval()
+    try:
+        with torch.no_grad():
+            scores, _ = score_trial(training.model, job.params, Path(job.mlr), trial, ImageStore(job.store), VAL)
+    finally:
+        training.model.train()
+    lr = summarise("lr", scores["lr"])
+    if training.best is None or lr["rank1"] > training.best["lr_rank1"]:
+        training.best = {"epoch": epoch, "lr_rank1": lr["rank1"],
+                         "model": {k: v.detach().cpu().clone() for k, v in training.model.state_dict().items()}}
+    return {VALIDATION + "lr_rank1": lr["rank1"], VALIDATION + "lr_mAP": lr["mAP"],
+            VALIDATION + "best_epoch": float(training.best["epoch"]),
+            VALIDATION + "best_lr_rank1": training.best["lr_rank1"]}
+
+
+def kept_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The weights a finished run keeps: the best epoch's on the validation split when it was scored, else
+    the last epoch's."""
+    best = state.get("best")
+    return best["model"] if best is not None else state["model"]
+
+
 def _checkpoint_state(training: _Training, epoch: int) -> dict[str, Any]:
     """Everything a restarted worker group needs to continue exactly after `epoch` (see `_resume_from`)."""
     return {"model": {k: v.detach().cpu() for k, v in training.model.state_dict().items()},
             "optimizers": training.optimizers.state_dict(), "schedulers": [s.state_dict() for s in training.schedulers],
             "sampler": training.sampler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
-            "step": training.step, "num_classes": training.num_classes}
+            "step": training.step, "num_classes": training.num_classes, "best": training.best}
 
 
 def checkpoint_due(cfg: TrainConfig, epoch: int, since_last: float) -> bool:
@@ -345,7 +392,7 @@ class _RankZeroLogger:
 
         self._log({k: float(v) for k, v in metrics.items() if k.startswith("L_") or k == "images_per_second"},
                   epoch, EPOCH)
-        self._log({k: float(v) for k, v in metrics.items() if k.startswith(GAME)}, epoch, "")
+        self._log({k: float(v) for k, v in metrics.items() if k.startswith((GAME, VALIDATION))}, epoch, "")
         self.flush()
 
     def close(self) -> None:

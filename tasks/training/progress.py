@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from tasks.infra.tracking import GAME
+from tasks.infra.tracking import GAME, VALIDATION
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,21 @@ def game_summary(game: Mapping[str, float]) -> str:
     return "  ".join(parts)
 
 
+def validation_summary(val: Mapping[str, float]) -> str:
+    """`val LR rank-1 34.1% (best 36.0% at epoch 9)` from the `val/` metrics without their prefix; "" if none."""
+    if "lr_rank1" not in val:
+        return ""
+    return (f"val LR rank-1 {100 * val['lr_rank1']:.1f}% (best {100 * val['best_lr_rank1']:.1f}% at epoch "
+            f"{int(val['best_epoch']) + 1})")
+
+
 def epoch_line(epoch: int, epochs: int, losses: Mapping[str, float], images_per_second: float, seconds: float,
-               eta: float | None, game: Mapping[str, float] | None = None) -> str:
+               eta: float | None, game: Mapping[str, float] | None = None,
+               val: Mapping[str, float] | None = None) -> str:
     shown = "  ".join(f"{name} {value:.4g}" for name, value in losses.items())
     when = "done" if epoch + 1 == epochs else f"ETA {duration(eta)}" if eta is not None else "ETA -"
-    summary = game_summary(game or {})
-    return (f"epoch {epoch + 1}/{epochs}: {shown} | {summary + ' | ' if summary else ''}"
+    summaries = "".join(f"{part} | " for part in (game_summary(game or {}), validation_summary(val or {})) if part)
+    return (f"epoch {epoch + 1}/{epochs}: {shown} | {summaries}"
             f"{images_per_second:.0f} images/s, {seconds:.1f} s | {when}")
 
 
@@ -97,4 +106,6 @@ class Progress:
         eta = eta_seconds(now - (self.started or now), self.epochs_done, self.epochs - epoch - 1)
         shown = {name: losses[name] for name in self.losses if name in losses}
         game = {k[len(GAME):]: v for k, v in losses.items() if k.startswith(GAME)}
-        log.info("%s", epoch_line(epoch, self.epochs, shown, images_per_second, now - self.epoch_started, eta, game))
+        val = {k[len(VALIDATION):]: v for k, v in losses.items() if k.startswith(VALIDATION)}
+        log.info("%s", epoch_line(epoch, self.epochs, shown, images_per_second, now - self.epoch_started, eta, game,
+                                  val))
