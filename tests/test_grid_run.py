@@ -97,3 +97,30 @@ def test_the_flow_refuses_a_dataset_params_yaml_does_not_name(tmp_path: Path) ->
         experiments.fn(project_dir=str(tmp_path), seeds=[1, 1])
     with pytest.raises(ParamsError, match="table7"):
         experiments.fn(project_dir=str(tmp_path), tables=["table7"])
+
+
+def test_a_sweep_run_trains_without_its_validation_identities_and_keeps_its_best_epoch_there(
+        project: tuple[Path, Params], monkeypatch: pytest.MonkeyPatch) -> None:
+    """adv_* runs train on the grid_data variant with experiments.val_identities held out, score that split
+    after every epoch, are tested with the best epoch's weights, and record the choice and the game."""
+    from tasks import grid_data
+    from tasks.grid.data import train_manifest
+    from tasks.images.loaders import read_rows
+
+    root, params = project
+    monkeypatch.chdir(root)
+    longer = dataclasses.replace(params, experiments=dataclasses.replace(params.experiments, epochs=2))
+    grid_data.run(longer)
+    manifest = train_manifest(longer, "adv_0.3")
+    assert manifest != longer.mlr_manifest_path()
+    held_out = {r["person_id"] for r in read_rows(str(manifest), 0, ["val_query"])}
+    assert len(held_out) == longer.experiments.val_identities
+    assert not held_out & {r["person_id"] for r in read_rows(str(manifest), 0, ["train"])}
+
+    result = grid_run.run(longer, "adv_0.3", 0)
+    validation = result["validation"]
+    assert validation["identities"] == 2 and validation["kept_epoch"] in (1, 2)
+    assert 0.0 <= validation["lr_rank1"] <= 1.0 and validation["lr_rank1"] >= validation["last_epoch_lr_rank1"]
+    assert {"D4_accuracy_HR", "D5_accuracy_LR", "feature_distance", "grad_f5_ratio"} <= set(result["final_game"])
+    assert set(result["rows"]) == {"lr", "r2", "r3", "r4", "r8", "hr"}  # tested on the pipeline's test split
+    assert grid_run.run(params, "baseline_hrlr", 0)["validation"] is None  # no split, no choice
