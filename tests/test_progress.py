@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from tasks.training.progress import Progress, duration, epoch_line, eta_seconds, game_summary
+from tasks.training.progress import Progress, duration, epoch_line, eta_seconds, game_summary, validation_summary
 
 
 def test_durations_read_at_a_glance() -> None:
@@ -35,6 +35,14 @@ def test_the_game_summary_names_each_discriminator_the_distance_the_gradient_rat
     line = epoch_line(0, 2, {"L_adv": 0.7}, 100.0, 1.0, 1.0, game)
     assert line.startswith("epoch 1/2: L_adv 0.7 | D4 HR/LR 0.91/0.88")
     assert line.endswith("w_adv 0.5 | 100 images/s, 1.0 s | ETA 1s")
+
+
+def test_the_validation_summary_gives_the_epochs_figure_and_the_best_so_far() -> None:
+    val = {"lr_rank1": 0.341, "lr_mAP": 0.4, "best_lr_rank1": 0.36, "best_epoch": 8.0}
+    assert validation_summary(val) == "val LR rank-1 34.1% (best 36.0% at epoch 9)"
+    assert validation_summary({}) == ""
+    line = epoch_line(9, 13, {"L_cls": 1.0}, 100.0, 1.0, 30.0, {}, val)
+    assert line == "epoch 10/13: L_cls 1 | val LR rank-1 34.1% (best 36.0% at epoch 9) | 100 images/s, 1.0 s | ETA 30s"
 
 
 class FakeClock:
