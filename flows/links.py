@@ -61,6 +61,15 @@ def model_version_url(ui: str, name: str, version: int) -> str:
     return f"{ui}/#/models/{quote(name)}/versions/{version}"
 
 
-def picture_links(report_dir: Path) -> list[str]:
-    """Markdown links to the report's pictures (file: URLs, for a browser on this machine)."""
-    return [f"[{p.stem.replace('_', ' ')}]({p.resolve().as_uri()})" for p in sorted(report_dir.glob("*.png"))]
+def experiment_url(ui: str, experiment_id: str) -> str:
+    """The experiment's training runs. MLflow 3.17's UI opens an experiment on its GenAI overview unless the
+    browser's "Model training" switch is on (it ignores the experiment's kind tag); the query sets it."""
+    return f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def picture_links(run_link: str, report_dir: Path) -> list[str]:
+    """Markdown links to the report's pictures where the MLflow UI shows them: the run `run_link` (a
+    `run_url`) holds them under its artifacts `evaluation/`. Not file: URLs, which browsers refuse to open
+    from a web page."""
+    return [f"[{p.stem.replace('_', ' ')}]({run_link}/artifacts/evaluation/{p.name})"
+            for p in sorted(report_dir.glob("*.png"))]

@@ -23,7 +23,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed, State
 
-from flows.links import label_flow_run, mlflow_ui, model_version_url, picture_links, pipeline_label, run_url
+from flows.links import (
+    experiment_url,
+    label_flow_run,
+    mlflow_ui,
+    model_version_url,
+    picture_links,
+    pipeline_label,
+    run_url,
+)
 from tasks.config import Params, load_params
 from tasks.download import TRANSIENT_MARKER
 from tasks.infra import reaper
@@ -234,14 +242,19 @@ def rain(project_dir: str = ".") -> dict[str, Any] | State:
     links = _mlflow_links(root, params, registration)
     for text, url in links:
         get_run_logger().info("%s: %s", text, url)
-    pictures = "\n".join(f"- {link}" for link in picture_links(report_dir))
+    first_run = next(url for text, url in links if text.startswith(RUN_LINK))
+    pictures = "\n".join(f"- {link}" for link in picture_links(first_run, report_dir))
     create_markdown_artifact(
         key=f"rain-results-{re.sub(r'[^a-z0-9-]', '-', params.dataset.name.lower())}",
         markdown=f"# {params.dataset.name}\n\n{table}\n\n"
                  + "".join(f"- [{text}]({url})\n" for text, url in links)
-                 + f"\nModel `{registration['model_uri']}` (alias `{registration['alias']}`); its MLflow run holds "
-                 f"the pictures under `evaluation/`. On this machine:\n\n{pictures}\n")
+                 + f"\nModel `{registration['model_uri']}` (alias `{registration['alias']}`). The pictures, in "
+                 f"the first trial's MLflow run:\n\n{pictures}\n",
+        description=f"What the pipeline measured on {params.dataset.name}, with links to MLflow")
     return {"stages": [r.__dict__ for r in results], "metrics": metrics, "registration": registration}
+
+
+RUN_LINK = "MLflow run"  # how a trial's run link starts (text of the log line and of the artifact's link)
 
 
 def _mlflow_links(root: Path, params: Params, registration: dict[str, Any]) -> list[tuple[str, str]]:
@@ -249,12 +262,21 @@ def _mlflow_links(root: Path, params: Params, registration: dict[str, Any]) -> l
     from mlflow import MlflowClient
 
     from tasks.infra.tracking import tracking_uri
-    from tasks.training.artifacts import summary_path
 
     uri = tracking_uri(root)
     client, ui = MlflowClient(uri), mlflow_ui(uri)
-    trials = json.loads(summary_path(root / params.model_dir()).read_text())["trials"]
-    links = [(f"MLflow run, trial {trial}", run_url(ui, client.get_run(info["mlflow_run_id"]).info.experiment_id,
-                                                     info["mlflow_run_id"])) for trial, info in trials.items()]
+    trials = trials_of(root, params)
+    experiment_id = client.get_run(next(iter(trials.values()))["mlflow_run_id"]).info.experiment_id
+    links = [(f"{RUN_LINK}, trial {trial}", run_url(ui, experiment_id, info["mlflow_run_id"]))
+             for trial, info in trials.items()]
     name, version = registration["model_name"], registration["version"]
-    return [*links, (f"Model {name} version {version}", model_version_url(ui, name, version))]
+    return [(f"MLflow experiment rain-{params.dataset.name}, its training runs", experiment_url(ui, experiment_id)),
+            *links, (f"Model {name} version {version}", model_version_url(ui, name, version))]
+
+
+def trials_of(root: Path, params: Params) -> dict[str, Any]:
+    """The train stage's summary of each trained trial (weights, MLflow run id, ...), by trial."""
+    from tasks.training.artifacts import summary_path
+
+    trials: dict[str, Any] = json.loads(summary_path(root / params.model_dir()).read_text())["trials"]
+    return trials

@@ -141,11 +141,15 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
     client = MlflowClient(tracking_uri())
     flat = eval_metrics(metrics["rows"])
     files = sorted(report_dir.iterdir())
-    description = "\n".join([
-        "## Results (percent)", "", (report_dir / "table.md").read_text().strip(), "",
-        f"CMC: {metrics['protocol']['cmc']}", f"mAP: {metrics['protocol']['mAP']}", "",
-        "Pictures, under the run's artifacts `evaluation/`: "
-        + ", ".join(f"`{f.name}`" for f in files if f.suffix == ".png")])
+
+    def description(run_id: str) -> str:
+        # Links relative to the UI's own address (its routes are after `#`), so they work wherever it runs.
+        route = f"#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}/artifacts/evaluation"
+        return "\n".join([
+            "## Results (percent)", "", (report_dir / "table.md").read_text().strip(), "",
+            f"CMC: {metrics['protocol']['cmc']}", f"mAP: {metrics['protocol']['mAP']}", "",
+            "Pictures (the run's artifacts, `evaluation/`): "
+            + ", ".join(f"[{f.name}]({route}/{f.name})" for f in files if f.suffix == ".png")])
     now = int(time.time() * 1000)
     batch = [Metric(key, value, now, 0) for key, value in flat.items()] + [
         Metric(CMC + row, float(value), now, rank) for row, curve in cmc.items()
@@ -155,7 +159,7 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
         log_metrics(client, run_id, batch)
         for file in files:
             client.log_artifact(run_id, str(file), artifact_path="evaluation")
-        client.set_tag(run_id, NOTE_TAG, description)  # the run page's description
+        client.set_tag(run_id, NOTE_TAG, description(run_id))  # the run page's description
 
 
 def main() -> None:

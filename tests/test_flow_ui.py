@@ -10,7 +10,7 @@ import typing
 import pytest
 
 from flows.grid import TableKey, experiments
-from flows.links import grid_label, mlflow_ui, model_version_url, run_url
+from flows.links import experiment_url, grid_label, mlflow_ui, model_version_url, picture_links, run_url
 from flows.pipeline import flow_log_line
 from tasks.config import load_params
 from tasks.grid.tables import TABLES
@@ -74,3 +74,15 @@ def test_links_point_at_the_mlflow_ui_that_shows_the_store(monkeypatch: pytest.M
 def test_stage_output_reaches_the_flow_log_without_hints_or_ray_noise_at_its_level(
         line: str, shown: tuple[int, str] | None) -> None:
     assert flow_log_line(line) == shown
+
+
+def test_picture_and_experiment_links_open_in_the_mlflow_ui(tmp_path: Path) -> None:
+    """Browsers refuse file: links from a web page; the MLflow UI shows the pictures under the run's artifacts,
+    and opens an experiment on its training runs only when asked to (MLflow 3.17's GenAI overview otherwise)."""
+    for name in ("cmc.png", "ranked_gallery.png", "metrics.json"):
+        (tmp_path / name).write_bytes(b"")
+    run = run_url("http://127.0.0.1:5000", "3", "abc")
+    assert picture_links(run, tmp_path) == [
+        "[cmc](http://127.0.0.1:5000/#/experiments/3/runs/abc/artifacts/evaluation/cmc.png)",
+        "[ranked gallery](http://127.0.0.1:5000/#/experiments/3/runs/abc/artifacts/evaluation/ranked_gallery.png)"]
+    assert experiment_url("http://h:5000", "3") == "http://h:5000/#/experiments/3/runs?workflowType=machine_learning"

@@ -65,7 +65,9 @@ def test_mlflow_shows_the_results_table_the_cmc_curve_and_described_models(
     version = client.get_model_version_by_alias("rain-reid", "candidate")
     run = client.get_run(version.run_id)
     note = run.data.tags["mlflow.note.content"]  # the run page's description
-    assert (project / "reports/synthetic/table.md").read_text().strip() in note and "cmc.png" in note
+    assert (project / "reports/synthetic/table.md").read_text().strip() in note
+    assert f"[cmc.png](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/evaluation/cmc.png)" \
+        in note  # a link the UI opens, wherever it runs
     cmc = client.get_metric_history(run.info.run_id, "cmc/lr")
     assert [m.step for m in cmc] == list(range(1, 21))  # a curve over rank, 1 to 20
     values = [m.value for m in cmc]
@@ -133,7 +135,9 @@ def test_the_flow_run_is_named_and_tagged_by_its_settings_and_links_its_mlflow_r
     assert re.search(rf"\[MLflow run, trial 0\]\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}\)", markdown)
     version = result["registration"]["version"]
     assert f"(http://127.0.0.1:5000/#/models/rain-reid/versions/{version})" in markdown
-    assert "[cmc](file://" in markdown  # pictures as links
+    # Pictures as links a browser opens: the MLflow UI's view of the run's artifacts (not file: URLs).
+    assert "[cmc](http://127.0.0.1:5000/#/experiments/" in markdown and "/artifacts/evaluation/cmc.png)" in markdown
+    assert "runs?workflowType=machine_learning)" in markdown  # the experiment on its training runs
 
 
 def test_the_flow_log_shows_one_line_per_epoch_and_no_dvc_git_hint(first_run: tuple[Path, dict[str, Any]]) -> None:

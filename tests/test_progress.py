@@ -38,7 +38,7 @@ def test_the_game_summary_names_each_discriminator_the_distance_the_gradient_rat
 
 
 def test_the_validation_summary_gives_the_epochs_figure_and_the_best_so_far() -> None:
-    val = {"lr_rank1": 0.341, "lr_mAP": 0.4, "best_lr_rank1": 0.36, "best_epoch": 8.0}
+    val = {"lr_rank1": 0.341, "lr_mAP": 0.4, "best_lr_rank1": 0.36, "best_epoch": 9.0}
     assert validation_summary(val) == "val LR rank-1 34.1% (best 36.0% at epoch 9)"
     assert validation_summary({}) == ""
     line = epoch_line(9, 13, {"L_cls": 1.0}, 100.0, 1.0, 30.0, {}, val)

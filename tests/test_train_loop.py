@@ -175,7 +175,7 @@ def test_validation_reads_no_test_image_keeps_the_best_epoch_and_changes_no_weig
 
     scores = [m["val/lr_rank1"] for m, _ in runs["validated"]]
     best = scores.index(max(scores))  # the first of equal scores: a later epoch must do better to be kept
-    assert validated_last["best"]["epoch"] == best and runs["validated"][-1][0]["val/best_epoch"] == best
+    assert validated_last["best"]["epoch"] == best and runs["validated"][-1][0]["val/best_epoch"] == best + 1
     best_state = runs["validated"][best][1]
     assert best_state is not None  # MICRO checkpoints every epoch
     kept = kept_weights(validated_last)

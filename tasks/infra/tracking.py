@@ -31,10 +31,12 @@ STD_SUFFIX = "_std"  # how metrics.json and the grid's tables name a figure's sp
 # The evaluation row the paper reports and the promotion gate compares: LR queries, each at its drawn rate.
 HEADLINE_ROW = "lr"
 
-# Experiment tags MLflow's UI reads. experimentKind: the MLflow 3 UI opens an experiment without it on its GenAI
-# overview (traces, prompts); custom_model_development opens it on its training runs (the value its front end
-# and its onboarding skill use; mlflow.utils.mlflow_tags has no constant for it). The note is the description
-# the experiment page shows, the same tag MLflow uses for a run's description.
+# Experiment tags MLflow's UI reads. experimentKind says what the experiment holds (custom_model_development:
+# training runs; the value MLflow's front end and onboarding skill use, with no constant in mlflow_tags). The
+# MLflow 3.17 UI does not open on it: an experiment opens on the GenAI overview until the browser's "Model
+# training" switch is on (checked in Chromium, 2026-11-27), so the links the flows print carry
+# `?workflowType=machine_learning` (flows/links.py). The note is the description the experiment page shows,
+# the same tag MLflow uses for a run's description.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"

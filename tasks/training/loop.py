@@ -310,7 +310,7 @@ def _validate(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: int
         training.best = {"epoch": epoch, "lr_rank1": lr["rank1"],
                          "model": {k: v.detach().cpu().clone() for k, v in training.model.state_dict().items()}}
     return {VALIDATION + "lr_rank1": lr["rank1"], VALIDATION + "lr_mAP": lr["mAP"],
-            VALIDATION + "best_epoch": float(training.best["epoch"]),
+            VALIDATION + "best_epoch": float(training.best["epoch"] + 1),  # its number, as the epoch line says
             VALIDATION + "best_lr_rank1": training.best["lr_rank1"]}
 
 
@@ -390,9 +390,10 @@ class _RankZeroLogger:
     def epoch(self, metrics: dict[str, Any], epoch: int) -> None:
         from tasks.infra.tracking import EPOCH
 
+        # Stepped by the epoch's number as the epoch line prints it (1 to train.epochs), not its index.
         self._log({k: float(v) for k, v in metrics.items() if k.startswith("L_") or k == "images_per_second"},
-                  epoch, EPOCH)
-        self._log({k: float(v) for k, v in metrics.items() if k.startswith((GAME, VALIDATION))}, epoch, "")
+                  epoch + 1, EPOCH)
+        self._log({k: float(v) for k, v in metrics.items() if k.startswith((GAME, VALIDATION))}, epoch + 1, "")
         self.flush()
 
     def close(self) -> None:

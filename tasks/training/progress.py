@@ -60,7 +60,7 @@ def validation_summary(val: Mapping[str, float]) -> str:
     if "lr_rank1" not in val:
         return ""
     return (f"val LR rank-1 {100 * val['lr_rank1']:.1f}% (best {100 * val['best_lr_rank1']:.1f}% at epoch "
-            f"{int(val['best_epoch']) + 1})")
+            f"{int(val['best_epoch'])})")
 
 
 def epoch_line(epoch: int, epochs: int, losses: Mapping[str, float], images_per_second: float, seconds: float,
