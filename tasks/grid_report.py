@@ -88,8 +88,8 @@ def choose_adv_weight(results: dict[tuple[str, int], dict[str, Any]], seeds: tup
 GAME_SHOWN = (("D4_accuracy_HR", "D4 accuracy HR"), ("D4_accuracy_LR", "D4 accuracy LR"),
               ("D5_accuracy_HR", "D5 accuracy HR"), ("D5_accuracy_LR", "D5 accuracy LR"),
               ("feature_distance", "HR-LR feature distance"), ("centroid_gap", "HR-LR centroid gap"),
-              ("grad_f4_ratio", "|grad L_adv| / |grad L_cls + L_tri| at f4"),
-              ("grad_f5_ratio", "|grad L_adv| / |grad L_cls + L_tri| at f5"))
+              ("grad_f4_ratio", "gradient norm at f4, w_adv L_adv over L_cls + L_tri"),
+              ("grad_f5_ratio", "gradient norm at f5, w_adv L_adv over L_cls + L_tri"))
 
 
 def sweep_markdown(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple[int, ...]) -> str:
@@ -137,13 +137,15 @@ def table_rows(table: grid_tables.Table, results: dict[tuple[str, int], dict[str
 
 
 def markdown(table: grid_tables.Table, rows: list[dict[str, Any]]) -> str:
-    heads = ["Method", *(METRIC_LABELS[m] for m in table.metrics), f"Paper rank 1 ({table.paper_dataset})"]
+    """The table in Markdown; a paper column only for a table of the paper (one with a paper dataset)."""
+    paper_column = [f"Paper rank 1 ({table.paper_dataset})"] if table.paper_dataset else []
+    heads = ["Method", *(METRIC_LABELS[m] for m in table.metrics), *paper_column]
     lines = [f"### {table.title}", "", "| " + " | ".join(heads) + " |", "|:---|" + "---:|" * (len(heads) - 1)]
     for r in rows:
         cells = [f"{100 * r[m]:.1f} ± {100 * r[m + '_std']:.1f}" for m in table.metrics]
-        paper = r["paper_rank1"]
-        lines.append(f"| {r['row']} (`{r['config']}`) | " + " | ".join(cells) +
-                     f" | {'-' if paper is None else f'{paper:.1f}'} |")
+        if paper_column:
+            cells.append("-" if r["paper_rank1"] is None else f"{r['paper_rank1']:.1f}")
+        lines.append(f"| {r['row']} (`{r['config']}`) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -408,9 +410,10 @@ def _mlflow_parent(params: Params, results: dict[tuple[str, int], dict[str, Any]
 def main() -> None:
     ap = argparse.ArgumentParser(description="Tables and plots of the experiment grid.")
     ap.add_argument("--parent-run-id", default=None, help="MLflow parent run of this grid (default: a new one)")
+    ap.add_argument("--table", action="append", default=None, help="only this table (repeat); default: all")
     args = ap.parse_args()
     setup_logging()
-    run(load_params(), parent_run_id=args.parent_run_id)
+    run(load_params(), parent_run_id=args.parent_run_id, table_keys=tuple(args.table) if args.table else None)
 
 
 if __name__ == "__main__":

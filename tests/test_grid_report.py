@@ -104,6 +104,7 @@ def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Pa
     chosen, baseline = 100 * _score("adv_0.3", 0, "lr"), 100 * _score("adv_0.0", 0, "lr")
     assert f"| 0 | {chosen:.1f} | {baseline:.1f} | {gap:+.1f} | 1 / 1 |" in text
     assert "| HR-LR feature distance | 0.25 | 0.25 | 0.25 | 0.25 |" in text
+    assert "| w_adv = 0.3 (`adv_0.3`) | " in text and "Paper rank 1 ()" not in text  # not the paper's table
     ours = summary["tables"]["table1"][3]
     assert f"| Ours (multi-level) (`multi_level`) | {100 * ours['rank1']:.1f} ± {100 * ours['rank1_std']:.1f} |" in text
     assert "| 78.9 |" in text  # the paper's figure next to ours
