@@ -156,7 +156,7 @@ def _train_trial(job: TrainJob, trial: int, name: str, client: Any, run_id: str,
     trial_summary = {
         "weights": weights_path(model_dir, trial).name, "mlflow_run_id": run_id, "ray_run": name,
         "num_classes": state["num_classes"], "epochs": state["epoch"] + 1, "seconds": round(seconds, 1),
-        "kept_epoch": (state["best"] or {}).get("epoch", state["epoch"]) + 1,  # best on validation, else the last
+        "kept_epoch": (state.get("best") or {}).get("epoch", state["epoch"]) + 1,  # best on validation, else the last
         "ray_nodes": int((result.metrics or {}).get("nodes", 1)), "workers": job.params.ray.num_workers,
         "final_losses": {k: round(v, 5) for k, v in (result.metrics or {}).items()
                          if k.startswith("L_")},
