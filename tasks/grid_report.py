@@ -74,7 +74,7 @@ def figure(result: dict[str, Any], query_set: str, metric: str) -> float:
     return float(result["rows"][query_set][metric])
 
 
-SWEEP = tuple(f"adv_{w:.1f}" for w in grid.ADV_SWEEP)  # the L_adv sweep's configurations, w_adv ascending
+SWEEP = tuple(grid.sweep_config(w) for w in grid.ADV_SWEEP)  # the L_adv sweep's configurations, w_adv ascending
 SWEEP_BASELINE, SWEEP_DEFAULT = SWEEP[0], SWEEP[-1]  # w_adv = 0 (the HR & LR baseline) and the paper's w_adv = 1
 
 

@@ -43,8 +43,13 @@ def _labels(fraction: float) -> Configuration:
 ADV_SWEEP = (0.0, 0.1, 0.3, 1.0)  # the weights of L_adv the sweep compares on the validation split
 
 
+def sweep_config(w_adv: float) -> str:
+    """The name of the sweep's configuration with weight `w_adv`: adv_0.3."""
+    return f"adv_{w_adv:.1f}"
+
+
 def _adversarial_weight(w_adv: float) -> Configuration:
-    return Configuration(f"adv_{w_adv:.1f}", {"objective.w_adv": w_adv}, validation=True,
+    return Configuration(sweep_config(w_adv), {"objective.w_adv": w_adv}, validation=True,
                          description=f"RAIN with w_adv = {w_adv:g}, best epoch kept on the validation split"
                                      + (" (= the HR & LR baseline)" if w_adv == 0 else ""))
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from rain_model.metrics import METRIC_KEYS
 from tasks.config import ParamsError
-from tasks.grid.configs import ADV_SWEEP, CONFIGS
+from tasks.grid.configs import ADV_SWEEP, CONFIGS, sweep_config
 
 RANK1_AND_MAP = (METRIC_KEYS[0], METRIC_KEYS[-1])  # rank1, mAP: the tables where the paper gives only those
 
@@ -72,7 +72,7 @@ TABLES: tuple[Table, ...] = (
     # Not the paper's: the weight of L_adv chosen on held-out training identities. Its rows read the validation
     # split (query set "val"); the report adds the chosen weight's test figures (tasks/grid_report.py).
     Table("adv_sweep", "Does L_adv help, and when: LR rank 1 on the validation split by the weight of L_adv", tuple(
-        Row(f"w_adv = {w:g}" + (" (the HR & LR baseline)" if w == 0 else ""), f"adv_{w:.1f}", "val")
+        Row(f"w_adv = {w:g}" + (" (the HR & LR baseline)" if w == 0 else ""), sweep_config(w), "val")
         for w in ADV_SWEEP), metrics=("rank1",)),
 )
 
