@@ -48,7 +48,8 @@ def print_results(result: dict[str, Any]) -> None:
     for label in METRIC_LABELS.values():
         metrics.add_column(label, justify="right")
     for row in result["metrics"]["rows"].values():
-        cells = [f"{100 * row[k]:.1f} ± {100 * row[k + '_std']:.1f}" for k in METRIC_LABELS]
+        cells = [f"{100 * row[k]:.1f}" + (f" ± {100 * row[k + '_std']:.1f}" if k + "_std" in row else "")
+                 for k in METRIC_LABELS]
         metrics.add_row(row["label"], *cells)
     console.print(metrics)
     reg = result["registration"]

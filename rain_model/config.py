@@ -136,9 +136,10 @@ class ObjectiveConfig:
     """Adam beta1 of F, G, C."""
     beta1_d: float = 0.5
     """Adam beta1 of the discriminators (0.5 as usual for adversarial training)."""
-    bf16_autocast: bool = True
-    """bfloat16 autocast of the forward passes: for GPUs, and for CPUs with native bf16 (avx512_bf16, AMX),
-    where oneDNN makes a ResNet-18 RAIN step 1.5-1.8x faster; older CPUs emulate it and get slower."""
+    bf16_autocast: bool = False
+    """bfloat16 autocast of the forward passes: for GPUs, and for CPUs with bf16 instructions (avx512_bf16, AMX),
+    where oneDNN made a ResNet-18 RAIN step 1.5-1.8x faster; other CPUs emulate it, 2.2x slower than fp32
+    (bench/precision.py measures both). Off by default: fp32 is fast everywhere and gives one trajectory."""
     channels_last: bool = False
     """channels_last memory format for inputs (and the model, see ``place_model``): faster convolutions
     with bf16 on tensor-core GPUs (and a ResNet-18 RAIN step 1.14x on 2 CPU cores); the same outputs up to

@@ -76,15 +76,25 @@ def make_optimizers(model: RAIN, obj: ObjectiveConfig) -> Optimizers:
     )
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls and convolutions in hardware (avx512_bf16 or AMX tiles).
+
+    Not ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``: that is true on any AVX-512 CPU, where oneDNN
+    emulates bf16, and a RAIN step there took 2.2x its fp32 time (an Intel Xeon without avx512_bf16).
+    """
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def place_model(model: RAIN, obj: ObjectiveConfig, device: torch.device) -> RAIN:
     """Move the model to ``device``; with ``channels_last`` also convert its memory format.
 
     Call before building optimizers and before wrapping in DistributedDataParallel.
     """
     model.to(device)
-    if obj.bf16_autocast and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        warnings.warn("objective.bf16_autocast is true but this CPU has no native bfloat16 (oneDNN reports none): "
-                      "training runs slower than in fp32; set objective.bf16_autocast: false", stacklevel=2)
+    if obj.bf16_autocast and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("objective.bf16_autocast is true but this CPU has no bfloat16 instructions (avx512_bf16 or "
+                      "AMX): oneDNN emulates them, slower than fp32 (bench/precision.py); set "
+                      "objective.bf16_autocast: false", stacklevel=2)
     if obj.channels_last:
         model.to(memory_format=torch.channels_last)
     return model

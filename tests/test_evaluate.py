@@ -33,8 +33,10 @@ def test_several_trials_average_draws_first_then_spread_over_trials() -> None:
 
 
 def test_one_trial_spreads_over_gallery_draws() -> None:
-    row = summarise("lr", [(0, cmc(0.2), 0.1), (0, cmc(0.4), 0.3)])
+    row = summarise("lr", [(0, cmc(0.2), 0.3), (0, cmc(0.4), 0.3)])
     assert row["rank1"] == pytest.approx(0.3) and row["rank1_std"] == pytest.approx(0.2 / np.sqrt(2), abs=1e-6)
+    # mAP is over every HR image, the same for each draw: no spread over draws to report (not "± 0.0")
+    assert row["mAP"] == pytest.approx(0.3) and "mAP_std" not in row
 
 
 def test_map_counts_every_true_match_so_it_can_be_below_rank1() -> None:

@@ -208,12 +208,16 @@ def test_bf16_autocast_matches_fp32_within_stated_tolerance() -> None:
     assert abs(bf16_grad.norm() / fp32_grad.norm() - 1) < 0.05
 
 
-@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize(("avx512_bf16", "amx"), [(True, False), (False, True), (False, False)])
 def test_bf16_on_a_cpu_without_native_bfloat16_warns_naming_the_key(monkeypatch: pytest.MonkeyPatch,
-                                                                     native: bool) -> None:
-    """params.yaml turns bf16 on for CPUs too (faster where the CPU has avx512_bf16 or AMX); elsewhere
-    oneDNN emulates it, slower than fp32, and the user is told which key to change."""
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+                                                                     avx512_bf16: bool, amx: bool) -> None:
+    """bf16 on a CPU is faster only with avx512_bf16 or AMX; elsewhere oneDNN emulates it, slower than fp32,
+    and the user is told which key to change. oneDNN's own "bf16 supported" is true on any AVX-512 CPU
+    (emulation included), so it must not be what decides."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    native = avx512_bf16 or amx
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:

@@ -99,7 +99,8 @@ PROTOCOL_NOTE = {"queries": "lr: the distant camera's images, down-sampled at th
 def summarise(name: str, evals: list[tuple[int, np.ndarray, float]]) -> dict[str, Any]:
     """Mean over gallery draws within each trial, then mean and std over trials; with one trial the
     std is over its gallery draws (metrics.json says which in `std_over`). The std is the sample one
-    (``rain_model.metrics.mean_std``)."""
+    (``rain_model.metrics.mean_std``). With one trial there is no `mAP_std`: mAP is over every HR image of
+    the test identities, the same for every draw, and a "± 0.0" would read as a measured stability."""
     trials = sorted({t for t, _, _ in evals})
     cmcs = np.stack([c for _, c, _ in evals])  # (E, max_rank)
     maps = np.array([m for _, _, m in evals])  # (E,)
@@ -113,7 +114,8 @@ def summarise(name: str, evals: list[tuple[int, np.ndarray, float]]) -> dict[str
         out[f"rank{r}"] = round(float(cmc_mean[r - 1]), 6)
         out[f"rank{r}_std"] = round(float(cmc_std[r - 1]), 6)
     out["mAP"] = round(float(map_mean), 6)
-    out["mAP_std"] = round(float(map_std), 6)
+    if len(trials) > 1:
+        out["mAP_std"] = round(float(map_std), 6)
     return out
 
 
