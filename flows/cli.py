@@ -368,7 +368,7 @@ def serve_model(
     model: Annotated[str, typer.Option(help="Model URI.")] = "models:/rain-reid@champion",
     host: Annotated[str, typer.Option(help="Address to listen on; the default answers this machine only.")]
     = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    port: Annotated[int, typer.Option(help="Port (not 5000: `mlflow ui` listens there, README).")] = 5001,
     max_connections: Annotated[int, typer.Option(
         help="Requests in flight at most (more get 503): bounds memory to about this many request bodies.")] = 16,
     project: ProjectOption = Path("."),

@@ -161,7 +161,8 @@ def _train_trial(job: TrainJob, trial: int, name: str, client: Any, run_id: str,
         "final_losses": {k: round(v, 5) for k, v in (result.metrics or {}).items()
                          if k.startswith("L_")},
     }
-    log.info("train: trial %d done in %.0f s, %s", trial, seconds, trial_summary["final_losses"])
+    log.info("train: trial %d done in %.0f s, last epoch's losses %s", trial, seconds,
+             "  ".join(f"{k} {v:.4g}" for k, v in trial_summary["final_losses"].items()))
     return trial_summary
 
 

@@ -320,6 +320,17 @@ def test_serve_model_has_help() -> None:
     assert result.exit_code == 0 and "--max-connections" in result.output and "--model" in result.output
 
 
+def test_serve_model_default_port_is_not_the_mlflow_uis() -> None:
+    """A user runs `mlflow ui` (the runs and the registry) and `rain serve-model` side by side."""
+    import inspect
+    from urllib.parse import urlparse
+
+    from flows.cli import serve_model
+    from flows.links import DEFAULT_UI
+
+    assert inspect.signature(serve_model).parameters["port"].default != urlparse(DEFAULT_UI).port
+
+
 # RequestGuard alone, on a stub app: what it lets through and what it refuses, without a server.
 
 
