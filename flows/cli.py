@@ -183,9 +183,12 @@ def serve(project: ProjectOption = Path("."),
         from tasks.infra import reaper
 
         reaper.guard()
+        # The UI's pages call the API at PREFECT_UI_API_URL, which otherwise follows the server.api.port setting
+        # (4200), not --port.
+        env = {**os.environ, "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL", api_url)}
         server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                    "--port", str(port)], stdout=log_file.open("ab"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+                                  start_new_session=True, env=env)
         deadline = time.monotonic() + 180
         while not _healthy(api_url):
             if server.poll() is not None or time.monotonic() > deadline:
@@ -194,7 +197,7 @@ def serve(project: ProjectOption = Path("."),
                 raise typer.Exit(1)
             time.sleep(1)
     os.environ["PREFECT_API_URL"] = api_url
-    typer.echo(f"Prefect API: {api_url}. In another terminal:\n"
+    typer.echo(f"Prefect API: {api_url}, UI: {api_url.removesuffix('/api')}. In another terminal:\n"
                f"  export PREFECT_API_URL={api_url}\n  prefect deployment run rain/full\n"
                f"  prefect deployment run rain-grid/experiments [-p 'seeds=[0,1,2]']")
     from prefect import serve as serve_deployments

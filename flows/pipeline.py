@@ -90,6 +90,12 @@ _DVC_HINTS = re.compile(r"^(To track the changes with git, run:|\s+git add |To e
                         r"|\s+dvc config core\.autostage|Use `dvc push` to send your updates|\s*$)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAY_PREFIX = re.compile(r"^\((\w+) pid=\d+(?:, ip=[\d.]+)?\)\s?")  # Ray's prefix on a worker's or actor's line
+# Ray's driver-side notices (its logger's own format). INFO ones ("View the dashboard at ...": dead once the stage's
+# embedded cluster stops) and the token-auth notice (a loopback cluster that Ray secures, nothing to act on) stay in
+# the stage's log file.
+_RAY_NOTICE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|DEBUG) \w+\.py:\d+ -- "
+                         r"|^\d{4}-\d\d-\d\d [\d:,]+ WARNING authentication_token_setup\.py:\d+ -- "
+                         r"Token authentication is enabled")
 _LEVELS = ((re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|^\w*Error: "), logging.ERROR),
            (re.compile(r"\bWARN(ING)?\b|Warning: "), logging.WARNING))
 
@@ -99,7 +105,7 @@ def flow_log_line(line: str) -> tuple[int, str] | None:
     only: DVC's git hints, blank lines, and Ray's own worker and actor output (our loggers' lines, named
     `tasks.*`, and warnings and errors are kept). Errors and warnings keep their level."""
     text = _ANSI.sub("", line).rstrip()
-    if _DVC_HINTS.match(text):
+    if _DVC_HINTS.match(text) or _RAY_NOTICE.match(text):
         return None
     level = next((lvl for pattern, lvl in _LEVELS if pattern.search(text)), logging.INFO)
     if text.startswith(ERROR_MARKER):  # the stage's own one-line error

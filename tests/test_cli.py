@@ -3,12 +3,14 @@ rain-grid/experiments."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,9 @@ def test_served_deployment_runs_from_a_second_terminal(tmp_path: Path) -> None:
             assert serve.poll() is None, (tmp_path / "serve.log").read_text()
             assert time.monotonic() < deadline, "rain serve did not register rain/full in time"
             time.sleep(3)
+        # The UI's pages ask this port's API, not the default 4200's.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=30) as answer:
+            assert json.load(answer)["api_url"] == f"http://127.0.0.1:{port}/api"
         run = subprocess.run([str(bin_dir / "prefect"), "deployment", "run", "rain/full", "--watch",
                               "--watch-timeout", "600"], env=client_env, capture_output=True, text=True,
                              timeout=660)

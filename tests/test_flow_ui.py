@@ -71,6 +71,12 @@ def test_links_point_at_the_mlflow_ui_that_shows_the_store(monkeypatch: pytest.M
     ("ERROR: failed to reproduce 'train'", (logging.ERROR, "ERROR: failed to reproduce 'train'")),
     ("rain-stage-error: ValueError: no rows", (logging.ERROR, "rain-stage-error: ValueError: no rows")),
     ("Running stage 'train':", (logging.INFO, "Running stage 'train':")),
+    ("2026-11-27 15:03:33,326 INFO worker.py:2029 -- Started a local Ray instance. View the dashboard at "
+     "http://127.0.0.1:8265", None),
+    ("2026-11-27 15:03:22,885 WARNING authentication_token_setup.py:85 -- Token authentication is enabled for this "
+     "Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. ", None),
+    ("2026-11-27 15:03:22,885 WARNING worker.py:12 -- a Ray warning", (logging.WARNING, "2026-11-27 15:03:22,885 "
+                                                                      "WARNING worker.py:12 -- a Ray warning")),
 ])
 def test_stage_output_reaches_the_flow_log_without_hints_or_ray_noise_at_its_level(
         line: str, shown: tuple[int, str] | None) -> None:

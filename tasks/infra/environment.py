@@ -13,6 +13,7 @@ QUIET_LOCAL = {
     "DVC_NO_ANALYTICS": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",  # the registered model holds no pickle
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # tqdm bars, three log lines per artifact in a flow's log
 }
 
 
