@@ -11,18 +11,16 @@ step and the median step time is reported (load from other processes spreads ove
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs without installing the project too
 
+from bench.train_step import median_step_times, random_batch
 from rain_model.config import ModelConfig, ObjectiveConfig
-from rain_model.network import RAIN
-from rain_model.objective import Batch, cpu_has_native_bf16, make_optimizers, place_model, train_step
+from rain_model.objective import cpu_has_native_bf16
 
 
 def main() -> None:
@@ -37,37 +35,15 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = torch.device("cpu")
-    labels = torch.arange(args.batch) // 4  # (B,): K = 4 images per identity
-    x_hr = torch.rand(args.batch, 3, args.height, args.width)  # (B, 3, H, W)
-    x_lr = torch.nn.functional.interpolate(
-        torch.nn.functional.interpolate(x_hr, scale_factor=0.25, mode="bilinear", antialias=True),
-        size=(args.height, args.width), mode="bilinear")  # (B, 3, H, W)
-    batch = Batch(x_hr, x_lr, labels)
-
-    runs = {}
-    for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
-        obj = ObjectiveConfig(bf16_autocast=bf16)
-        model = place_model(RAIN(ModelConfig(levels=(4, 5)), args.batch // 4), obj, device)
-        model.train()
-        optimizers = make_optimizers(model, obj)
-        for step in range(args.warmup):
-            train_step(model.generator, model.discriminators, optimizers, batch, obj, step)
-        runs[name] = (model, obj, optimizers)
-
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for step in range(args.warmup, args.warmup + args.steps):
-        for name, (model, obj, optimizers) in runs.items():
-            start = time.perf_counter()
-            train_step(model.generator, model.discriminators, optimizers, batch, obj, step)
-            times[name].append(time.perf_counter() - start)
-
-    median = {name: statistics.median(t) for name, t in times.items()}
+    batch = random_batch(args.batch, args.height, args.width, torch.device("cpu"))
+    settings = {name: (ModelConfig(levels=(4, 5)), ObjectiveConfig(bf16_autocast=bf16))
+                for name, bf16 in (("fp32", False), ("bf16 autocast", True))}
+    median = median_step_times(settings, batch, args.warmup, args.steps, torch.device("cpu"))
     print(f"cpu bf16 instructions (avx512_bf16 or AMX)={cpu_has_native_bf16()} threads={args.threads} "
           f"input={args.height}x{args.width} batch={args.batch} steps={args.steps} (+{args.warmup} warm-up), "
           "median step time, multi-level RAIN")
     print(f"{'setting':<16}{'s/step':>9}{'speed x':>9}")
-    for name in runs:
+    for name in settings:
         print(f"{name:<16}{median[name]:>9.3f}{median['fp32'] / median[name]:>9.2f}")
 
 

@@ -38,6 +38,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def random_batch(size: int, height: int, width: int, device: torch.device) -> Batch:
+    """`size` random HR images of `size // 4` identities (K = 4) and their x4 down-and-up-sampled LR copies."""
+    labels = torch.arange(size, device=device) // 4 % max(1, size // 4)  # (B,)
+    x_hr = torch.rand(size, 3, height, width, device=device)  # (B, 3, H, W)
+    x_lr = torch.nn.functional.interpolate(
+        torch.nn.functional.interpolate(x_hr, scale_factor=0.25, mode="bilinear", antialias=True),
+        size=(height, width),
+        mode="bilinear",
+    )  # (B, 3, H, W)
+    return Batch(x_hr, x_lr, labels)
+
+
+def median_step_times(settings: dict[str, tuple[ModelConfig, ObjectiveConfig]], batch: Batch, warmup: int,
+                      steps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of a training step per setting (name -> model and objective); the settings take turns
+    step by step after `warmup` untimed steps each."""
+    num_ids = int(batch.labels.max()) + 1
+    runs = {}
+    for name, (model_cfg, obj) in settings.items():
+        model = place_model(RAIN(model_cfg, num_ids), obj, device)
+        model.train()
+        optimizers = make_optimizers(model, obj)
+        for step in range(warmup):
+            train_step(model.generator, model.discriminators, optimizers, batch, obj, step)
+        runs[name] = (model, obj, optimizers)
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for step in range(warmup, warmup + steps):
+        for name, (model, obj, optimizers) in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            train_step(model.generator, model.discriminators, optimizers, batch, obj, step)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
@@ -52,44 +89,18 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    k = 4
-    num_ids = max(1, args.batch // k)
-    labels = torch.arange(args.batch, device=device) // k % num_ids  # (B,)
-    x_hr = torch.rand(args.batch, 3, args.height, args.width, device=device)  # (B, 3, H, W)
-    x_lr = torch.nn.functional.interpolate(
-        torch.nn.functional.interpolate(x_hr, scale_factor=0.25, mode="bilinear", antialias=True),
-        size=(args.height, args.width),
-        mode="bilinear",
-    )  # (B, 3, H, W)
-    batch = Batch(x_hr, x_lr, labels)
-
-    runs = {}
-    for name, (variant, levels) in VARIANTS.items():
-        obj = ObjectiveConfig(variant=variant, bf16_autocast=args.bf16, channels_last=args.bf16)
-        model = place_model(RAIN(ModelConfig(backbone=args.backbone, levels=levels), num_ids), obj, device)
-        model.train()
-        optimizers = make_optimizers(model, obj)
-        for step in range(args.warmup):
-            train_step(model.generator, model.discriminators, optimizers, batch, obj, step)
-        runs[name] = (model, obj, optimizers)
-
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for step in range(args.warmup, args.warmup + args.steps):
-        for name, (model, obj, optimizers) in runs.items():
-            _sync(device)
-            start = time.perf_counter()
-            train_step(model.generator, model.discriminators, optimizers, batch, obj, step)
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-
-    median = {name: statistics.median(t) for name, t in times.items()}
+    batch = random_batch(args.batch, args.height, args.width, device)
+    settings = {name: (ModelConfig(backbone=args.backbone, levels=levels),
+                       ObjectiveConfig(variant=variant, bf16_autocast=args.bf16, channels_last=args.bf16))
+                for name, (variant, levels) in VARIANTS.items()}
+    median = median_step_times(settings, batch, args.warmup, args.steps, device)
     base = median["baseline_hr"]
     print(
         f"device={device} backbone={args.backbone} input={args.height}x{args.width} batch={args.batch} "
         f"threads={torch.get_num_threads()} steps={args.steps} (+{args.warmup} warm-up), median step time"
     )
     print(f"{'variant':<26}{'s/step':>9}{'images/s':>10}{'cost x':>8}{'speed x':>9}")
-    for name in runs:
+    for name in settings:
         per_step = median[name]
         rate = args.batch / per_step
         print(f"{name:<26}{per_step:>9.3f}{rate:>10.1f}{per_step / base:>8.2f}{base / per_step:>9.2f}")
