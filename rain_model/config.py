@@ -67,6 +67,9 @@ class ModelConfig:
     backbone: str = "resnet18"
     """F: torchvision ResNet, resnet18 | resnet34 | resnet50 (the paper's), trained from scratch unless
     pretrained_path."""
+    base_channels: int = 64
+    """Channels of F's R1 and layer1; each later layer doubles them (f5 has 8x, 32x for resnet50). 64 is
+    torchvision's and the only width ImageNet weights fit; compute goes with its square."""
     levels: tuple[int, ...] = (4, 5)
     """Feature levels j with a resolution discriminator D_j; (5,) = single-level, (4, 5) = multi-level."""
     pretrained: str | None = None
@@ -90,6 +93,9 @@ class ModelConfig:
         require(self.pretrained in (None, "imagenet"), "pretrained", self.pretrained, "must be imagenet or None")
         require(self.pretrained is None or self.pretrained_path is None, "pretrained", self.pretrained,
                 "must be None when pretrained_path names a file (one source of initial weights)")
+        _int_at_least("base_channels", self.base_channels, 1)
+        require(self.base_channels == 64 or (self.pretrained is None and self.pretrained_path is None),
+                "base_channels", self.base_channels, "must be 64 with ImageNet weights (their width)")
         _positive_ints("decoder_channels", self.decoder_channels)
         require(len(self.decoder_channels) <= 5, "decoder_channels", self.decoder_channels,
                 "must have at most 5 entries (x2 stages)")

@@ -40,7 +40,7 @@ class Generator(nn.Module):
         if cfg.pretrained is not None:  # silently training from scratch instead would be worse than failing
             raise ValueError(f"pretrained={cfg.pretrained!r}: fetch the weights and pass them as pretrained_path "
                              "(tasks/training/weights.py resolve)")
-        self.backbone = ResNetBackbone(cfg.backbone, cfg.pretrained_path)
+        self.backbone = ResNetBackbone(cfg.backbone, cfg.pretrained_path, cfg.base_channels)
         d = self.backbone.channels[4]
         self.decoder = HRDecoder(d, cfg.decoder_channels)
         self.classifier = nn.Linear(d, num_classes)

@@ -52,6 +52,30 @@ def test_resnet50_channels_and_full_resolution_decoder() -> None:
     assert list(model.discriminators.by_level) == ["f5"]
 
 
+@pytest.mark.parametrize(("backbone", "base", "expansion"), [("resnet18", 32, 1), ("resnet50", 16, 4)])
+def test_a_narrower_backbone_scales_every_level_and_keeps_torchvisions_init(
+        backbone: str, base: int, expansion: int) -> None:
+    torch.manual_seed(0)
+    model = RAIN(ModelConfig(backbone=backbone, base_channels=base, decoder_channels=(8,)), 3).eval()
+    want = (base, *(base * 2**i * expansion for i in range(4)))
+    with torch.no_grad():
+        feats = model.generator.features(torch.rand(2, 3, 64, 32))
+        out = model.generator(torch.rand(2, 3, 64, 32), levels=(4, 5))
+    assert tuple(f.shape[1] for f in feats) == want == model.generator.backbone.channels
+    assert out.logits is not None and model.generator.classifier.in_features == want[4]
+    assert [tuple(lg.shape) for lg in model.discriminators(out.feats)] == [(2,), (2,)]
+    conv = model.generator.backbone.layer3[0].conv2  # kaiming_normal_(fan_out, relu): std sqrt(2 / (out x kh x kw))
+    fan_out = conv.weight.shape[0] * conv.weight.shape[2] * conv.weight.shape[3]
+    assert float(conv.weight.std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+
+
+def test_half_the_width_has_about_a_quarter_of_the_backbones_weights() -> None:
+    def backbone_weights(base: int) -> int:
+        return sum(p.numel() for p in RAIN(ModelConfig(base_channels=base), 3).generator.backbone.parameters())
+
+    assert 0.24 < backbone_weights(32) / backbone_weights(64) < 0.26
+
+
 def test_one_discriminator_per_level(model: RAIN) -> None:
     assert list(model.discriminators.by_level) == ["f4", "f5"]
     feats = model.generator.features(torch.rand(3, 3, 64, 32))
@@ -116,6 +140,9 @@ def test_loads_an_imagenet_state_dict_and_names_the_file_on_mismatch(tmp_path: P
         ({"decoder_channels": (8, 8, 8, 8, 8, 8)}, "decoder_channels"),
         ({"disc_channels": (0,)}, "disc_channels"),
         ({"pretrained_path": ""}, "pretrained_path"),
+        ({"base_channels": 0}, "base_channels"),
+        ({"base_channels": 32, "pretrained": "imagenet"}, "base_channels"),
+        ({"base_channels": 32, "pretrained_path": "resnet18.pth"}, "base_channels"),
     ],
 )
 def test_model_config_names_the_bad_field(kwargs: dict[str, object], field: str) -> None:
