@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs without installing the project too
 
-from bench.train_step import median_step_times, random_batch
+from bench.train_step import median_step_times, print_speedups, random_batch
 from rain_model.config import ModelConfig, ObjectiveConfig
 from rain_model.objective import cpu_has_native_bf16
 
@@ -42,9 +42,7 @@ def main() -> None:
     print(f"cpu bf16 instructions (avx512_bf16 or AMX)={cpu_has_native_bf16()} threads={args.threads} "
           f"input={args.height}x{args.width} batch={args.batch} steps={args.steps} (+{args.warmup} warm-up), "
           "median step time, multi-level RAIN")
-    print(f"{'setting':<16}{'s/step':>9}{'speed x':>9}")
-    for name in settings:
-        print(f"{name:<16}{median[name]:>9.3f}{median['fp32'] / median[name]:>9.2f}")
+    print_speedups(median, "fp32")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,13 @@ def median_step_times(settings: dict[str, tuple[ModelConfig, ObjectiveConfig]], 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def print_speedups(median: dict[str, float], baseline: str) -> None:
+    """A table of each setting's median step time and its speed relative to `baseline`'s."""
+    print(f"{'setting':<16}{'s/step':>9}{'speed x':>9}")
+    for name, per_step in median.items():
+        print(f"{name:<16}{per_step:>9.3f}{median[baseline] / per_step:>9.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])

@@ -93,7 +93,7 @@ class ResNetBackbone(nn.Module):
 def build_resnet(arch: str, base_channels: int = 64) -> torchvision.models.ResNet:
     """torchvision's ResNet `arch` with `base_channels` channels in R1 and layer1 (each later layer doubles
     them; torchvision's are 64, which ImageNet weights need). Compute goes with the square of the width:
-    at 32 a resnet18 step on 2 CPU cores costs about a third of one at 64 (README, "A narrower F")."""
+    at 32 a resnet18 step costs about a third of one at 64 on a CPU (bench/width.py)."""
     if arch not in _RESNETS:
         raise ValueError(f"backbone={arch!r}: must be one of {', '.join(_RESNETS)}")
     resnet = _RESNETS[arch](weights=None)

@@ -67,9 +67,9 @@ class ModelConfig:
     backbone: str = "resnet18"
     """F: torchvision ResNet, resnet18 | resnet34 | resnet50 (the paper's), trained from scratch unless
     pretrained_path."""
-    base_channels: int = 64
+    base_channels: int = 32
     """Channels of F's R1 and layer1; each later layer doubles them (f5 has 8x, 32x for resnet50). 64 is
-    torchvision's and the only width ImageNet weights fit; compute goes with its square."""
+    torchvision's and the only width ImageNet weights fit; compute goes with its square (32: a CPU budget)."""
     levels: tuple[int, ...] = (4, 5)
     """Feature levels j with a resolution discriminator D_j; (5,) = single-level, (4, 5) = multi-level."""
     pretrained: str | None = None

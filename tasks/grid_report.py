@@ -307,10 +307,12 @@ def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str
     out_dir.mkdir(parents=True, exist_ok=True)
 
     all_rows = {t.key: table_rows(t, results, seeds) for t in selected}
+    precision = "bf16 autocast" if params.objective.bf16_autocast else "fp32"
     header = (f"# Experiment grid on `{params.dataset.name}`\n\nMean ± std over seeds {list(seeds)} (each seed: "
               f"train.seed = s on protocol trial s mod {params.protocol.trials}; each figure the mean of "
               f"{params.evaluate.gallery_repeats} single-shot gallery draws); {params.experiments.epochs} epochs "
-              f"per run; {params.model.backbone} at {params.train.height}x{params.train.width}. LR queries and 'r in "
+              f"per run; {params.model.backbone} ({params.model.base_channels} base channels) at "
+              f"{params.train.height}x{params.train.width}, {precision}. LR queries and 'r in "
               f"{{2,3,4}}' rows use the MLR protocol's rates, here {list(params.protocol.train_rates)}; unseen: "
               f"{list(params.protocol.unseen_rates)}. Percent.\n")
     rates = rate_table(results, configs, seeds)

@@ -47,7 +47,7 @@ def test_imagenet_weights_are_downloaded_once_checked_and_used(http_server: Loca
     name, data = resnet18_file()
     url = http_server.serve(f"/models/{name}", data)
     monkeypatch.setattr(weights, "imagenet_url", lambda backbone: url)
-    params = micro_params({"model": {"pretrained": "imagenet"}})
+    params = micro_params({"model": {"pretrained": "imagenet", "base_channels": 64}})
     resolved = weights.resolve(params)
     assert resolved.model.pretrained is None
     assert resolved.model.pretrained_path == str(torch_home / "hub" / "checkpoints" / name)
@@ -64,13 +64,13 @@ def test_a_file_that_does_not_match_its_hash_is_refused_naming_it(http_server: L
     url = http_server.serve(f"/models/{name}", data[:-10] + b"corruption")
     monkeypatch.setattr(weights, "imagenet_url", lambda backbone: url)
     with pytest.raises(weights.PretrainedWeightsError, match=rf"sha256 does not start with {name[9:17]}"):
-        weights.resolve(micro_params({"model": {"pretrained": "imagenet"}}))
+        weights.resolve(micro_params({"model": {"pretrained": "imagenet", "base_channels": 64}}))
     assert not list((torch_home / "hub" / "checkpoints").iterdir())  # nothing half-checked left behind
 
 
 def test_an_unresolved_imagenet_setting_never_trains_from_scratch_silently() -> None:
     with pytest.raises(ValueError, match="pretrained='imagenet': fetch the weights"):
-        RAIN(ModelConfig(pretrained="imagenet"), num_classes=3)
+        RAIN(ModelConfig(pretrained="imagenet", base_channels=64), num_classes=3)
 
 
 def _closed_port() -> int:
@@ -119,6 +119,7 @@ def test_the_paper_preset_is_the_papers_settings(tmp_path: Path) -> None:
     presets.write(params_file, "paper")
     params = load_params(params_file)
     assert (params.model.backbone, params.model.pretrained, params.model.levels) == ("resnet50", "imagenet", (4, 5))
+    assert params.model.base_channels == 64
     assert (params.train.height, params.train.width) == (256, 128)
     assert (params.objective.mining, params.objective.adv_loss) == ("sampled", "minimax")
     assert params.evaluate.flip is False and params.ray.use_gpu is True

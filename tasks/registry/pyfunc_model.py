@@ -84,7 +84,9 @@ class RainEmbedder(PythonModel):
         self.size = (int(meta["height"]), int(meta["width"]))
         self.flip = bool(meta["flip"])
         self.limits = parse(ServeConfig, meta.get("serve"), "serve")
-        cfg = parse(ModelConfig, meta["model"], "model")  # load_model ignores pretrained_path (embed.py)
+        # load_model ignores pretrained_path (embed.py); a model registered before `base_channels` existed
+        # was trained at torchvision's width
+        cfg = parse(ModelConfig, {"base_channels": 64, **meta["model"]}, "model")
         self.model = load_model(context.artifacts["weights"], cfg, int(meta["num_classes"]))
         self.fingerprint = fingerprint(context.artifacts["weights"], context.artifacts["config"])
 
