@@ -75,6 +75,25 @@ def median_step_times(settings: dict[str, tuple[ModelConfig, ObjectiveConfig]], 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def cpu_step_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options of a bench that times settings of one training step on the CPU (precision.py, width.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a grid run uses 1)")
+    parser.add_argument("--height", type=int, default=128)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32, help="HR images per step (P x K with K = 4)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per setting")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per setting")
+    return parser
+
+
+def cpu_batch(args: argparse.Namespace) -> Batch:
+    """Sets the threads and the seed that `cpu_step_parser`'s options ask for; the batch every setting steps on."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return random_batch(args.batch, args.height, args.width, torch.device("cpu"))
+
+
 def print_speedups(median: dict[str, float], baseline: str) -> None:
     """A table of each setting's median step time and its speed relative to `baseline`'s."""
     print(f"{'setting':<16}{'s/step':>9}{'speed x':>9}")

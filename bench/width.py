@@ -11,7 +11,6 @@ linearly or not at all). The settings take turns step by step and the median ste
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,25 +18,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs without installing the project too
 
-from bench.train_step import median_step_times, print_speedups, random_batch
+from bench.train_step import cpu_batch, cpu_step_parser, median_step_times, print_speedups
 from rain_model.config import ModelConfig, ObjectiveConfig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cpu_step_parser(__doc__)
     parser.add_argument("--base-channels", type=int, nargs="+", default=[64, 48, 32],
                         help="widths to time; the first is the baseline")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (a grid run uses 1)")
-    parser.add_argument("--height", type=int, default=128)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32, help="HR images per step (P x K with K = 4)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per setting")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per setting")
     args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    batch = random_batch(args.batch, args.height, args.width, torch.device("cpu"))
+    batch = cpu_batch(args)
     settings = {f"base {c}": (ModelConfig(base_channels=c, levels=(4, 5)), ObjectiveConfig())
                 for c in args.base_channels}
     median = median_step_times(settings, batch, args.warmup, args.steps, torch.device("cpu"))
