@@ -69,7 +69,7 @@ class ModelConfig:
     pretrained_path."""
     base_channels: int = 32
     """Channels of F's R1 and layer1; each later layer doubles them (f5 has 8x, 32x for resnet50). 64 is
-    torchvision's and the only width ImageNet weights fit; compute goes with its square (32: a CPU budget)."""
+    torchvision's and the only width its ImageNet weights fit; compute goes with its square (32: a CPU budget)."""
     levels: tuple[int, ...] = (4, 5)
     """Feature levels j with a resolution discriminator D_j; (5,) = single-level, (4, 5) = multi-level."""
     pretrained: str | None = None
@@ -94,8 +94,9 @@ class ModelConfig:
         require(self.pretrained is None or self.pretrained_path is None, "pretrained", self.pretrained,
                 "must be None when pretrained_path names a file (one source of initial weights)")
         _int_at_least("base_channels", self.base_channels, 1)
-        require(self.base_channels == 64 or (self.pretrained is None and self.pretrained_path is None),
-                "base_channels", self.base_channels, "must be 64 with ImageNet weights (their width)")
+        # torchvision's ImageNet weights are 64 wide; a pretrained_path file is checked against F's shapes on load
+        require(self.base_channels == 64 or self.pretrained != "imagenet", "base_channels", self.base_channels,
+                "must be 64 with pretrained: imagenet (the width of torchvision's weights)")
         _positive_ints("decoder_channels", self.decoder_channels)
         require(len(self.decoder_channels) <= 5, "decoder_channels", self.decoder_channels,
                 "must have at most 5 entries (x2 stages)")

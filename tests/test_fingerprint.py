@@ -72,7 +72,7 @@ def test_a_table_download_will_refuse_does_not_fail_the_fingerprint(tmp_path: Pa
 def test_the_pretrained_record_follows_the_files_content_not_its_name(tmp_path: Path) -> None:
     weights = tmp_path / "resnet.pth"
     weights.write_bytes(b"first weights")
-    params = micro_params({"model": {"base_channels": 64, "pretrained_path": str(weights)}})
+    params = micro_params({"model": {"pretrained_path": str(weights)}})
     out = tmp_path / "pretrained.json"
     first = fingerprint.pretrained(params, out, tmp_path / "cache.sqlite")
     assert first["sha256"] == hashlib.sha256(b"first weights").hexdigest()

@@ -60,7 +60,7 @@ def test_features_from_the_store_equal_the_pillow_path(project: tuple[Path, Para
     size = (params.train.height, params.train.width)
     from_store = embed_store(model, store, paths, size, batch_size=5, flip=True)
     from_files = embed_paths(model, paths, size, batch_size=5, flip=True)
-    assert from_store.shape == (len(paths), 512)
+    assert from_store.shape == (len(paths), model.generator.backbone.channels[4])
     np.testing.assert_array_equal(from_store, from_files)
 
 

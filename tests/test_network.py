@@ -118,6 +118,9 @@ def test_loads_an_imagenet_state_dict_and_names_the_file_on_mismatch(tmp_path: P
     torch.testing.assert_close(model.generator.backbone.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
     torch.testing.assert_close(model.generator.backbone.bn1.running_var, reference.bn1.running_var)
 
+    with pytest.raises(ValueError, match=r"resnet18-imagenet\.pth: shape of conv1\.weight is \(64, 3, 7, 7\)"):
+        RAIN(ModelConfig(backbone="resnet18", base_channels=32, pretrained_path=str(good)), 2)  # F narrower
+
     wrong_arch = tmp_path / "resnet34-imagenet.pth"
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), wrong_arch)
     with pytest.raises(ValueError, match=r"resnet34-imagenet\.pth"):
@@ -143,7 +146,6 @@ def test_loads_an_imagenet_state_dict_and_names_the_file_on_mismatch(tmp_path: P
         ({"pretrained_path": ""}, "pretrained_path"),
         ({"base_channels": 0}, "base_channels"),
         ({"base_channels": 32, "pretrained": "imagenet"}, "base_channels"),
-        ({"base_channels": 32, "pretrained_path": "resnet18.pth"}, "base_channels"),
     ],
 )
 def test_model_config_names_the_bad_field(kwargs: dict[str, object], field: str) -> None:

@@ -245,8 +245,7 @@ def test_a_model_trained_from_a_pretrained_file_loads_after_the_file_is_gone(
     sha = file_hash(pretrained)
     monkeypatch.chdir(project)
     params = load_params("params.yaml")
-    params = dataclasses.replace(params, model=dataclasses.replace(params.model, base_channels=64,
-                                                                   pretrained_path=str(pretrained)))
+    params = dataclasses.replace(params, model=dataclasses.replace(params.model, pretrained_path=str(pretrained)))
     reg = register.run(params, params.model_dir(), params.report_dir(), params.mlr_manifest_path(),
                        Path("params.yaml"))
     pretrained.unlink()

@@ -3,6 +3,7 @@ decoded-image store."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,10 @@ def test_validation_reads_no_test_image_keeps_the_best_epoch_and_changes_no_weig
     runs: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]] = {"plain": [], "validated": []}
     for name, manifest in (("plain", None), ("validated", str(mlr.resolve()))):
         job = TrainJob(params=params, rows=rows, store=str(params.store_dir()), mlr=manifest)
-        train_loop(job, WorkerContext(report=lambda metrics, state, out=runs[name]: out.append((metrics, state))))
+        # A copy, as train.py's torch.save is: on the CPU the state's weights are the live tensors, so an earlier
+        # epoch's state kept as it is would show the last epoch's weights.
+        train_loop(job, WorkerContext(report=lambda metrics, state, out=runs[name]: out.append(
+            (metrics, copy.deepcopy(state)))))
     plain_last, validated_last = runs["plain"][-1][1], runs["validated"][-1][1]
     assert plain_last is not None and validated_last is not None
     assert all(torch.equal(plain_last["model"][k], validated_last["model"][k]) for k in plain_last["model"])

@@ -169,7 +169,7 @@ def test_a_grid_run_bigger_than_any_node_is_refused_naming_the_setting(ray_local
 
 
 def test_a_missing_pretrained_file_is_refused_before_ray_starts(workdir: Path) -> None:
-    params = micro_params({"model": {"base_channels": 64, "pretrained_path": "weights/missing.pth"}})
+    params = micro_params({"model": {"pretrained_path": "weights/missing.pth"}})
     with pytest.raises(PretrainedWeightsError,
                        match=r"model\.pretrained_path = 'weights/missing.pth': no such file"):
         train.run(params, workdir / "mlr.parquet", workdir / "store", workdir / "models", workdir / "runs")

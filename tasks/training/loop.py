@@ -322,7 +322,9 @@ def kept_weights(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _checkpoint_state(training: _Training, epoch: int) -> dict[str, Any]:
-    """Everything a restarted worker group needs to continue exactly after `epoch` (see `_resume_from`)."""
+    """Everything a restarted worker group needs to continue exactly after `epoch` (see `_resume_from`). Its
+    weights are the live tensors on the CPU (`.cpu()` copies only from a GPU): a report saves it before
+    training goes on."""
     return {"model": {k: v.detach().cpu() for k, v in training.model.state_dict().items()},
             "optimizers": training.optimizers.state_dict(), "schedulers": [s.state_dict() for s in training.schedulers],
             "sampler": training.sampler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
