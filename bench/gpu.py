@@ -46,6 +46,7 @@ from tasks.images.store import ImageStore, StorePairs
 from tasks.training.loop import TrainJob, WorkerContext, ddp_backend, train_loop
 from tests.micro_project import REPO, merge
 
+TORCHVISION_WIDTH = 64  # F as the plain torchvision ResNet it is compared with (params.yaml's 32 is a CPU budget)
 FULL = {"backbone": "resnet50", "height": 256, "width": 128, "p": 16, "k": 4, "identities": 200, "steps": 60,
         "warmup": 10, "paper_epochs": 2}
 TINY = {"backbone": "resnet18", "height": 64, "width": 32, "p": 4, "k": 2, "identities": 12, "steps": 2,
@@ -101,7 +102,8 @@ def plain_resnet(cfg: dict[str, Any], batch: Batch, ids: int, device: torch.devi
 
 def rain_model_for(cfg: dict[str, Any], obj: ObjectiveConfig, ids: int, device: torch.device) -> RAIN:
     torch.manual_seed(0)
-    return place_model(RAIN(ModelConfig(backbone=cfg["backbone"], levels=(4, 5)), ids), obj, device).train()
+    model_cfg = ModelConfig(backbone=cfg["backbone"], base_channels=TORCHVISION_WIDTH, levels=(4, 5))
+    return place_model(RAIN(model_cfg, ids), obj, device).train()
 
 
 def rain_step(cfg: dict[str, Any], batch: Batch, ids: int, device: torch.device) -> tuple[float, float]:
@@ -174,7 +176,7 @@ def loop_epochs(rows: list[dict], store: ImageStore, cfg: dict[str, Any], device
                 loader_workers: int) -> dict[str, Any]:
     """Two epochs of the Ray-free training loop (tasks/training/loop.py) from the store, bf16 + channels_last."""
     params = synthetic_params(cfg["identities"], cfg["height"], cfg["width"], {
-        "model": {"backbone": cfg["backbone"]},
+        "model": {"backbone": cfg["backbone"], "base_channels": TORCHVISION_WIDTH},
         "objective": {"bf16_autocast": True, "channels_last": True},
         "train": {"epochs": 2, "p": cfg["p"], "k": cfg["k"], "loader_workers": loader_workers},
     })
