@@ -133,8 +133,8 @@ class ObjectiveConfig:
     d_label_smoothing: float = 0.0
     """One-sided label smoothing of the D step: HR features are labelled 1 - this (Salimans et al. 2016),
     which keeps D_j from growing over-confident and F's gradient from fading; 0: Eq. 1 as written."""
-    lr: float = 3.5e-4
-    """Adam learning rate of F, G, C."""
+    lr: float = 2e-3
+    """Adam learning rate of F, G, C (high for a short run: params.yaml says why)."""
     lr_d: float = 1e-4
     """Adam learning rate of all D_j."""
     weight_decay: float = 5e-4

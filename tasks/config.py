@@ -173,7 +173,7 @@ class TrainConfig:
     label_fraction: float = 1.0
     checkpoint_every_epochs: int = 0  # also checkpoint every N epochs; 0: by time only
     checkpoint_every_seconds: float = 600.0  # checkpoint when this long has passed since the last one
-    lr_decay_epochs: tuple[int, ...] = ()  # multiply both learning rates by lr_decay at these epochs
+    lr_decay_epochs: tuple[int, ...] = (8, 11)  # multiply both learning rates by lr_decay at these epochs
     lr_decay: float = 0.1
     loader_workers: int = 0  # DataLoader processes per Ray worker (0: load in the training process)
     micro_batches: int = 1  # split each worker's batch, BN per part, gradients averaged (see objective.train_step)

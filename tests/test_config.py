@@ -93,7 +93,7 @@ def test_flat_params_reads_as_params_yaml_writes_it(tmp_path: Path) -> None:
     assert flat["train.lr_decay_epochs"] == "[]"
     assert flat["model.pretrained"] == "none" and flat["ray.address"] == "none"  # None, one way everywhere
     assert flat["ray.use_gpu"] == "true" and flat["evaluate.flip"] == "false"
-    assert flat["objective.lr"] == "0.00035" and flat["dataset.name"] == "synthetic"
+    assert flat["objective.lr"] == "0.002" and flat["dataset.name"] == "synthetic"
     assert not [v for v in flat.values() if v.startswith(("(", "None", "True", "False"))]
 
 
