@@ -308,11 +308,14 @@ def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str
 
     all_rows = {t.key: table_rows(t, results, seeds) for t in selected}
     precision = "bf16 autocast" if params.objective.bf16_autocast else "fp32"
+    decays = params.train.lr_decay_epochs
+    schedule = f"Adam at {params.objective.lr:g}" + (
+        f" (x{params.train.lr_decay:g} at epochs {', '.join(map(str, decays))})" if decays else ", constant")
     header = (f"# Experiment grid on `{params.dataset.name}`\n\nMean ± std over seeds {list(seeds)} (each seed: "
               f"train.seed = s on protocol trial s mod {params.protocol.trials}; each figure the mean of "
               f"{params.evaluate.gallery_repeats} single-shot gallery draws); {params.experiments.epochs} epochs "
               f"per run; {params.model.backbone} ({params.model.base_channels} base channels) at "
-              f"{params.train.height}x{params.train.width}, {precision}. LR queries and 'r in "
+              f"{params.train.height}x{params.train.width}, {precision}, {schedule}. LR queries and 'r in "
               f"{{2,3,4}}' rows use the MLR protocol's rates, here {list(params.protocol.train_rates)}; unseen: "
               f"{list(params.protocol.unseen_rates)}. Percent.\n")
     rates = rate_table(results, configs, seeds)

@@ -98,8 +98,11 @@ def test_report_tables_csv_plots_and_mlflow_parent(project: Params, tmp_path: Pa
 
     text = (out / "results.md").read_text()
     assert text.count("### Table") == 4 and "### Figure 5" in text
-    model = project.model  # what the runs trained, in the header: width and precision decide the figures too
-    assert f"{model.backbone} ({model.base_channels} base channels) at 64x32, fp32." in text
+    # What the runs trained, in the header: width, precision and learning rate decide the figures too.
+    model, obj, train = project.model, project.objective, project.train
+    decays = ", ".join(map(str, train.lr_decay_epochs))
+    assert decays and f"Adam at {obj.lr:g} (x{train.lr_decay:g} at epochs {decays})." in text
+    assert f"{model.backbone} ({model.base_channels} base channels) at 64x32, fp32, Adam at" in text
     # The sweep: w_adv = 0.3 has the best validation figure; its test LR rank-1 against the baseline's, per seed.
     assert "Chosen: `adv_0.3`" in text
     gap = 100 * (_score("adv_0.3", 0, "lr") - _score("adv_0.0", 0, "lr"))
