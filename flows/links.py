@@ -16,22 +16,29 @@ from tasks.config import Params
 DEFAULT_UI = "http://127.0.0.1:5000"
 
 
+def _training_tags(params: Params) -> dict[str, str]:
+    """Settings that change every figure of a run without showing in its name: F's width and the learning rate."""
+    return {"width": str(params.model.base_channels), "lr": f"{params.objective.lr:g}"}
+
+
 def pipeline_label(params: Params) -> tuple[str, list[str]]:
-    """(flow run name, tags) of a pipeline run: dataset, variant, backbone, epochs and trials."""
+    """(flow run name, tags) of a pipeline run: dataset, variant, backbone, epochs and trials (tags: also width
+    and learning rate)."""
     trials = ",".join(map(str, params.train.trials))
     settings = {"dataset": params.dataset.name, "variant": params.objective.variant,
                 "backbone": params.model.backbone, "epochs": str(params.train.epochs), "trials": trials}
     name = f"{settings['dataset']}-{settings['variant']}-{settings['backbone']}-{settings['epochs']}ep-t{trials}"
-    return name, [f"{k}:{v}" for k, v in settings.items()]
+    return name, [f"{k}:{v}" for k, v in {**settings, **_training_tags(params)}.items()]
 
 
 def grid_label(params: Params, seeds: tuple[int, ...]) -> tuple[str, list[str]]:
-    """(flow run name, tags) of a grid run: dataset, backbone, epochs per run and seeds."""
+    """(flow run name, tags) of a grid run: dataset, backbone, epochs per run and seeds (tags: also width and
+    learning rate)."""
     joined = ",".join(map(str, seeds))
     settings = {"dataset": params.dataset.name, "backbone": params.model.backbone,
                 "epochs": str(params.experiments.epochs), "seeds": joined}
     return f"experiments-{settings['dataset']}-{settings['epochs']}ep-seeds{joined}", [
-        f"{k}:{v}" for k, v in settings.items()]
+        f"{k}:{v}" for k, v in {**settings, **_training_tags(params)}.items()]
 
 
 def label_flow_run(name: str, tags: list[str]) -> None:

@@ -38,6 +38,8 @@ def test_grid_runs_are_named_by_dataset_epochs_and_seeds() -> None:
     name, tags = grid_label(params, (0, 1, 2))
     assert name == f"experiments-synthetic-{params.experiments.epochs}ep-seeds0,1,2"
     assert "seeds:0,1,2" in tags and "dataset:synthetic" in tags
+    # Width and learning rate change every figure, so the Prefect UI shows them too (as tags, not in the name).
+    assert f"width:{params.model.base_channels}" in tags and f"lr:{params.objective.lr:g}" in tags
 
 
 @pytest.mark.parametrize(("tracking", "env", "ui"), [

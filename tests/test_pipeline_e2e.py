@@ -124,7 +124,7 @@ def test_the_flow_run_is_named_and_tagged_by_its_settings_and_links_its_mlflow_r
 
     project, result = first_run
     name, tags = pipeline_label(load_params(project / "params.yaml"))
-    assert name == "synthetic-rain-resnet18-2ep-t0"
+    assert name == "synthetic-rain-resnet18-2ep-t0" and any(t.startswith("width:") for t in tags)
     with get_client(sync_client=True) as client:
         (run,) = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["rain"])))
                   if r.name == name]
