@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install run experiments test test-all lint serve bench clean
+.PHONY: help install run experiments test test-ci test-all lint serve bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,11 +39,20 @@ run: $(STAMP) ## Run the whole pipeline on the embedded synthetic dataset
 experiments: $(STAMP) ## Run the paper's experiment grid (Tables 1-4, Figure 5); finished runs are kept
 	$(BIN)/rain experiments
 
-test: $(STAMP) ## Run the default test suite (slow tests excluded)
-	PYTHONFAULTHANDLER=1 $(BIN)/pytest -m "not slow"
+# The suite waits on servers, clusters and subprocesses more than it computes: two processes (pytest-xdist) on
+# 2 cores. Tests that read the session's trained project share one process (tests/conftest.py). Every run
+# prints its slowest 15.
+TEST_WORKERS ?= 2
+PYTEST := PYTHONFAULTHANDLER=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
+
+test: $(STAMP) ## Run the default test suite (heavy and slow tests excluded)
+	$(PYTEST) -m "not slow and not heavy"
+
+test-ci: $(STAMP) ## Run CI's tier: the default suite and the heavy e2e tests (slow ones excluded)
+	$(PYTEST) -m "not slow"
 
 test-all: $(STAMP) ## Run every test, slow ones included
-	PYTHONFAULTHANDLER=1 $(BIN)/pytest
+	$(PYTEST)
 
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .

@@ -19,7 +19,7 @@ from tasks.grid import runs
 from tasks.training.loop import FaultPlan
 from tests.micro_project import micro_params, prepare_data
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy]
 
 RUNS = [("multi_level", 0), ("baseline_hr", 0)]  # both train on the pipeline's MLR manifest (train_rates None)
 

@@ -120,3 +120,19 @@ def _sleepers_under(root: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="tells zombies apart through /proc")
+def test_ending_a_group_whose_leader_has_exited_does_not_wait_out_the_grace() -> None:
+    """The leader, our unreaped child, is a zombie once it has ended: nothing of its group runs any more."""
+    from tasks.infra.reaper import end_group
+
+    leader = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        started = time.monotonic()
+        end_group(leader.pid, grace=120)
+        assert time.monotonic() - started < 60  # not the 120 s grace: SIGTERM ended it at once
+        assert leader.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if leader.poll() is None:
+            leader.kill()

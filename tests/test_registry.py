@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from tasks.registry.promote import (
     promote,
     registry_lock,
 )
-from tests.trained_project import MODEL, tracking, trained_project
+from tests.trained_project import MODEL, tracking
 
 pytestmark = pytest.mark.e2e
 
@@ -47,23 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_project(tmp_path_factory)
-
-
-@pytest.fixture
-def mlflow_global(project: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Point MLflow's process-wide tracking URI at the project for one test, then put it back.
-
-    Some client calls resolve `models:/m-...` sources through the global URI, not the client's.
-    """
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setattr(utils, "_tracking_uri", None)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking(project))
-    mlflow.set_tracking_uri(tracking(project))
-    yield
+def project(trained_project: Path) -> Path:
+    return trained_project
 
 
 @pytest.fixture

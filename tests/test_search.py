@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.trained_project import MODEL, tracking
+from tests.trained_project import MODEL
 
 pytestmark = pytest.mark.e2e
 
@@ -46,17 +45,6 @@ def split(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     identity = {Path(r["path"]).name: r["person_id"] for r in gallery_rows + query_rows}
     return {"gallery": folder, "queries": tuple(project / r["path"] for r in query_rows), "identity": identity,
             "gallery_paths": [str(project / r["path"]) for r in gallery_rows]}
-
-
-@pytest.fixture
-def mlflow_global(project: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """`models:/` URIs resolve through MLflow's process-wide tracking URI: the project's, for one test."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setattr(utils, "_tracking_uri", None)
-    mlflow.set_tracking_uri(tracking(project))
-    yield
 
 
 def _rank1_paths(page: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ import pytest
 from tasks import train
 from tests.micro_project import micro_params, prepare_data
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy]
 
 
 @pytest.fixture()

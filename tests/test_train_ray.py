@@ -1,12 +1,12 @@
 """Ray Train behaviour of the train stage: lost workers, non-finite losses, several nodes.
 
 Each test runs the real stage (`tasks.train.run`) on the micro dataset with a real Ray cluster on this
-machine; the embedded cluster is shared by the tests of this module.
+machine; the embedded cluster is the session's (conftest.py `ray_local`). The tests that kill or fail a worker
+group are in CI's tier (`heavy`); the rest run in `make test`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,15 +24,6 @@ from tests.micro_project import micro_params, prepare_data
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    from tasks.infra.raycluster import connect, disconnect
-
-    connect(None)  # before anything imports ray: it decides the loopback-only mode
-    yield
-    disconnect()
-
-
 @pytest.fixture()
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
@@ -48,6 +39,7 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "trial-0.safetensors"))
 
 
+@pytest.mark.heavy
 def test_lost_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(ray_local: None, workdir: Path) -> None:
     params = micro_params({"train": {"epochs": 3}, "ray": {"max_failures": 1}})
     mlr = prepare_data(workdir, params)
@@ -72,6 +64,7 @@ def test_non_finite_loss_stops_every_worker_and_writes_no_model(ray_local: None,
     assert not (workdir / "models" / "train.json").exists()
 
 
+@pytest.mark.heavy
 def test_two_workers_equal_one_worker_with_the_same_global_batch_in_two_parts(ray_local: None, workdir: Path) -> None:
     """Exact equivalence of 2 workers x B/2 with 1 worker x B is impossible with BatchNorm: each DDP
     worker normalises with its own half's statistics (and SyncBatchNorm is GPU-only in torch 2.14).
@@ -101,6 +94,7 @@ def _mlflow_run(run_id: str) -> object:
     return mlflow.MlflowClient(tracking_uri()).get_run(run_id)
 
 
+@pytest.mark.heavy
 def test_a_rerun_after_a_failed_run_continues_from_its_checkpoint(ray_local: None, workdir: Path) -> None:
     """Across invocations, as after a killed `dvc repro`: the second `run` finds the first one's Ray run by
     its key, continues its MLflow run, and ends with the weights of an uninterrupted run."""
@@ -131,6 +125,7 @@ def test_a_rerun_after_a_failed_run_continues_from_its_checkpoint(ray_local: Non
     assert clean["trials"]["0"]["mlflow_run_id"] != first_run_id
 
 
+@pytest.mark.heavy
 def test_a_rerun_with_changed_params_starts_fresh_and_old_runs_are_pruned(ray_local: None, workdir: Path) -> None:
     params = micro_params({"train": {"epochs": 2}, "ray": {"max_failures": 0, "keep_runs": 1}})
     mlr = prepare_data(workdir, params)

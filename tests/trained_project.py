@@ -1,5 +1,6 @@
-"""One micro project trained and registered by the real pipeline (`dvc repro`), shared by every test module
-that uses a registered model (registry, search, serving): training it is most of their cost.
+"""What the session's trained micro project is (conftest.py's `pipeline_run`: one run of the Prefect flow `rain`,
+every DVC stage, Ray Train with two DDP workers, MLflow tracking and registry) and helpers for the tests that
+read it (tests/test_pipeline_e2e.py, test_registry.py, test_search.py, test_serving.py).
 
 Its evaluation uses the cosine distance and a single gallery draw, so evaluate's LR rank-1 is computed
 on exactly one query/gallery set with the ranking that unit-norm embeddings give: the figure a search
@@ -11,23 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.micro_project import dvc, make_project
-
 MODEL = "rain-reid"
 OVERRIDES: dict[str, Any] = {"evaluate": {"distance": "cosine", "gallery_repeats": 1}}
-
-_projects: dict[str, Path] = {}
-
-
-def trained_project(factory: pytest.TempPathFactory) -> Path:
-    """The session's trained project (built by the first caller, ~1 minute on 2 cores)."""
-    if "project" not in _projects:
-        project = make_project(factory.mktemp("trained"), OVERRIDES)
-        dvc(project, "repro")
-        _projects["project"] = project
-    return _projects["project"]
 
 
 def tracking(project: Path) -> str:

@@ -150,11 +150,21 @@ def _alive(pid: int) -> bool:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs. `killpg(pgid, 0)` also finds zombies: a group whose leader is
+    our own child, ended but not yet reaped, would look alive for the whole grace period (30 s of every server
+    stopped by end_group)."""
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else []
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":  # state, parent, process group
+            return True
+    return False
 
 
 def main() -> None:
