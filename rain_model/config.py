@@ -15,6 +15,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50")
 VARIANTS = ("rain", "baseline_hr", "baseline_hrlr")
 MINING = ("batch_hard", "sampled")
 ADV_LOSSES = ("non_saturating", "minimax", "reversal")
+RETRIEVAL_FEATURES = ("v", "bnneck")
 
 
 class InvalidValue(ValueError):
@@ -81,6 +82,11 @@ class ModelConfig:
     """G: widths of its learned x2 up-sampling stages (1 to 5; f5 has stride 32, the rest is bilinear)."""
     disc_channels: tuple[int, ...] = (256, 128)
     """D_j: widths of its 1x1-conv layers before global average pooling and the logit."""
+    bnneck: bool = False
+    """BNNeck (Luo et al. 2019, reid-strong-baseline): a BatchNorm1d with a frozen bias between v = GAP(f5) and
+    C, so C reads the normalised feature while L_tri keeps v; off: C reads v (the paper)."""
+    retrieval_feature: str = "v"
+    """What ``embed`` returns for retrieval: v (before the BNNeck) | bnneck (its normalised output; bnneck only)."""
 
     def __post_init__(self) -> None:
         _as_tuples(self)
@@ -101,6 +107,11 @@ class ModelConfig:
         require(len(self.decoder_channels) <= 5, "decoder_channels", self.decoder_channels,
                 "must have at most 5 entries (x2 stages)")
         _positive_ints("disc_channels", self.disc_channels)
+        require(isinstance(self.bnneck, bool), "bnneck", self.bnneck, "must be true or false")
+        require(self.retrieval_feature in RETRIEVAL_FEATURES, "retrieval_feature", self.retrieval_feature,
+                f"must be one of {', '.join(RETRIEVAL_FEATURES)}")
+        require(self.retrieval_feature != "bnneck" or self.bnneck, "retrieval_feature", self.retrieval_feature,
+                "must be v unless bnneck is true (there is no BNNeck feature without it)")
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,9 @@ class ObjectiveConfig:
     d_label_smoothing: float = 0.0
     """One-sided label smoothing of the D step: HR features are labelled 1 - this (Salimans et al. 2016),
     which keeps D_j from growing over-confident and F's gradient from fading; 0: Eq. 1 as written."""
+    label_smoothing: float = 0.0
+    """Label smoothing of L_cls (Eq. 3; Szegedy et al. 2016, reid-strong-baseline uses 0.1): the target puts
+    1 - this + this / K on the identity and this / K on every class; 0: Eq. 3 as written."""
     lr: float = 2e-3
     """Adam learning rate of F, G, C (high for a short run: params.yaml says why)."""
     lr_d: float = 1e-4
@@ -165,6 +179,9 @@ class ObjectiveConfig:
         _finite("d_label_smoothing", self.d_label_smoothing, 0.0, strict=False)
         require(self.d_label_smoothing < 0.5, "d_label_smoothing", self.d_label_smoothing,
                 "must be < 0.5 (HR features must stay labelled closer to HR than to LR)")
+        _finite("label_smoothing", self.label_smoothing, 0.0, strict=False)
+        require(self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing,
+                "must be < 1 (at 1 the target no longer names the identity)")
         for name in ("beta1", "beta1_d"):
             value = getattr(self, name)
             _finite(name, value, 0.0, strict=False)

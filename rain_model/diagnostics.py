@@ -12,6 +12,9 @@ it. These figures say which, per step, at no extra forward:
   lower it (the measure of tests/test_adversarial_alignment.py).
 * ``centroid_gap``: ||mean v^H - mean v^L|| over the same spread: the shift between the two feature
   distributions, which is what the discriminators see.
+* ``feature_spread``: the mean distance between the features v of different images over their mean norm.
+  Near 0, every image has the same feature: F has collapsed and no ranking is possible (``collapse``);
+  an untrained F gives ~0.5 in train mode (random images, resnet18 at half width).
 * ``grad_f{j}_L_adv`` / ``grad_f{j}_L_id``: the norms of the gradients at f_j of w_adv L_adv and of
   w_cls L_cls + w_tri L_tri (the identity losses), and ``grad_f{j}_ratio`` their ratio: how hard the
   adversarial term pulls on the features against the terms that make them discriminative.
@@ -38,6 +41,32 @@ def _spread(v_hr: Tensor) -> Tensor:
     n = v_hr.shape[0]
     dist = torch.cdist(v_hr, v_hr)  # (N, N), zero diagonal
     return dist.sum() / max(n * (n - 1), 1)
+
+
+def feature_spread(v: Tensor) -> float:
+    """Mean distance between the features of different images over their mean norm; v (N, d), N >= 2. Scale-free,
+    so a collapse shows whatever the features' size."""
+    v = v.detach().float()
+    return float(_spread(v) / v.norm(dim=1).mean().clamp(min=1e-12))
+
+
+COLLAPSE_SPREAD = 0.05
+"""``feature_spread`` below this: collapsed. A tenth of an untrained F's spread in train mode (0.51 on random
+images); a collapsed run sits far lower (its batch-hard L_tri stays at the margin: every distance ~0)."""
+MARGIN_STUCK = 0.05
+"""L_tri per term within this fraction of the margin (above or below) reads as stuck at the margin."""
+
+
+def collapse(feature_spread: float, l_tri_per_term: float | None, margin: float) -> str | None:
+    """Why the features have collapsed, from an epoch's means, or None. ``l_tri_per_term`` is L_tri over its terms
+    (HR and LR: 2) when the triplet loss is on, else None. A collapse is every feature at one point; the triplet
+    loss then sits at its margin, which the message adds as corroboration."""
+    if feature_spread >= COLLAPSE_SPREAD:
+        return None
+    why = f"every feature at one point (feature spread {feature_spread:.3g} < {COLLAPSE_SPREAD:g})"
+    if l_tri_per_term is not None and abs(l_tri_per_term - margin) <= MARGIN_STUCK * margin:
+        why += f", L_tri at its margin ({l_tri_per_term:.3g} per term, margin {margin:g})"
+    return why
 
 
 def feature_distance(v_hr: Tensor, v_lr: Tensor) -> float:

@@ -83,15 +83,18 @@ def reconstruction_loss(x_rec: Tensor, x_hr: Tensor) -> Tensor:
     return F.l1_loss(x_rec, x_hr)
 
 
-def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def classification_loss(logits: Tensor, labels: Tensor, smoothing: float = 0.0) -> Tensor:
     """One expectation of L_cls (Eq. 3): cross-entropy of C(v) against the identity label.
 
     Eq. 3 is classification_loss(C(v^H), y) + classification_loss(C(v^L), y). Averaged over the labelled
     images only; labels -1 contribute nothing (0 with zero gradient if no image is labelled).
+    ``smoothing`` = eps > 0 smooths the target (label smoothing, Szegedy et al. 2016): 1 - eps + eps / K on
+    the identity and eps / K on each other class, i.e. (1 - eps) CE(y) + eps mean_k CE(k); 0: Eq. 3 as written.
     logits (B, K), labels (B,) long.
     """
     labelled = labels >= 0  # (B,)
-    per_image = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")  # (B,)
+    per_image = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none",
+                                label_smoothing=smoothing)  # (B,)
     per_image = torch.where(labelled, per_image, torch.zeros_like(per_image))
     return per_image.sum() / labelled.sum().clamp(min=1)
 

@@ -21,9 +21,9 @@ class GeneratorOutput:
     feats: tuple[Tensor, ...]
     """f_j for the requested levels, each (N, d_j, H/2^j, W/2^j)."""
     v: Tensor
-    """v = GAP(f5), (N, d)."""
+    """v = GAP(f5), (N, d): what L_tri reads (before the BNNeck when there is one)."""
     logits: Tensor | None
-    """C(v), (N, K); None when C was skipped."""
+    """C(v), or C(BN(v)) with the BNNeck, (N, K); None when C was skipped."""
     x_rec: Tensor | None
     """G(f5), (N, 3, H, W) in [0, 1]; None when G was skipped."""
     touch: Tensor
@@ -46,6 +46,13 @@ class Generator(nn.Module):
         self.classifier = nn.Linear(d, num_classes)
         nn.init.normal_(self.classifier.weight, std=0.001)
         nn.init.zeros_(self.classifier.bias)
+        self.retrieval_feature = cfg.retrieval_feature
+        # BNNeck (reid-strong-baseline): BN between v and C, its shift frozen at 0. Absent when off, so the
+        # weights (and a state_dict saved without it) are exactly the paper network's.
+        self.neck: nn.BatchNorm1d | None = None
+        if cfg.bnneck:
+            self.neck = nn.BatchNorm1d(d)
+            self.neck.bias.requires_grad_(False)
 
     def forward(
         self, x: Tensor, levels: tuple[int, ...] = (), decode: bool = True, classify: bool = True
@@ -60,7 +67,7 @@ class Generator(nn.Module):
         f5 = f[4]  # (N, d, H/32, W/32)
         v = gap(f5)  # (N, d)
         x_rec = self.decoder(f5) if decode else None  # (N, 3, H, W)
-        logits = self.classifier(v) if classify else None  # (N, K)
+        logits = self.classifier(self._neck(v)) if classify else None  # (N, K)
         skipped = [p for p in self.skipped_parameters(decode, classify)]
         touch = torch.stack([p.sum() for p in skipped]).sum() * 0.0 if skipped else v.new_zeros(())
         return GeneratorOutput(tuple(f[j - 1] for j in levels), v, logits, x_rec, touch)
@@ -69,16 +76,24 @@ class Generator(nn.Module):
         """Parameters of the heads a forward with these switches does not run."""
         if not decode:
             yield from self.decoder.parameters()
-        if not classify:
+        if not classify:  # the BNNeck feeds C alone: it is skipped with it
             yield from self.classifier.parameters()
+            if self.neck is not None:
+                yield from self.neck.parameters()
+
+    def _neck(self, v: Tensor) -> Tensor:
+        """BN(v) with the BNNeck, else v: (N, d) -> (N, d)."""
+        return v if self.neck is None else self.neck(v)
 
     def features(self, x: Tensor) -> Features:
         """f1..f5 of F for images x (B, 3, H, W) in [0, 1]."""
         return self.backbone(x)
 
     def embed(self, x: Tensor) -> Tensor:
-        """v = GAP(f5): x (B, 3, H, W) in [0, 1] -> (B, d)."""
-        return gap(self.backbone(x)[4])  # (B, d)
+        """The retrieval feature of x (B, 3, H, W) in [0, 1], (B, d): v = GAP(f5), or BN(v) with
+        ``retrieval_feature: bnneck``."""
+        v = gap(self.backbone(x)[4])  # (B, d)
+        return self._neck(v) if self.retrieval_feature == "bnneck" else v
 
 
 class RAIN(nn.Module):
@@ -96,7 +111,7 @@ class RAIN(nn.Module):
         self.discriminators = ResolutionDiscriminators(cfg.levels, self.generator.backbone.channels, cfg.disc_channels)
 
     def embed(self, x: Tensor) -> Tensor:
-        """v = GAP(f5) for retrieval: x (B, 3, H, W) in [0, 1] -> (B, d)."""
+        """The retrieval feature (``Generator.embed``: v = GAP(f5), or BN(v)): x (B, 3, H, W) in [0, 1] -> (B, d)."""
         return self.generator.embed(x)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,12 +15,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LRScheduler
 
 from rain_model.config import ObjectiveConfig
 from rain_model.diagnostics import (
     centroid_gap,
     discriminator_accuracy,
     feature_distance,
+    feature_spread,
     gradient_norms,
 )
 from rain_model.losses import (
@@ -74,6 +78,31 @@ def make_optimizers(model: RAIN, obj: ObjectiveConfig) -> Optimizers:
         ),
         discriminator=torch.optim.Adam(model.discriminators.parameters(), lr=obj.lr_d, betas=(obj.beta1_d, 0.999)),
     )
+
+
+def lr_factor(epoch: int, decay_epochs: Sequence[int], decay: float, warmup_epochs: int = 0,
+              warmup_factor: float = 0.01) -> float:
+    """The learning rates' multiplier after ``epoch`` epochs (from 0): a linear warm-up from ``warmup_factor``
+    at epoch 0 to 1 at ``warmup_epochs`` (reid-strong-baseline's WarmupMultiStepLR), times ``decay`` for every
+    epoch of ``decay_epochs`` already reached."""
+    warm = 1.0
+    if epoch < warmup_epochs:
+        alpha = epoch / warmup_epochs
+        warm = warmup_factor * (1 - alpha) + alpha
+    return warm * decay ** bisect.bisect_right(list(decay_epochs), epoch)
+
+
+def make_schedulers(optimizers: Sequence[torch.optim.Optimizer], decay_epochs: Sequence[int], decay: float,
+                    warmup_epochs: int = 0, warmup_factor: float = 0.01) -> list[LRScheduler]:
+    """One per-epoch schedule per optimizer, all by ``lr_factor``. Without a warm-up it is MultiStepLR, whose
+    rates (and checkpointed state) are exactly those of a run from before warm-up existed; with one, a LambdaLR
+    (its state is the epoch count: a resumed run continues the same schedule)."""
+    if warmup_epochs == 0:
+        return [torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(decay_epochs), gamma=decay)
+                for opt in optimizers]
+    factor = functools.partial(lr_factor, decay_epochs=tuple(decay_epochs), decay=decay,
+                               warmup_epochs=warmup_epochs, warmup_factor=warmup_factor)
+    return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -272,7 +301,8 @@ def generator_losses(
         losses["L_rec"] = sum((reconstruction_loss(x_rec[half], batch.x_hr) for half in halves), start=zero)
     if plan.classify:
         assert out.logits is not None
-        losses["L_cls"] = sum((classification_loss(out.logits[half], labels) for half in halves), start=zero)
+        losses["L_cls"] = sum((classification_loss(out.logits[half], labels, obj.label_smoothing)
+                                  for half in halves), start=zero)
     if "L_tri" in obj.active_terms():
         losses["L_tri"] = sum(
             (triplet_loss(out.v[half], labels, obj.margin, obj.mining) for half in halves), start=zero
@@ -372,8 +402,8 @@ def train_step(
 
     ``w_adv`` is this step's weight of L_adv (default ``obj.w_adv``; the training loop passes
     ``adv_weight(obj, epoch)``). ``diagnostics``, when given, receives the state of the game on this
-    batch (rain_model/diagnostics.py): every D_j's accuracy, the HR-LR feature distance and centroid gap,
-    and the gradient norms at each f_j. Computing them changes nothing the step does.
+    batch (rain_model/diagnostics.py): every D_j's accuracy, the features' spread, the HR-LR feature distance
+    and centroid gap, and the gradient norms at each f_j. Computing them changes nothing the step does.
     """
     _check_batch(batch)
     n = batch.x_hr.shape[0]
@@ -394,9 +424,11 @@ def train_step(
         l_d = _discriminator_update(discriminators, optimizers.discriminator,
                                     [(out.feats, chunk.x_hr.shape[0]) for out, chunk in parts], obj, step,
                                     diagnostics)
-    if diagnostics is not None and not plan.hr_only:
+    if diagnostics is not None:
         # Each part's v holds its HR rows, then its LR rows (row i and row n_hr + i: the same image).
         v_hr = torch.cat([out.v[:chunk.x_hr.shape[0]] for out, chunk in parts])  # (B, d)
+        diagnostics["feature_spread"] = feature_spread(v_hr)
+    if diagnostics is not None and not plan.hr_only:
         v_lr = torch.cat([out.v[chunk.x_hr.shape[0]:] for out, chunk in parts])  # (B, d)
         diagnostics["feature_distance"] = feature_distance(v_hr, v_lr)
         diagnostics["centroid_gap"] = centroid_gap(v_hr, v_lr)

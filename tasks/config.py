@@ -179,6 +179,13 @@ class TrainConfig:
     micro_batches: int = 1  # split each worker's batch, BN per part, gradients averaged (see objective.train_step)
     val_every_epochs: int = 1  # with protocol.val_identities: score the validation split every N epochs (and the
     # last); the weights kept are the best epoch's on it
+    # Strong-baseline options (reid-strong-baseline), all off by default: rain_model/augment.py draws each one once
+    # per HR/LR pair, so both copies of an image get the same flip, crop and erased rectangle.
+    augment_flip: bool = False  # mirror each training pair left-right with probability 1/2
+    augment_pad: int = 0  # pad each training pair with this many zero pixels, crop back at a random offset; 0: off
+    augment_erase: float = 0.0  # probability of random erasing per training pair; 0: off
+    warmup_epochs: int = 0  # learning rates (F/G/C and D) rise linearly from warmup_factor to 1 over these epochs
+    warmup_factor: float = 0.01  # the first epoch's share of the learning rates with warmup_epochs > 0
 
     def __post_init__(self) -> None:
         _require(len(self.trials) > 0 and min(self.trials) >= 0 and len(set(self.trials)) == len(self.trials),
@@ -208,6 +215,14 @@ class TrainConfig:
         for name in ("height", "width"):
             _require(getattr(self, name) >= 32 and getattr(self, name) % 32 == 0, f"train.{name}",
                      getattr(self, name), "a multiple of 32, at least 32")
+        _require(isinstance(self.augment_flip, bool), "train.augment_flip", self.augment_flip, "true or false")
+        _require(0 <= self.augment_pad < min(self.height, self.width), "train.augment_pad", self.augment_pad,
+                 f"in [0, {min(self.height, self.width)}) (0: off; below the input size, train.height x train.width)")
+        _require(0.0 <= self.augment_erase <= 1.0, "train.augment_erase", self.augment_erase, "in [0, 1] (0: off)")
+        # The schedule steps after each epoch: a warm-up as long as training would never reach the full rate.
+        _require(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", self.warmup_epochs,
+                 f"in [0, train.epochs = {self.epochs}) (0: no warm-up)")
+        _require(0.0 < self.warmup_factor <= 1.0, "train.warmup_factor", self.warmup_factor, "in (0, 1]")
 
 
 @dataclass(frozen=True)

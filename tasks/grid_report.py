@@ -31,6 +31,7 @@ from tasks.grid import configs as grid
 from tasks.grid import tables as grid_tables
 from tasks.grid.runs import experiments_mlflow_description, experiments_mlflow_name, load_result
 from tasks.infra.logs import setup_logging
+from tasks.infra.tracking import COLLAPSE
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +266,30 @@ def runs_markdown(results: dict[tuple[str, int], dict[str, Any]], configs: list[
     """Rank-1 of every run on every query set: the per-seed figures behind each mean."""
     sets = list(next(iter(results.values()))["rows"])
     lines = ["### Every run: rank-1 per query set (%)", "",
-             "| Configuration | Seed | Trial | " + " | ".join(sets) + " |", "|:---|---:|---:|" + "---:|" * len(sets)]
+             "| Configuration | Seed | Trial | " + " | ".join(sets) + " | Collapsed |",
+             "|:---|---:|---:|" + "---:|" * len(sets) + ":---|"]
     for config in configs:
         for (c, seed), r in sorted(results.items()):
             if c == config:
                 lines.append(f"| `{c}` | {seed} | {r['trial']} | " +
-                             " | ".join(f"{100 * r['rows'][q]['rank1']:.1f}" for q in sets) + " |")
+                             " | ".join(f"{100 * r['rows'][q]['rank1']:.1f}" for q in sets) + f" | {_collapsed(r)} |")
     return "\n".join(lines)
+
+
+def _collapsed(result: dict[str, Any]) -> str:
+    """`no`, `yes: <why>` (the last epoch's features collapsed), or `-` for a run recorded before the check."""
+    if COLLAPSE not in result:
+        return "-"
+    return "no" if result[COLLAPSE] is None else f"yes: {result[COLLAPSE]}"
+
+
+def collapse_warning(results: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """A line leading the report when a run ended collapsed: its figures rank nothing."""
+    collapsed = sorted(f"`{c}` seed {s}" for (c, s), r in results.items() if r.get(COLLAPSE))
+    if not collapsed:
+        return []
+    return [f"**{len(collapsed)} run(s) ended with collapsed features** (every feature at one point; their figures "
+            f"rank nothing): {', '.join(collapsed)}. The last table says why."]
 
 
 def cost_markdown(results: dict[tuple[str, int], dict[str, Any]], configs: list[str],
@@ -320,7 +338,8 @@ def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str
               f"{list(params.protocol.unseen_rates)}. Percent.\n")
     rates = rate_table(results, configs, seeds)
     sweep = [sweep_markdown(results, seeds)] if any(t.key == "adv_sweep" for t in selected) else []
-    parts = [header, *(markdown(t, all_rows[t.key]) for t in selected), *sweep, claims_markdown(results, seeds),
+    parts = [header, *collapse_warning(results), *(markdown(t, all_rows[t.key]) for t in selected), *sweep,
+             claims_markdown(results, seeds),
              *([rates_markdown(rates)] if rates else []), runs_markdown(results, configs),
              cost_markdown(results, configs, selected)]
     (out_dir / "results.md").write_text("\n\n".join(parts) + "\n")
@@ -338,7 +357,8 @@ def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str
     _plots(results, configs, seeds, out_dir, params.train.label_fraction, rates)
     summary = {"dataset": params.dataset.name, "seeds": list(seeds), "configs": configs, "tables": all_rows,
                "runs": {f"{c}/seed-{s}": {"train_seconds": r["train_seconds"], "eval_seconds": r["eval_seconds"],
-                                          "mlflow_run_id": r["mlflow_run_id"]} for (c, s), r in results.items()}}
+                                          "mlflow_run_id": r["mlflow_run_id"], COLLAPSE: r.get(COLLAPSE)}
+                        for (c, s), r in results.items()}}
     summary["parent_run_id"] = _mlflow_parent(params, results, flat, out_dir, parent_run_id)
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log.info("grid_report: %d tables from %d runs -> %s", len(selected), len(results), out_dir / "results.md")

@@ -36,7 +36,7 @@ from tasks.grid.runs import (
     write_atomic,
 )
 from tasks.infra.logs import setup_logging
-from tasks.infra.tracking import GAME, VALIDATION
+from tasks.infra.tracking import COLLAPSE, GAME, VALIDATION
 from tasks.training import weights
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ def run(params: Params, config: str, seed: int, parent_run_id: str | None = None
         "final_game": {k.removeprefix(GAME): round(float(v), 5) for k, v in final_metrics.items()
                        if k.startswith(GAME)},
         "validation": _validation(run_params, state, final_metrics),
+        COLLAPSE: final_metrics.get(COLLAPSE),  # why the last epoch's features collapsed; None: they did not
         "rows": table, "mlflow_run_id": run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _finish_mlflow_run(client, run_id, result)

@@ -28,6 +28,7 @@ from tasks.infra.logs import setup_logging
 from tasks.infra.raycluster import connect, require_resources
 from tasks.infra.tracking import (
     CMC,
+    COLLAPSE,
     EPOCH,
     EVAL,
     EVAL_STD,
@@ -160,9 +161,13 @@ def _train_trial(job: TrainJob, trial: int, name: str, client: Any, run_id: str,
         "ray_nodes": int((result.metrics or {}).get("nodes", 1)), "workers": job.params.ray.num_workers,
         "final_losses": {k: round(v, 5) for k, v in (result.metrics or {}).items()
                          if k.startswith("L_")},
+        COLLAPSE: (result.metrics or {}).get(COLLAPSE),  # why the last epoch's features collapsed; None: they did not
     }
     log.info("train: trial %d done in %.0f s, last epoch's losses %s", trial, seconds,
              "  ".join(f"{k} {v:.4g}" for k, v in trial_summary["final_losses"].items()))
+    if trial_summary[COLLAPSE] is not None:
+        log.warning("train: trial %d ended collapsed: %s (MLflow run %s, tag `%s`)", trial, trial_summary[COLLAPSE],
+                    run_id, COLLAPSE)
     return trial_summary
 
 

@@ -121,7 +121,8 @@ def test_measuring_the_game_changes_nothing_the_step_does(mining: str) -> None:
     plain, _ = _after_steps(obj, with_diagnostics=False)
     measured, seen = _after_steps(obj, with_diagnostics=True)
     assert all(torch.equal(plain[k], measured[k]) for k in plain)
-    expected = {f"D{j}_accuracy_{r}" for j in LEVELS for r in ("HR", "LR")} | {"feature_distance", "centroid_gap"} \
+    expected = {f"D{j}_accuracy_{r}" for j in LEVELS for r in ("HR", "LR")} \
+        | {"feature_spread", "feature_distance", "centroid_gap"} \
         | {f"grad_f{j}_{n}" for j in LEVELS for n in ("L_adv", "L_id", "ratio")}
     assert all(set(s) == expected for s in seen)
     assert all(0 <= s[k] <= 1 for s in seen for k in s if "accuracy" in k)
@@ -210,3 +211,24 @@ def test_the_reversal_form_trains_d_on_its_loss_and_f_against_it_in_one_step() -
 def test_reversal_with_several_d_steps_is_refused_naming_the_key() -> None:
     with pytest.raises(InvalidValue, match="d_steps"):
         ObjectiveConfig(adv_loss="reversal", d_steps=2)
+
+
+def test_feature_spread_is_zero_for_one_point_and_does_not_change_with_scale() -> None:
+    from rain_model.diagnostics import feature_spread
+
+    v = torch.randn(8, 16)
+    assert feature_spread(torch.ones(8, 16)) == 0.0
+    assert feature_spread(10 * v) == pytest.approx(feature_spread(v), rel=1e-5)
+    assert feature_spread(v) > 0.5  # independent random directions: about sqrt(2)
+
+
+def test_collapse_is_reported_below_the_spread_threshold_with_the_margin_as_corroboration() -> None:
+    from rain_model.diagnostics import COLLAPSE_SPREAD, collapse
+
+    assert collapse(COLLAPSE_SPREAD, 0.3, 0.3) is None  # at the threshold: not collapsed
+    low = collapse(COLLAPSE_SPREAD / 10, None, 0.3)
+    assert low is not None and low.startswith("every feature at one point") and "L_tri" not in low
+    stuck = collapse(0.001, 0.305, 0.3)
+    assert stuck is not None and "L_tri at its margin (0.305 per term, margin 0.3)" in stuck
+    far = collapse(0.001, 0.1, 0.3)
+    assert far is not None and "L_tri" not in far  # a triplet loss well under the margin corroborates nothing

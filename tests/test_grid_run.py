@@ -124,3 +124,47 @@ def test_a_sweep_run_trains_without_its_validation_identities_and_keeps_its_best
     assert {"D4_accuracy_HR", "D5_accuracy_LR", "feature_distance", "grad_f5_ratio"} <= set(result["final_game"])
     assert set(result["rows"]) == {"lr", "r2", "r3", "r4", "r8", "hr"}  # tested on the pipeline's test split
     assert grid_run.run(params, "baseline_hrlr", 0)["validation"] is None  # no split, no choice
+
+
+def test_a_run_whose_features_collapse_says_so_in_its_epoch_line_result_mlflow_run_and_report(
+        project: tuple[Path, Params], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Provoked: F's pooling made to give every image the same feature (v = 1), the collapse the default RAIN
+    showed on real crops (L_tri at its margin, no ranking possible)."""
+    import logging
+
+    import rain_model.network
+    from tasks import grid_report
+
+    root, params = project
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(rain_model.network, "gap", lambda f5: f5.mean(dim=(2, 3)) * 0.0 + 1.0)  # (N, d) of ones
+    collapsed = dataclasses.replace(params, paths=dataclasses.replace(params.paths, experiments="collapsed"))
+    with caplog.at_level(logging.INFO):
+        result = grid_run.run(collapsed, "multi_level", 0)
+
+    assert result["collapse"].startswith("every feature at one point (feature spread 0 < 0.05)")
+    assert f"L_tri at its margin ({params.objective.margin:.3g} per term" in result["collapse"]
+    assert result["final_game"]["collapsed"] == 1.0
+    assert [r for r in caplog.records if "COLLAPSED (feature spread 0)" in r.getMessage()]  # the epoch line
+    assert [r for r in caplog.records if r.levelno == logging.WARNING and "collapsed" in r.getMessage()]
+    from mlflow import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(result["mlflow_run_id"])
+    assert run.data.tags["collapse"] == f"epoch 1: {result['collapse']}"
+    assert run.data.metrics["game/collapsed"] == 1.0
+
+    report = "\n".join(grid_report.collapse_warning({("multi_level", 0): result}))
+    assert "1 run(s) ended with collapsed features" in report and "`multi_level` seed 0" in report
+    assert f"| yes: {result['collapse']} |" in grid_report.runs_markdown({("multi_level", 0): result}, ["multi_level"])
+
+
+def test_a_healthy_run_is_not_called_collapsed(project: tuple[Path, Params], monkeypatch: pytest.MonkeyPatch) -> None:
+    root, params = project
+    monkeypatch.chdir(root)
+    result = grid_run.run(params, "baseline_hrlr", 0)  # trained by the first test of this module (or now)
+    assert result["collapse"] is None and result["final_game"]["collapsed"] == 0.0
+    assert result["final_game"]["feature_spread"] > 0.05
+    from tasks import grid_report
+
+    assert grid_report.collapse_warning({("baseline_hrlr", 0): result}) == []
+    assert "| no |" in grid_report.runs_markdown({("baseline_hrlr", 0): result}, ["baseline_hrlr"])

@@ -146,6 +146,9 @@ def test_loads_an_imagenet_state_dict_and_names_the_file_on_mismatch(tmp_path: P
         ({"pretrained_path": ""}, "pretrained_path"),
         ({"base_channels": 0}, "base_channels"),
         ({"base_channels": 32, "pretrained": "imagenet"}, "base_channels"),
+        ({"bnneck": "yes"}, "bnneck"),
+        ({"retrieval_feature": "pooled"}, "retrieval_feature"),
+        ({"retrieval_feature": "bnneck"}, "retrieval_feature"),  # bnneck is false
     ],
 )
 def test_model_config_names_the_bad_field(kwargs: dict[str, object], field: str) -> None:
@@ -165,6 +168,9 @@ def test_model_config_names_the_bad_field(kwargs: dict[str, object], field: str)
         ({"lr": 0.0}, "lr"),
         ({"beta1_d": 1.0}, "beta1_d"),
         ({"variant": "baseline_hr", "w_cls": 0.0, "w_tri": 0.0}, "variant"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"label_smoothing": float("nan")}, "label_smoothing"),
     ],
 )
 def test_objective_config_names_the_bad_field(kwargs: dict[str, object], field: str) -> None:

@@ -41,9 +41,10 @@ def _batch(seed: int, labels: list[int] | None = None, size: tuple[int, int] = (
     return Batch(x_hr, x_lr, y)
 
 
-def _model(levels: tuple[int, ...] = (4, 5), seed: int = 0) -> RAIN:
+def _model(levels: tuple[int, ...] = (4, 5), seed: int = 0, bnneck: bool = False) -> RAIN:
     torch.manual_seed(seed)
-    return RAIN(ModelConfig(backbone="resnet18", levels=levels, decoder_channels=(16, 8, 8)), 3).train()
+    return RAIN(ModelConfig(backbone="resnet18", levels=levels, decoder_channels=(16, 8, 8), bnneck=bnneck),
+                3).train()
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,14 +76,20 @@ def _after_step(optimizer: torch.optim.Optimizer, module: nn.Module) -> _AfterSt
     return seen
 
 
-def test_fgc_step_gives_every_fgc_parameter_a_gradient_and_leaves_every_d_unchanged() -> None:
-    model, obj, batch = _model(), ObjectiveConfig(), _batch(0)
+@pytest.mark.parametrize("bnneck", [False, True])
+def test_fgc_step_gives_every_fgc_parameter_a_gradient_and_leaves_every_d_unchanged(bnneck: bool) -> None:
+    model, obj, batch = _model(bnneck=bnneck), ObjectiveConfig(), _batch(0)
     optimizers = make_optimizers(model, obj)
     d_after_d_step = _after_step(optimizers.discriminator, model.discriminators)
+    frozen = {n: p.detach().clone() for n, p in model.generator.named_parameters() if not p.requires_grad}
     losses = train_step(model.generator, model.discriminators, optimizers, batch, obj, step=0)
     assert all(float(losses[t]) > 0 for t in TERMS)
-    no_grad = [n for n, p in model.generator.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    no_grad = [n for n, p in model.generator.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
     assert no_grad == []
+    # Only the BNNeck's shift is frozen (reid-strong-baseline), and it stays at its value.
+    assert sorted(frozen) == (["neck.bias"] if bnneck else [])
+    assert all(torch.equal(model.generator.get_parameter(n), v) for n, v in frozen.items())
     # The F/G/C update came after the D update: the D_j are as that left them, weights and gradients.
     assert d_after_d_step.params, "the D update ran"
     assert _changed(model.discriminators, d_after_d_step.params) == []
@@ -106,13 +113,14 @@ def test_d_step_trains_every_d_and_leaves_f_g_c_unchanged() -> None:
     assert sorted(d_moved) == sorted(d_before)
 
 
+@pytest.mark.parametrize("bnneck", [False, True])
 @pytest.mark.parametrize("term", TERMS)
-def test_a_term_with_weight_zero_contributes_exactly_zero_gradient(term: str) -> None:
+def test_a_term_with_weight_zero_contributes_exactly_zero_gradient(term: str, bnneck: bool) -> None:
     """Gradients with w_t = 0 are those of the other terms alone; t is not computed and reports 0."""
     batch = _batch(1, labels=[0, 0, 1, 1, -1, -1])
     full = ObjectiveConfig(mining="batch_hard")
     off = ObjectiveConfig(mining="batch_hard", **{WEIGHT[term]: 0.0})  # type: ignore[arg-type]
-    model = _model()
+    model = _model(bnneck=bnneck)
     reference = copy.deepcopy(model)
 
     optimizers = make_optimizers(model, off)
@@ -131,9 +139,11 @@ def test_a_term_with_weight_zero_contributes_exactly_zero_gradient(term: str) ->
         else:
             assert p.grad is not None, name
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7, msg=name)
-    head = {"L_rec": model.generator.decoder, "L_cls": model.generator.classifier}.get(term)
-    if head is not None:  # a head that is not run gets no gradient and is skipped by the optimizer
-        assert all(p.grad is None for p in head.parameters())
+    heads = {"L_rec": [model.generator.decoder], "L_cls": [model.generator.classifier, model.generator.neck]}
+    for head in heads.get(term, []):  # a head that is not run gets no gradient and is skipped by the optimizer
+        assert head is not None or not bnneck
+        if head is not None:
+            assert all(p.grad is None for p in head.parameters())
 
 
 def test_rain_with_w_adv_zero_trains_exactly_like_baseline_hrlr() -> None:
@@ -275,14 +285,16 @@ def _ddp_worker(rank: int, world_size: int, store: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        variants: list[tuple[dict[str, object], list[int]]] = [
-            ({}, [0, 0, 1, 1]),
-            ({"variant": "baseline_hr"}, [0, 0, 1, 1]),
-            ({"w_cls": 0.0, "w_rec": 0.0}, [0, 0, 1, 1]),
-            ({}, [-1, -1, -1, -1]),
+        variants: list[tuple[dict[str, object], list[int], bool]] = [
+            ({}, [0, 0, 1, 1], False),
+            ({"variant": "baseline_hr"}, [0, 0, 1, 1], False),
+            ({"w_cls": 0.0, "w_rec": 0.0}, [0, 0, 1, 1], False),
+            ({}, [-1, -1, -1, -1], False),
+            ({}, [0, 0, 1, 1], True),  # BNNeck: its frozen shift is no DDP parameter, its scale gets a gradient
+            ({"w_cls": 0.0}, [0, 0, 1, 1], True),  # C not run: the BNNeck is skipped with it (touch)
         ]
-        for kwargs, labels in variants:
-            model = _model()
+        for kwargs, labels, bnneck in variants:
+            model = _model(bnneck=bnneck)
             obj = ObjectiveConfig(**kwargs)  # type: ignore[arg-type]
             optimizers = make_optimizers(model, obj)
             generator = DistributedDataParallel(model.generator)
@@ -293,7 +305,7 @@ def _ddp_worker(rank: int, world_size: int, store: str) -> None:
             flat = torch.cat([p.detach().flatten() for p in model.parameters()])
             gathered = [torch.empty_like(flat) for _ in range(world_size)]
             dist.all_gather(gathered, flat)
-            assert torch.equal(gathered[0], gathered[1]), f"ranks diverged for {kwargs} {labels}"
+            assert torch.equal(gathered[0], gathered[1]), f"ranks diverged for {kwargs} {labels} bnneck={bnneck}"
     finally:
         dist.destroy_process_group()
 

@@ -54,6 +54,9 @@ def test_flow_runs_every_stage_and_registers_a_candidate(first_run: tuple[Path, 
     run = client.get_run(version.run_id)
     assert {"train/L_cls", "train/L_tri", "train/L_rec", "train/L_adv", "train/L_D", "eval/lr_rank1"} <= set(
         run.data.metrics)
+    trained = json.loads((project / "models/synthetic/train.json").read_text())["trials"]["0"]
+    assert "collapse" in trained and trained["collapse"] is None  # checked, and the features did not collapse
+    assert run.data.metrics["game/collapsed"] == 0.0 and "collapse" not in run.data.tags
     for picture in ("cmc.png", "tsne_identity.png", "tsne_resolution.png", "ranked_gallery.png"):
         assert (project / "reports/synthetic" / picture).stat().st_size > 0
 

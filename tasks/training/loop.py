@@ -12,6 +12,7 @@ Images come from the decoded-image store (tasks/images/store.py) as uint8 and be
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tasks.config import Params, TrainConfig
-from tasks.infra.tracking import GAME, VALIDATION
+from tasks.infra.tracking import COLLAPSE, GAME, VALIDATION
 from tasks.training.progress import Progress
 
 if TYPE_CHECKING:  # imported where used: the Ray driver imports this module and needs none of them
@@ -32,6 +33,8 @@ if TYPE_CHECKING:  # imported where used: the Ray driver imports this module and
     from rain_model.network import RAIN
     from rain_model.objective import Optimizers
     from rain_model.sampler import IdentityBalancedSampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
 def _build_training(job: TrainJob, ctx: WorkerContext) -> _Training:
     """This rank's loader, the model on its device, both optimizers and LR schedules, DDP-wrapped."""
     from rain_model.network import RAIN
-    from rain_model.objective import StepPlan, make_optimizers, place_model
+    from rain_model.objective import StepPlan, make_optimizers, make_schedulers, place_model
 
     params, cfg = job.params, job.params.train
     sampler, loader, labels = _build_loader(job, ctx)
@@ -122,9 +125,9 @@ def _build_training(job: TrainJob, ctx: WorkerContext) -> _Training:
     # No schedule for an optimizer that never steps (no L_adv: no D step); torch warns when one is stepped.
     stepped = (optimizers.generator, optimizers.discriminator) if StepPlan.of(params.objective).adversarial \
         else (optimizers.generator,)
-    schedulers: list[LRScheduler] = [
-        torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_decay_epochs), gamma=cfg.lr_decay)
-        for opt in stepped]
+    # D's rates warm up and decay by the same factor as F/G/C's.
+    schedulers: list[LRScheduler] = make_schedulers(stepped, cfg.lr_decay_epochs, cfg.lr_decay, cfg.warmup_epochs,
+                                                    cfg.warmup_factor)
     generator, discriminators, nodes = _wrap_for_ddp(model, ctx)
     return _Training(model=model, optimizers=optimizers, schedulers=schedulers, sampler=sampler, loader=loader,
                      generator=generator, discriminators=discriminators, num_classes=num_classes, nodes=nodes)
@@ -211,6 +214,8 @@ def _train_epochs(job: TrainJob, ctx: WorkerContext, training: _Training, logger
             metrics |= _validate(job, ctx, training, epoch)
         if logger is not None:
             logger.epoch(metrics, epoch)
+        if ctx.rank == 0 and COLLAPSE in metrics:
+            log.warning("epoch %d/%d: the features have collapsed: %s", epoch + 1, cfg.epochs, metrics[COLLAPSE])
         if progress is not None:
             progress.epoch(epoch, metrics, metrics["images_per_second"] * ctx.world)  # all ranks
         if ctx.rank == 0 and checkpoint_due(cfg, epoch, time.monotonic() - last_checkpoint):
@@ -234,6 +239,10 @@ def _one_epoch(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: in
     seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {k: v / max(batches, 1) for k, v in sums.items()}
     metrics |= {GAME + k: v / max(batches, 1) for k, v in game.items()}
+    collapsed = collapse_reason(job.params, metrics)
+    metrics[GAME + "collapsed"] = float(collapsed is not None)
+    if collapsed is not None:
+        metrics[COLLAPSE] = collapsed
     if "L_adv" in job.params.objective.active_terms():
         from rain_model.objective import adv_weight
 
@@ -245,22 +254,40 @@ def _one_epoch(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: in
     return metrics
 
 
+def collapse_reason(params: Params, metrics: dict[str, Any]) -> str | None:
+    """Why this epoch's features collapsed (rain_model/diagnostics.py `collapse`), from its means; None if not."""
+    from rain_model.diagnostics import collapse
+
+    if GAME + "feature_spread" not in metrics:
+        return None
+    obj = params.objective
+    terms = 1 if obj.variant == "baseline_hr" else 2  # L_tri sums an HR and an LR term
+    l_tri = metrics["L_tri"] / terms if "L_tri" in obj.active_terms() else None
+    return collapse(metrics[GAME + "feature_spread"], l_tri, obj.margin)
+
+
 def _train_batches(job: TrainJob, ctx: WorkerContext, training: _Training, logger: _RankZeroLogger | None,
                    progress: Progress | None, epoch: int) -> tuple[dict[str, float], dict[str, float], int, int]:
     """One `train_step` per batch of the loader; returns (sum of each loss, sum of each diagnostic of the
     game (rain_model/diagnostics.py), batches, images)."""
+    from rain_model.augment import augment_pair, pair_generator
     from rain_model.objective import Batch, adv_weight, train_step
 
     device = ctx.device
+    cfg = job.params.train
+    augment = cfg.augment_flip or cfg.augment_pad > 0 or cfg.augment_erase > 0
     w_adv = adv_weight(job.params.objective, epoch)
     sums: dict[str, float] = {}
     game: dict[str, float] = {}
     batches, images = 0, 0
     for x_hr, x_lr, y in training.loader:  # uint8 (B, 3, H, W) twice, labels (B,)
         _maybe_fail(job.fault, ctx.rank, training.step)
-        batch = Batch(x_hr=x_hr.to(device, non_blocking=True).float().div_(255),
-                      x_lr=x_lr.to(device, non_blocking=True).float().div_(255),
-                      labels=y.to(device, non_blocking=True))
+        x_hr = x_hr.to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W)
+        x_lr = x_lr.to(device, non_blocking=True).float().div_(255)  # (B, 3, H, W)
+        if augment:  # training only; the step's draw depends on (seed, rank, step) alone, so a resumed run repeats it
+            x_hr, x_lr = augment_pair(x_hr, x_lr, pair_generator(cfg.seed, ctx.rank, training.step),
+                                      flip=cfg.augment_flip, pad=cfg.augment_pad, erase=cfg.augment_erase)
+        batch = Batch(x_hr=x_hr, x_lr=x_lr, labels=y.to(device, non_blocking=True))
         diagnostics: dict[str, float] = {}
         losses = train_step(training.generator, training.discriminators, training.optimizers, batch,
                             job.params.objective, training.step, micro_batches=job.params.train.micro_batches,
@@ -397,6 +424,8 @@ class _RankZeroLogger:
                   epoch + 1, EPOCH)
         self._log({k: float(v) for k, v in metrics.items() if k.startswith((GAME, VALIDATION))}, epoch + 1, "")
         self.flush()
+        if self.client is not None and self.run_id is not None and COLLAPSE in metrics:
+            self.client.set_tag(self.run_id, COLLAPSE, f"epoch {epoch + 1}: {metrics[COLLAPSE]}")
 
     def close(self) -> None:
         self.flush()

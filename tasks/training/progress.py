@@ -42,9 +42,11 @@ def eta_seconds(elapsed: float, epochs_done: int, epochs_left: int) -> float | N
 
 def game_summary(game: Mapping[str, float]) -> str:
     """The game's diagnostics (rain_model/diagnostics.py, without their section prefix) in a few words:
-    `D4 HR/LR 0.91/0.88  D5 HR/LR 0.75/0.70  HR-LR distance 0.21  |adv|/|id| f4 0.30 f5 0.12`."""
+    `D4 HR/LR 0.91/0.88  D5 HR/LR 0.75/0.70  HR-LR distance 0.21  |adv|/|id| f4 0.30 f5 0.12`, led by
+    `COLLAPSED (feature spread 0.003)` in an epoch whose features collapsed."""
     levels = sorted({k[1:k.index("_")] for k in game if k.startswith("D") and k.endswith("_accuracy_HR")})
-    parts = [f"D{j} HR/LR {game[f'D{j}_accuracy_HR']:.2f}/{game[f'D{j}_accuracy_LR']:.2f}" for j in levels]
+    parts = [f"COLLAPSED (feature spread {game['feature_spread']:.3g})"] if game.get("collapsed") else []
+    parts += [f"D{j} HR/LR {game[f'D{j}_accuracy_HR']:.2f}/{game[f'D{j}_accuracy_LR']:.2f}" for j in levels]
     if "feature_distance" in game:
         parts.append(f"HR-LR distance {game['feature_distance']:.3g}")
     ratios = [f"f{j} {game[f'grad_f{j}_ratio']:.2g}" for j in levels if f"grad_f{j}_ratio" in game]
