@@ -98,7 +98,9 @@ def _validation(run_params: Params, state: dict[str, Any], final_metrics: dict[s
         return None
     return {"identities": run_params.protocol.val_identities, "kept_epoch": state["best"]["epoch"] + 1,
             "lr_rank1": round(float(state["best"]["lr_rank1"]), 6),
-            "last_epoch_lr_rank1": round(float(final_metrics[VALIDATION + "lr_rank1"]), 6)}
+            "last_epoch_lr_rank1": round(float(final_metrics[VALIDATION + "lr_rank1"]), 6),
+            **{f"last_epoch_{k}": round(float(final_metrics[VALIDATION + k]), 6)  # HR against LR, in eval mode
+               for k in ("probe_accuracy", "centroid_gap") if VALIDATION + k in final_metrics}}
 
 
 def _run_params(params: Params, config: str, seed: int) -> Params:

@@ -50,3 +50,27 @@ def test_map_counts_every_true_match_so_it_can_be_below_rank1() -> None:
     [(cmc, mean_ap)] = score_rows(dist, np.array([0]), np.array([1]), g_pids, g_cams, [np.array([0, 1])])
     assert cmc[0] == 1.0
     assert mean_ap == pytest.approx((1 + 2 / 3) / 2) and mean_ap < cmc[0]
+
+
+def _alignment_input(hr: np.ndarray, lr: np.ndarray) -> dict:
+    """score_trial's pictures as resolution_alignment reads them: LR (MLR) queries and HR gallery features."""
+    queries = [{"query_set": "mlr"}] * len(lr) + [{"query_set": "hr"}]  # the HR query row is not an LR image
+    return {"queries": queries, "q_feat": np.concatenate([lr, hr[:1]]), "g_feat": hr}
+
+
+def test_a_fresh_probe_separates_resolutions_a_line_separates_and_not_others() -> None:
+    from tasks.evaluation.scoring import resolution_alignment
+
+    rng = np.random.default_rng(0)
+    hr = rng.normal(size=(40, 16))
+    apart = resolution_alignment(_alignment_input(hr, rng.normal(size=(40, 16)) + 3.0))
+    assert apart["probe_accuracy"] > 0.95 and apart["centroid_gap"] > 1.0
+    alike = resolution_alignment(_alignment_input(hr, rng.normal(size=(40, 16))))
+    assert 0.3 < alike["probe_accuracy"] < 0.7 and alike["centroid_gap"] < 0.3
+
+
+def test_too_few_images_give_no_probe_but_the_centroid_gap() -> None:
+    from tasks.evaluation.scoring import resolution_alignment
+
+    out = resolution_alignment(_alignment_input(np.ones((1, 4)), np.zeros((3, 4))))
+    assert set(out) == {"centroid_gap"}

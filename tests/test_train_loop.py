@@ -178,6 +178,8 @@ def test_validation_reads_no_test_image_keeps_the_best_epoch_and_changes_no_weig
     assert val_paths and set(read) & val_paths and not set(read) & test_paths
 
     scores = [m["val/lr_rank1"] for m, _ in runs["validated"]]
+    for metrics, _ in runs["validated"]:  # HR against LR in eval mode, as retrieval sees them
+        assert 0.0 <= metrics["val/probe_accuracy"] <= 1.0 and metrics["val/centroid_gap"] >= 0.0
     best = scores.index(max(scores))  # the first of equal scores: a later epoch must do better to be kept
     assert validated_last["best"]["epoch"] == best and runs["validated"][-1][0]["val/best_epoch"] == best + 1
     best_state = runs["validated"][best][1]

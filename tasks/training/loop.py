@@ -318,9 +318,11 @@ def validation_due(job: TrainJob, epoch: int) -> bool:
 
 def _validate(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: int) -> dict[str, float]:
     """LR rank-1 and mAP of the model on the trial's validation split (`val/` metrics), scored as the evaluate
-    stage scores the test split; keeps this epoch's weights when they are the best so far. Changes nothing
-    training does next: eval mode (BatchNorm's statistics frozen) and no random numbers drawn."""
-    from tasks.evaluation.scoring import score_trial, summarise
+    stage scores the test split, and how far apart its HR and LR features are there (`resolution_alignment`: a
+    fresh linear probe's accuracy, the centroid gap); keeps this epoch's weights when they are the best so far.
+    Changes nothing training does next: eval mode (BatchNorm's statistics frozen) and no torch random numbers
+    drawn (the probe's folds use their own seeded generator)."""
+    from tasks.evaluation.scoring import resolution_alignment, score_trial, summarise
     from tasks.images.store import ImageStore
     from tasks.protocol.splits import VAL
 
@@ -329,16 +331,18 @@ def _validate(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: int
     training.model.eval()
     try:
         with torch.no_grad():
-            scores, _ = score_trial(training.model, job.params, Path(job.mlr), trial, ImageStore(job.store), VAL)
+            scores, features = score_trial(training.model, job.params, Path(job.mlr), trial, ImageStore(job.store),
+                                           VAL)
     finally:
         training.model.train()
+    alignment = {VALIDATION + k: v for k, v in resolution_alignment(features).items()}  # as retrieval sees them
     lr = summarise("lr", scores["lr"])
     if training.best is None or lr["rank1"] > training.best["lr_rank1"]:
         training.best = {"epoch": epoch, "lr_rank1": lr["rank1"],
                          "model": {k: v.detach().cpu().clone() for k, v in training.model.state_dict().items()}}
     return {VALIDATION + "lr_rank1": lr["rank1"], VALIDATION + "lr_mAP": lr["mAP"],
             VALIDATION + "best_epoch": float(training.best["epoch"] + 1),  # its number, as the epoch line says
-            VALIDATION + "best_lr_rank1": training.best["lr_rank1"]}
+            VALIDATION + "best_lr_rank1": training.best["lr_rank1"]} | alignment
 
 
 def kept_weights(state: dict[str, Any]) -> dict[str, Any]:
