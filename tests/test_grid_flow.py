@@ -64,7 +64,7 @@ def test_grid_killed_half_way_runs_only_the_missing_configurations(tmp_path: Pat
                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until(lambda: len(_results(project)) >= 5 and bool(_grid_processes(project)),
-                   progress=lambda: (first_log.stat().st_size, len(_results(project))), what="the grid flow",
+                   progress=lambda: (len(_results(project)), len(_grid_processes(project))), what="the grid flow",
                    failed=lambda: None if first.poll() is None else first_log.read_text()[-3000:])
         os.kill(first.pid, signal.SIGKILL)  # the flow process only: its Ray runs must die with it
         first.wait()

@@ -38,3 +38,20 @@ def test_workers_are_placed_on_both_nodes(two_nodes: str, tmp_path: Path, monkey
     assert summary["trials"]["0"]["ray_nodes"] == 2
     assert summary["trials"]["0"]["workers"] == 2
     assert (tmp_path / "models" / "trial-0.safetensors").stat().st_size > 0
+
+
+def test_an_embedded_cluster_is_its_own_not_the_last_one_started_on_the_machine(two_nodes: str) -> None:
+    """With no address, ray.init would join the last cluster `ray start` (here ray.cluster_utils) started on this
+    machine, someone else's that may stop at any time: the stages start their own."""
+    import subprocess
+    import sys
+
+    from tests.micro_project import REPO
+
+    code = ("import os, ray\nfrom tasks.infra.raycluster import connect\nconnect(None)\n"
+            "print(ray.get_runtime_context().gcs_address)\nos._exit(0)")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    address = out.stdout.strip().splitlines()[-1]
+    assert address and address != two_nodes, (address, two_nodes)

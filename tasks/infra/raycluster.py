@@ -31,8 +31,10 @@ def connect(address: str | None) -> None:
         log.info("ray: joining the cluster at %s", address)
         ray.init(address=address)
     else:
-        # The dashboard (Train's state API needs it) stays on loopback too.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        # "local": a cluster of this process's own. With no address, ray.init joins the last cluster that `ray start`
+        # (or ray.cluster_utils) started on the machine, whoever's it is and however long it lives. The dashboard
+        # (Train's state API needs it) stays on loopback too.
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def disconnect() -> None:
