@@ -59,7 +59,7 @@ def _alignment_input(hr: np.ndarray, lr: np.ndarray) -> dict:
 
 
 def test_a_fresh_probe_separates_resolutions_a_line_separates_and_not_others() -> None:
-    from tasks.evaluation.scoring import resolution_alignment
+    from tasks.training.alignment import resolution_alignment
 
     rng = np.random.default_rng(0)
     hr = rng.normal(size=(40, 16))
@@ -70,7 +70,7 @@ def test_a_fresh_probe_separates_resolutions_a_line_separates_and_not_others() -
 
 
 def test_too_few_images_give_no_probe_but_the_centroid_gap() -> None:
-    from tasks.evaluation.scoring import resolution_alignment
+    from tasks.training.alignment import resolution_alignment
 
     out = resolution_alignment(_alignment_input(np.ones((1, 4)), np.zeros((3, 4))))
     assert set(out) == {"centroid_gap"}

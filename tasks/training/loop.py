@@ -322,9 +322,10 @@ def _validate(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: int
     fresh linear probe's accuracy, the centroid gap); keeps this epoch's weights when they are the best so far.
     Changes nothing training does next: eval mode (BatchNorm's statistics frozen) and no torch random numbers
     drawn (the probe's folds use their own seeded generator)."""
-    from tasks.evaluation.scoring import resolution_alignment, score_trial, summarise
+    from tasks.evaluation.scoring import score_trial, summarise
     from tasks.images.store import ImageStore
     from tasks.protocol.splits import VAL
+    from tasks.training.alignment import resolution_alignment
 
     assert job.mlr is not None
     trial = int(job.rows[0]["trial"])
