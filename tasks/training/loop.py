@@ -257,11 +257,12 @@ def _one_epoch(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: in
 def collapse_reason(params: Params, metrics: dict[str, Any]) -> str | None:
     """Why this epoch's features collapsed (rain_model/diagnostics.py `collapse`), from its means; None if not."""
     from rain_model.diagnostics import collapse
+    from rain_model.objective import StepPlan
 
-    if GAME + "feature_spread" not in metrics:
+    if GAME + "feature_spread" not in metrics:  # an epoch without a batch measured nothing
         return None
     obj = params.objective
-    terms = 1 if obj.variant == "baseline_hr" else 2  # L_tri sums an HR and an LR term
+    terms = 1 if StepPlan.of(obj).hr_only else 2  # L_tri sums an HR and an LR term, as the objective's halves
     l_tri = metrics["L_tri"] / terms if "L_tri" in obj.active_terms() else None
     return collapse(metrics[GAME + "feature_spread"], l_tri, obj.margin)
 
