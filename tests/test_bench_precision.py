@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from tests.micro_project import REPO
+from tests.printed import ratio_agrees
 
 
 def test_precision_bench_prints_both_settings_and_the_cpus_bf16_support() -> None:
@@ -18,4 +19,4 @@ def test_precision_bench_prints_both_settings_and_the_cpus_bf16_support() -> Non
     bf16 = re.search(r"^bf16 autocast\s+(\d+\.\d+)\s+(\d+\.\d+)$", out, re.M)
     assert fp32 and bf16, out
     # the speed column is fp32's step time over bf16's (each printed rounded)
-    assert abs(float(bf16[2]) - float(fp32[1]) / float(bf16[1])) < 0.02, out
+    assert ratio_agrees(float(bf16[2]), float(fp32[1]), float(bf16[1])), out

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from tests.micro_project import REPO
+from tests.printed import ratio_agrees
 
 
 def test_width_bench_prints_every_width_against_the_first() -> None:
@@ -17,4 +18,4 @@ def test_width_bench_prints_every_width_against_the_first() -> None:
     narrow = re.search(r"^base 8\s+(\d+\.\d+)\s+(\d+\.\d+)$", out, re.M)
     assert base and narrow, out
     # the speed column is the first width's step time over this one's (each printed rounded)
-    assert abs(float(narrow[2]) - float(base[1]) / float(narrow[1])) < 0.02, out
+    assert ratio_agrees(float(narrow[2]), float(base[1]), float(narrow[1])), out
