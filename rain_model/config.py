@@ -15,6 +15,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50")
 VARIANTS = ("rain", "baseline_hr", "baseline_hrlr")
 MINING = ("batch_hard", "sampled")
 ADV_LOSSES = ("non_saturating", "minimax", "reversal")
+ADV_LEVELS = ("sum", "mean")
 RETRIEVAL_FEATURES = ("v", "bnneck")
 
 
@@ -149,8 +150,17 @@ class ObjectiveConfig:
     1 - this + this / K on the identity and this / K on every class; 0: Eq. 3 as written."""
     lr: float = 2e-3
     """Adam learning rate of F, G, C (high for a short run: params.yaml says why)."""
-    lr_d: float = 1e-4
-    """Adam learning rate of all D_j."""
+    lr_d_ratio: float = 0.5
+    """Adam learning rate of all D_j as a multiple of ``lr`` (D's rate is ``lr_d``): tied, so that a rate chosen
+    for F on a dataset moves D with it. At 1/20 of F's rate (the earlier absolute 1e-4 against 2e-3) D stayed at
+    chance on real crops for a whole run; tests/test_discriminator_pace.py checks that D at this ratio separates
+    a fixed F's HR and LR features within a few steps."""
+    decay_d: bool = False
+    """Whether train.lr_decay_epochs also decay D's rate. Off: D keeps its rate (after any warm-up) while F's
+    decays, so it can still follow F's last, small moves (decayed with F, it moved ~1e-5 per step at the end)."""
+    adv_levels: str = "sum"
+    """How L_adv combines the levels' terms: sum (Eq. 7 with one L_adv per D_j: multi-level weighs the
+    adversarial gradient twice single-level's) | mean (the same weight whatever the number of levels)."""
     weight_decay: float = 5e-4
     """L2 weight decay of F, G, C (the discriminators have none)."""
     beta1: float = 0.9
@@ -170,7 +180,7 @@ class ObjectiveConfig:
         require(self.variant in VARIANTS, "variant", self.variant, f"must be one of {', '.join(VARIANTS)}")
         for name in ("w_adv", "w_rec", "w_cls", "w_tri", "weight_decay"):
             _finite(name, getattr(self, name), 0.0, strict=False)
-        for name in ("margin", "lr", "lr_d"):
+        for name in ("margin", "lr", "lr_d_ratio"):
             _finite(name, getattr(self, name), 0.0, strict=True)
         _int_at_least("adv_ramp_epochs", self.adv_ramp_epochs, 0)
         _int_at_least("d_steps", self.d_steps, 1)
@@ -188,10 +198,16 @@ class ObjectiveConfig:
             require(value < 1.0, name, value, "must be < 1")
         require(self.mining in MINING, "mining", self.mining, f"must be one of {', '.join(MINING)}")
         require(self.adv_loss in ADV_LOSSES, "adv_loss", self.adv_loss, f"must be one of {', '.join(ADV_LOSSES)}")
-        for name in ("bf16_autocast", "channels_last"):
+        require(self.adv_levels in ADV_LEVELS, "adv_levels", self.adv_levels, f"must be one of {', '.join(ADV_LEVELS)}")
+        for name in ("bf16_autocast", "channels_last", "decay_d"):
             require(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
         weights = "w_cls, w_tri" if self.variant == "baseline_hr" else "w_adv, w_rec, w_cls, w_tri"
         require(len(self.active_terms()) > 0, "variant", self.variant, f"every loss it uses ({weights}) has weight 0")
+
+    @property
+    def lr_d(self) -> float:
+        """Adam learning rate of all D_j: ``lr * lr_d_ratio``."""
+        return self.lr * self.lr_d_ratio
 
     def active_terms(self) -> tuple[str, ...]:
         """Names of the Eq. 7 terms this variant computes (weight > 0 and used by the variant)."""

@@ -295,6 +295,8 @@ def generator_losses(
         else:
             logits_hr, logits_lr = [], [lg.float() for lg in logits]
         losses["L_adv"] = adversarial_loss(logits_hr, logits_lr, obj.adv_loss)
+    if plan.adversarial and obj.adv_levels == "mean":
+        losses["L_adv"] = losses["L_adv"] / len(out.feats)
     if plan.decode:
         assert out.x_rec is not None
         x_rec = out.x_rec.float()  # (2B, 3, H, W)

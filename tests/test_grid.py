@@ -27,10 +27,10 @@ def test_every_configuration_is_read_by_a_table_and_shared_ones_are_trained_once
     rows = [row for table in grid_tables.TABLES for row in table.rows]
     assert {row.config for row in rows} == set(grid.CONFIGS)
     assert grid_tables.configs_of(grid_tables.TABLES) == list(grid.CONFIGS)
-    assert len(rows) == 27 and len(grid.CONFIGS) == 19  # 27 table rows from 19 trainings per seed
+    assert len(rows) == 39 and len(grid.CONFIGS) == 28  # 39 table rows from 28 trainings per seed
     # The full model is Table 1's multi-level row, Table 3's "Ours", Table 4's {2,3,4} and Figure 5's 100%.
     readers = {t.key for t in grid_tables.TABLES for r in t.rows if r.config == "multi_level"}
-    assert readers == {"table1", "table2", "table3", "table4", "figure5"}
+    assert readers == {"table1", "table2", "table3", "table4", "figure5", "choices"}
     # "w/o L_adv" is the HR & LR baseline (Eq. 7 without L_adv), as the paper's identical rows show.
     table3 = {r.label: r.config for r in grid_tables.tables(("table3",))[0].rows}
     assert table3["Ours w/o L_adv"] == "baseline_hrlr"
@@ -120,3 +120,23 @@ def test_run_key_follows_what_changes_a_result_and_nothing_else() -> None:
 def test_bad_experiments_params_are_refused_by_name(section: dict, message: str) -> None:
     with pytest.raises(ParamsError, match=message):
         micro_params({"experiments": section})
+
+
+def test_the_strong_configurations_are_table_1_s_with_every_strong_option_on_top() -> None:
+    for name in ("baseline_hr", "baseline_hrlr", "single_level", "multi_level"):
+        plain, strong = grid.CONFIGS[name], grid.CONFIGS[grid.STRONG_PREFIX + name]
+        assert dict(strong.overrides) == {**plain.overrides, **grid.STRONG}
+    table1 = {r.config for r in grid_tables.tables(("table1",))[0].rows}
+    assert {grid.STRONG_PREFIX + c.name for c in grid.TABLE1} <= table1
+
+
+def test_a_choice_run_reads_no_test_rows_and_scales_params_yaml_s_value() -> None:
+    choices = [c for c in grid.CONFIGS.values() if not c.test]
+    assert {c.name for c in choices} == {c.name for c in grid.CHOICES}
+    assert all(c.validation for c in choices)  # each is scored on the validation split instead
+    params = micro_params()
+    configured = grid.configure(params, "lr_x3", 0)
+    assert configured.objective.lr == pytest.approx(3 * params.objective.lr)
+    assert grid.configure(params, "strong_lr_x0.3", 0).model.bnneck
+    with pytest.raises(ValueError, match="neither the test nor a validation split"):
+        grid.Configuration("nowhere", test=False)

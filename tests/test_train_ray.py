@@ -56,7 +56,7 @@ def test_lost_worker_resumes_from_checkpoint_and_matches_an_uninterrupted_run(ra
 
 
 def test_non_finite_loss_stops_every_worker_and_writes_no_model(ray_local: None, workdir: Path) -> None:
-    params = micro_params({"train": {"epochs": 2}, "objective": {"lr": 1.0e38, "lr_d": 1.0e38}})
+    params = micro_params({"train": {"epochs": 2}, "objective": {"lr": 1.0e38, "lr_d_ratio": 1.0}})
     mlr = prepare_data(workdir, params)
     with pytest.raises(train.NonFiniteTraining, match=r"step \d+: L_\w+ is not finite"):
         train.run(params, mlr, params.store_dir(), workdir / "models", workdir / "runs")

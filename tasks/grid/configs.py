@@ -33,6 +33,13 @@ class Configuration:
     # True: experiments.val_identities of the training identities become a validation split, scored every
     # train.val_every_epochs; the run keeps its best epoch there (the L_adv sweep chooses on it)
     validation: bool = False
+    # False: a run that chooses a setting, scored on its validation split only (the test split is never read)
+    test: bool = True
+    scaled: Mapping[str, float] = field(default_factory=dict)  # dotted params key -> factor on params.yaml's value
+
+    def __post_init__(self) -> None:
+        if not (self.test or self.validation):
+            raise ValueError(f"configuration {self.name}: scored on neither the test nor a validation split")
 
 
 def _labels(fraction: float) -> Configuration:
@@ -54,12 +61,50 @@ def _adversarial_weight(w_adv: float) -> Configuration:
                                      + (" (= the HR & LR baseline)" if w_adv == 0 else ""))
 
 
-CONFIGS: dict[str, Configuration] = {c.name: c for c in (
+# reid-strong-baseline's options (Luo et al. 2019), applied alike to every configuration that names them. Its
+# warm-up (10 of 120 epochs from 0.01) is one epoch from 0.1 here: the schedule steps per epoch, and a grid run
+# is a few epochs long. model.retrieval_feature is chosen on the validation split (both are scored there).
+STRONG: dict[str, Any] = {
+    "model.bnneck": True, "model.retrieval_feature": "bnneck", "objective.label_smoothing": 0.1,
+    "train.augment_flip": True, "train.augment_pad": 10, "train.augment_erase": 0.5,
+    "train.warmup_epochs": 1, "train.warmup_factor": 0.1}
+STRONG_PREFIX = "strong_"  # strong_<configuration>: the same with STRONG on top
+
+TABLE1 = (
     Configuration("baseline_hr", {"objective.variant": "baseline_hr"}, description="L_cls + L_tri on HR images only"),
     Configuration("baseline_hrlr", {"objective.variant": "baseline_hrlr"},
               description="HR and LR images, Eq. 7 without L_adv (also Table 3's w/o L_adv)"),
     Configuration("single_level", {"model.levels": (5,)}, description="RAIN, one discriminator on f5"),
     Configuration("multi_level", {"model.levels": (4, 5)}, description="RAIN, discriminators on f4 and f5"),
+)
+
+
+def strong(cfg: Configuration) -> Configuration:
+    """`cfg` with the strong-baseline options (STRONG) on top."""
+    return dataclasses.replace(cfg, name=STRONG_PREFIX + cfg.name, overrides={**cfg.overrides, **STRONG},
+                               description=cfg.description + ", with the strong-baseline options")
+
+
+LR_FACTORS = (0.3, 3.0)  # the learning rates the choice tries beside params.yaml's (x1: the configuration itself)
+
+
+def _lr_choice(base: Configuration, factor: float) -> Configuration:
+    return Configuration(f"{base.name.removesuffix('multi_level')}lr_x{factor:g}", base.overrides, validation=True,
+                         test=False, scaled={"objective.lr": factor},
+                         description=f"{base.description}, objective.lr x {factor:g} (chooses the rate on validation)")
+
+
+MULTI_LEVEL = TABLE1[-1]
+CHOICES = (
+    *(_lr_choice(base, f) for base in (MULTI_LEVEL, strong(MULTI_LEVEL)) for f in LR_FACTORS),
+    Configuration("adv_mean", {**MULTI_LEVEL.overrides, "objective.adv_levels": "mean"}, validation=True, test=False,
+                  description="RAIN multi-level with L_adv averaged over the levels (chooses objective.adv_levels)"),
+)
+
+CONFIGS: dict[str, Configuration] = {c.name: c for c in (
+    *TABLE1,
+    *(strong(c) for c in TABLE1),
+    *CHOICES,
     Configuration("no_cls", {"objective.w_cls": 0.0}, description="RAIN without L_cls"),
     Configuration("no_tri", {"objective.w_tri": 0.0}, description="RAIN without L_tri"),
     Configuration("no_rec", {"objective.w_rec": 0.0}, description="RAIN without L_rec"),
@@ -101,6 +146,10 @@ def configure(params: Params, name: str, seed: int) -> Params:
     overrides: dict[str, Any] = {
         "train.epochs": params.experiments.epochs, "train.seed": seed, "train.trials": (trial_of(params, seed),),
         **cfg.overrides}
+    if "train.warmup_epochs" in overrides:  # a warm-up shorter than the run (a micro grid may have 1 epoch)
+        overrides["train.warmup_epochs"] = min(overrides["train.warmup_epochs"], params.experiments.epochs - 1)
+    for dotted, factor in cfg.scaled.items():
+        overrides[dotted] = _get(params, dotted.split(".")) * factor
     if cfg.train_rates is not None:
         overrides["protocol.train_rates"] = cfg.train_rates
     if cfg.validation:
@@ -109,6 +158,12 @@ def configure(params: Params, name: str, seed: int) -> Params:
     for dotted, value in overrides.items():
         out = _replace(out, dotted.split("."), value)
     return out
+
+
+def _get(obj: Any, path: list[str]) -> Any:
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
 
 
 def _replace(obj: Any, path: list[str], value: Any) -> Any:

@@ -22,6 +22,7 @@ DEFAULT_DB = "mlflow.db"
 TRAIN = "train/"  # each loss per training step
 EPOCH = "epoch/"  # each loss's mean over an epoch, and images_per_second, stepped by epoch
 VALIDATION = "val/"  # the validation split's LR rank-1 and mAP per scored epoch, and the epoch kept (best_epoch)
+RANK1_BY_FEATURE = "lr_rank1_"  # val/lr_rank1_v, val/lr_rank1_bnneck: each retrieval feature's, with BNNeck on
 GAME = "game/"  # the min-max game's diagnostics (rain_model/diagnostics.py) and w_adv, epoch means
 COLLAPSE = "collapse"  # why a run's features collapsed: its run tag, and the key in epoch reports and run summaries
 EVAL = "eval/"  # evaluation figures, <row>_<metric> (figure_name): eval/lr_rank1, eval/r8_mAP, ...

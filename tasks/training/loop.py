@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tasks.config import Params, TrainConfig
-from tasks.infra.tracking import COLLAPSE, GAME, VALIDATION
+from tasks.infra.tracking import COLLAPSE, GAME, RANK1_BY_FEATURE, VALIDATION
 from tasks.training.progress import Progress
 
 if TYPE_CHECKING:  # imported where used: the Ray driver imports this module and needs none of them
@@ -115,22 +115,33 @@ def train_loop(job: TrainJob, ctx: WorkerContext) -> None:
 def _build_training(job: TrainJob, ctx: WorkerContext) -> _Training:
     """This rank's loader, the model on its device, both optimizers and LR schedules, DDP-wrapped."""
     from rain_model.network import RAIN
-    from rain_model.objective import StepPlan, make_optimizers, make_schedulers, place_model
+    from rain_model.objective import make_optimizers, place_model
 
-    params, cfg = job.params, job.params.train
+    params = job.params
     sampler, loader, labels = _build_loader(job, ctx)
     num_classes = max(max(labels, default=-1) + 1, 1)  # the labelled identities (one output at 0% labels)
     model = place_model(RAIN(params.model, num_classes), params.objective, ctx.device)
     optimizers = make_optimizers(model, params.objective)
-    # No schedule for an optimizer that never steps (no L_adv: no D step); torch warns when one is stepped.
-    stepped = (optimizers.generator, optimizers.discriminator) if StepPlan.of(params.objective).adversarial \
-        else (optimizers.generator,)
-    # D's rates warm up and decay by the same factor as F/G/C's.
-    schedulers: list[LRScheduler] = make_schedulers(stepped, cfg.lr_decay_epochs, cfg.lr_decay, cfg.warmup_epochs,
-                                                    cfg.warmup_factor)
+    schedulers = lr_schedulers(optimizers, params)
     generator, discriminators, nodes = _wrap_for_ddp(model, ctx)
     return _Training(model=model, optimizers=optimizers, schedulers=schedulers, sampler=sampler, loader=loader,
                      generator=generator, discriminators=discriminators, num_classes=num_classes, nodes=nodes)
+
+
+def lr_schedulers(optimizers: Optimizers, params: Params) -> list[LRScheduler]:
+    """The per-epoch schedules: F/G/C's warm-up and decays (train.*), then D's, which warms up with them and
+    decays with them only under objective.decay_d. No schedule for an optimizer that never steps (no L_adv:
+    no D step); torch warns when one is stepped."""
+    from rain_model.objective import StepPlan, make_schedulers
+
+    cfg = params.train
+    schedulers = make_schedulers((optimizers.generator,), cfg.lr_decay_epochs, cfg.lr_decay, cfg.warmup_epochs,
+                                 cfg.warmup_factor)
+    if StepPlan.of(params.objective).adversarial:
+        d_decay = cfg.lr_decay_epochs if params.objective.decay_d else ()
+        schedulers += make_schedulers((optimizers.discriminator,), d_decay, cfg.lr_decay, cfg.warmup_epochs,
+                                      cfg.warmup_factor)
+    return schedulers
 
 
 def _build_loader(job: TrainJob, ctx: WorkerContext) -> tuple[IdentityBalancedSampler, DataLoader[Any], list[int]]:
@@ -323,6 +334,7 @@ def _validate(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: int
     fresh linear probe's accuracy, the centroid gap); keeps this epoch's weights when they are the best so far.
     Changes nothing training does next: eval mode (BatchNorm's statistics frozen) and no torch random numbers
     drawn (the probe's folds use their own seeded generator)."""
+    from rain_model.config import RETRIEVAL_FEATURES
     from tasks.evaluation.scoring import score_trial, summarise
     from tasks.images.store import ImageStore
     from tasks.protocol.splits import VAL
@@ -330,21 +342,31 @@ def _validate(job: TrainJob, ctx: WorkerContext, training: _Training, epoch: int
 
     assert job.mlr is not None
     trial = int(job.rows[0]["trial"])
+    generator = training.model.generator
+    configured = generator.retrieval_feature
+    # With BNNeck, both features are scored: model.retrieval_feature is chosen on this split, never on the test's.
+    ranked: dict[str, float] = {}
     training.model.eval()
     try:
         with torch.no_grad():
-            scores, features = score_trial(training.model, job.params, Path(job.mlr), trial, ImageStore(job.store),
-                                           VAL)
+            for feature in (configured, *(f for f in RETRIEVAL_FEATURES if f != configured and generator.neck)):
+                generator.retrieval_feature = feature
+                scores, pictures = score_trial(training.model, job.params, Path(job.mlr), trial, ImageStore(job.store),
+                                               VAL)
+                ranked[feature] = summarise("lr", scores["lr"])["rank1"]
+                if feature == configured:
+                    lr, features = summarise("lr", scores["lr"]), pictures
     finally:
+        generator.retrieval_feature = configured
         training.model.train()
     alignment = {VALIDATION + k: v for k, v in resolution_alignment(features).items()}  # as retrieval sees them
-    lr = summarise("lr", scores["lr"])
+    by_feature = {VALIDATION + RANK1_BY_FEATURE + f: r for f, r in ranked.items()} if len(ranked) > 1 else {}
     if training.best is None or lr["rank1"] > training.best["lr_rank1"]:
         training.best = {"epoch": epoch, "lr_rank1": lr["rank1"],
                          "model": {k: v.detach().cpu().clone() for k, v in training.model.state_dict().items()}}
     return {VALIDATION + "lr_rank1": lr["rank1"], VALIDATION + "lr_mAP": lr["mAP"],
             VALIDATION + "best_epoch": float(training.best["epoch"] + 1),  # its number, as the epoch line says
-            VALIDATION + "best_lr_rank1": training.best["lr_rank1"]} | alignment
+            VALIDATION + "best_lr_rank1": training.best["lr_rank1"]} | alignment | by_feature
 
 
 def kept_weights(state: dict[str, Any]) -> dict[str, Any]:
