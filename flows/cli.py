@@ -116,7 +116,7 @@ def experiments(
     seeds: Annotated[list[int] | None, typer.Option("--seed", help="A seed of the grid (repeat); default: "
                                                      "experiments.seeds of params.yaml.")] = None,
     table: Annotated[list[str] | None, typer.Option(help="Only this table (repeat): table1..table4, figure5, "
-                                                        "adv_sweep.")]
+                                                        "adv_sweep, choices.")]
     = None,
     project: ProjectOption = Path("."),
     preset: PresetOption = None,

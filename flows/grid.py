@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 # The grid's tables by key (tasks/grid/tables.py TABLES; tests/test_flow_ui.py keeps the two equal): a Literal, so
 # the deployment's form in the Prefect UI offers exactly these.
-TableKey = Literal["table1", "table2", "table3", "table4", "figure5", "adv_sweep"]
+TableKey = Literal["table1", "table2", "table3", "table4", "figure5", "adv_sweep", "choices"]
 GRID_FILE = "grid/dvc.yaml"  # the grid's stages, outside the pipeline's dvc.yaml
 DATA_STAGES = ("fingerprint", "download", "manifest", "synthesize", "decode", f"{GRID_FILE}:grid_data")
 MAX_WAITING = 64  # Prefect tasks waiting on their Ray task at once; all runs are queued on the cluster at once
