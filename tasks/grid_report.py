@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from rain_model.config import RETRIEVAL_FEATURES
 from rain_model.metrics import mean_std
 from tasks.config import Params, load_params
 from tasks.evaluation.reporting import METRIC_LABELS
@@ -31,7 +33,7 @@ from tasks.grid import configs as grid
 from tasks.grid import tables as grid_tables
 from tasks.grid.runs import experiments_mlflow_description, experiments_mlflow_name, load_result
 from tasks.infra.logs import setup_logging
-from tasks.infra.tracking import COLLAPSE
+from tasks.infra.tracking import COLLAPSE, RANK1_BY_FEATURE
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,85 @@ def choose_adv_weight(results: dict[tuple[str, int], dict[str, Any]], seeds: tup
     return max(SWEEP, key=lambda c: (means[c], -SWEEP.index(c)))
 
 
+def choose(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple[int, ...],
+           candidates: tuple[tuple[str, str], ...]) -> tuple[str, dict[str, float]]:
+    """(label of the candidate with the best mean validation LR rank-1 over seeds, each candidate's mean); the
+    earlier candidate on a tie. Reads the validation split only: the test figures cannot change the choice.
+
+    A candidate is compared only when its runs were validated on the same identities as the choice runs: a
+    table configuration (multi_level: the x1 rate) has a validation split only when protocol.val_identities
+    equals experiments.val_identities (presets/cuhk03-crops.yaml); otherwise it is left out of the choice."""
+    def split(c: str) -> set[Any]:
+        return {(results[(c, s)].get("validation") or {}).get("identities") for s in seeds}
+
+    wanted = set().union(*(split(c) for _, c in candidates if not grid.CONFIGS[c].test))
+    compared = [(label, c) for label, c in candidates if split(c) == wanted and None not in wanted]
+    means = {label: stat([figure(results[(c, s)], "val", "rank1") for s in seeds])[0] for label, c in compared}
+    return max(means, key=lambda label: (means[label], -list(means).index(label))), means
+
+
+def retrieval_choice(results: dict[tuple[str, int], dict[str, Any]]
+                     ) -> tuple[str, dict[str, float], list[str]] | None:
+    """model.retrieval_feature chosen on the validation split: (feature, its mean last-epoch validation LR rank-1
+    over every run that scored both, those runs); None when no run did (BNNeck off everywhere)."""
+    keys = {f: f"last_epoch_{RANK1_BY_FEATURE}{f}" for f in RETRIEVAL_FEATURES}
+    scored = sorted((c, s) for (c, s), r in results.items()
+                    if all(k in (r.get("validation") or {}) for k in keys.values()))
+    if not scored:
+        return None
+    means = {f: float(np.mean([results[run]["validation"][k] for run in scored])) for f, k in keys.items()}
+    chosen = max(means, key=lambda f: (means[f], -RETRIEVAL_FEATURES.index(f)))
+    return chosen, means, [f"`{c}` seed {s}" for c, s in scored]
+
+
+def choices_markdown(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple[int, ...]) -> str:
+    """Each setting the choices table compares, the candidate the validation split prefers, and the runs that chose."""
+    lines = ["### Settings chosen on the validation split", "",
+             "Each choice is the best mean validation LR rank-1 over seeds " + ", ".join(map(str, seeds)) +
+             "; the choice runs read no test rows, and the chooser reads only `validation` of each run.", "",
+             "| Setting | Candidates (validation LR rank-1, %) | Chosen | Runs that chose |", "|:---|:---|:---|:---|"]
+    for what, candidates in grid_tables.CHOICE_GROUPS:
+        chosen, means = choose(results, seeds, candidates)
+        runs = ", ".join(f"`{c}`" for label, c in candidates if label in means)
+        left_out = [f"{label} (`{c}`: not validated on the choice runs' split)" for label, c in candidates
+                    if label not in means]
+        lines.append(f"| {what} | " + ", ".join([*(f"{label} {100 * m:.1f}" for label, m in means.items()), *left_out])
+                     + f" | **{chosen}** | {runs} (seeds {', '.join(map(str, seeds))}) |")
+    feature = retrieval_choice(results)
+    if feature is not None:
+        best, scores, scored = feature
+        lines.append("| model.retrieval_feature (last epoch) | " + ", ".join(
+            f"{f} {100 * m:.1f}" for f, m in scores.items()) + f" | **{best}** | {', '.join(scored)} |")
+    return "\n".join(lines)
+
+
+EVAL_GAME = (("last_epoch_probe_accuracy", "probe HR/LR (eval, val)"),
+             ("last_epoch_centroid_gap", "centroid gap (eval, val)"))
+
+
+def game_markdown(results: dict[tuple[str, int], dict[str, Any]], configs: list[str]) -> str:
+    """The game at the last epoch of every configuration, mean over its runs: how well a fresh linear probe tells
+    HR gallery from LR query features on the validation split in eval mode (0.5: aligned), their centroid gap,
+    and the D_j's own train-mode accuracies and loss."""
+    shown = (*EVAL_GAME, *GAME_SHOWN[:4], ("L_D", "L_D"))
+    lines = ["### The game, last epoch (mean over seeds)", "",
+             "A probe accuracy of 0.5 means HR and LR features are indistinguishable as retrieval sees them; a "
+             "configuration without L_adv shows how far apart they are when F does not fight D. L_D of a coin flip "
+             "is 2 ln 2 per level.", "",
+             "| Configuration | " + " | ".join(label for _, label in shown) + " |", "|:---|" + "---:|" * len(shown)]
+    for config in configs:
+        runs = [r for (c, _), r in sorted(results.items()) if c == config]
+        lines.append(f"| `{config}` | " + " | ".join(_game_cell(runs, key) for key, _ in shown) + " |")
+    return "\n".join(lines)
+
+
+def _game_cell(runs: list[dict[str, Any]], key: str) -> str:
+    """Mean over `runs` of a validation, game or loss figure named `key`; - when a run lacks it."""
+    values = [(r.get("validation") or {}).get(key, r.get("final_game", {}).get(key, r.get("final_losses", {}).get(key)))
+              for r in runs]
+    return "-" if any(v is None for v in values) else f"{np.mean([float(v) for v in values]):.3g}"
+
+
 GAME_SHOWN = (("D4_accuracy_HR", "D4 accuracy HR"), ("D4_accuracy_LR", "D4 accuracy LR"),
               ("D5_accuracy_HR", "D5 accuracy HR"), ("D5_accuracy_LR", "D5 accuracy LR"),
               ("feature_distance", "HR-LR feature distance"), ("centroid_gap", "HR-LR centroid gap"),
@@ -124,9 +205,12 @@ def sweep_markdown(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple[
 
 def table_rows(table: grid_tables.Table, results: dict[tuple[str, int], dict[str, Any]],
                seeds: tuple[int, ...]) -> list[dict[str, Any]]:
-    """One dict per table row: label, config, query_set, seeds, and <metric>/<metric>_std as fractions."""
+    """One dict per table row: label, config, query_set, seeds, and <metric>/<metric>_std as fractions (a
+    validation row of runs without a validation split is left out)."""
     out = []
     for row in table.rows:
+        if row.query_set == "val" and any(results[(row.config, s)].get("validation") is None for s in seeds):
+            continue  # a choice's table-configuration candidate, validated on no split here (choose says so)
         entry: dict[str, Any] = {"table": table.key, "row": row.label, "config": row.config,
                                  "query_set": row.query_set, "seeds": len(seeds)}
         for metric in table.metrics:
@@ -161,7 +245,7 @@ class Claim:
     source: str
     a: tuple[str, str]
     b: tuple[str, str]
-    paper: float  # the paper's value of the same quantity
+    paper: float  # the paper's value of the same quantity (nan: the paper has none)
     minimum: float = 0.0
     share_of: tuple[str, str] | None = None
 
@@ -187,6 +271,15 @@ CLAIMS: tuple[Claim, ...] = (
           ("labels_0.0", "lr"), 100 * (66.3 - 3.3) / (78.9 - 3.3), minimum=50.0, share_of=ML),
     Claim("40% labels come within 5 points of 100% (label efficiency)", "Figure 5", ("labels_0.4", "lr"), ML,
           76.1 - 78.9, minimum=-5.0),
+    # Not the paper's table, its claim on a stronger footing: does L_adv still add to the strong baseline?
+    Claim("RAIN beats the baseline trained on HR & LR, both on the strong-baseline options", "Table 1 + strong",
+          (grid.STRONG_PREFIX + "multi_level", "lr"), (grid.STRONG_PREFIX + "baseline_hrlr", "lr"), 78.9 - 65.9),
+    Claim("RAIN beats the baseline trained on HR, both on the strong-baseline options", "Table 1 + strong",
+          (grid.STRONG_PREFIX + "multi_level", "lr"), (grid.STRONG_PREFIX + "baseline_hr", "lr"), 78.9 - 60.6),
+    Claim("The strong-baseline options help RAIN", "Table 1 + strong", (grid.STRONG_PREFIX + "multi_level", "lr"),
+          ML, math.nan),
+    Claim("The strong-baseline options help the HR & LR baseline", "Table 1 + strong",
+          (grid.STRONG_PREFIX + "baseline_hrlr", "lr"), ("baseline_hrlr", "lr"), math.nan),
 )
 ABLATIONS = (("w/o L_cls", "no_cls", 70.8), ("w/o L_tri", "no_tri", 69.1), ("w/o L_rec", "no_rec", 67.3),
              ("w/o L_adv", "baseline_hrlr", 65.9))
@@ -231,7 +324,8 @@ def claims_markdown(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple
         mean, std = stat(values)
         unit = "%" if claim.share_of else ""
         per_seed = " / ".join(f"{v:+.1f}{unit}" for v in values)
-        lines.append(f"| {claim.text} ({claim.source}) | {asserts} | {claim.paper:+.1f}{unit} | "
+        paper = "-" if math.isnan(claim.paper) else f"{claim.paper:+.1f}{unit}"
+        lines.append(f"| {claim.text} ({claim.source}) | {asserts} | {paper} | "
                      f"{mean:+.1f}{unit} ± {std:.1f} | {per_seed} | {passed}/{len(values)} | "
                      f"{verdict(passed, len(values))} |")
     if all((c, s) in results for _, c, _ in ABLATIONS for s in seeds):
@@ -243,14 +337,19 @@ def claims_markdown(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple
     return "\n".join(lines)
 
 
+def query_sets(results: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """The test query sets the runs were scored on, in their order (a choice run has none: it reads no test rows)."""
+    return list(next((r["rows"] for r in results.values() if r["rows"]), {}))
+
+
 def rate_table(results: dict[tuple[str, int], dict[str, Any]], configs: list[str],
                seeds: tuple[int, ...]) -> dict[str, dict[str, tuple[float, float]]]:
     """Rank-1 (mean, std over seeds) of the main methods on every test set but the mixed MLR one."""
-    sets = [q for q in next(iter(results.values()))["rows"] if q != "lr"]
+    sets = [q for q in query_sets(results) if q != "lr"]
     names = {q: "HR" if q == "hr" else f"r={q[1:]}" for q in sets}
     methods = {row.config: row.label for row in grid_tables.tables(("table1",))[0].rows}  # the paper's names
     return {methods[m]: {names[q]: stat([results[(m, s)]["rows"][q]["rank1"] for s in seeds]) for q in sets}
-            for m in RATE_BAR_CONFIGS if m in configs}
+            for m in RATE_BAR_CONFIGS if m in configs} if sets else {}
 
 
 def rates_markdown(table: dict[str, dict[str, tuple[float, float]]]) -> str:
@@ -264,7 +363,7 @@ def rates_markdown(table: dict[str, dict[str, tuple[float, float]]]) -> str:
 
 def runs_markdown(results: dict[tuple[str, int], dict[str, Any]], configs: list[str]) -> str:
     """Rank-1 of every run on every query set: the per-seed figures behind each mean."""
-    sets = list(next(iter(results.values()))["rows"])
+    sets = query_sets(results)
     lines = ["### Every run: rank-1 per query set (%)", "",
              "| Configuration | Seed | Trial | " + " | ".join(sets) + " | Collapsed |",
              "|:---|---:|---:|" + "---:|" * len(sets) + ":---|"]
@@ -272,7 +371,8 @@ def runs_markdown(results: dict[tuple[str, int], dict[str, Any]], configs: list[
         for (c, seed), r in sorted(results.items()):
             if c == config:
                 lines.append(f"| `{c}` | {seed} | {r['trial']} | " +
-                             " | ".join(f"{100 * r['rows'][q]['rank1']:.1f}" for q in sets) + f" | {_collapsed(r)} |")
+                             " | ".join(f"{100 * r['rows'][q]['rank1']:.1f}" if q in r["rows"] else "-"
+                                        for q in sets) + f" | {_collapsed(r)} |")
     return "\n".join(lines)
 
 
@@ -338,8 +438,9 @@ def run(params: Params, seeds: tuple[int, ...] | None = None, parent_run_id: str
               f"{list(params.protocol.unseen_rates)}. Percent.\n")
     rates = rate_table(results, configs, seeds)
     sweep = [sweep_markdown(results, seeds)] if any(t.key == "adv_sweep" for t in selected) else []
-    parts = [header, *collapse_warning(results), *(markdown(t, all_rows[t.key]) for t in selected), *sweep,
-             claims_markdown(results, seeds),
+    chosen = [choices_markdown(results, seeds)] if any(t.key == "choices" for t in selected) else []
+    parts = [header, *collapse_warning(results), *(markdown(t, all_rows[t.key]) for t in selected), *sweep, *chosen,
+             claims_markdown(results, seeds), game_markdown(results, configs),
              *([rates_markdown(rates)] if rates else []), runs_markdown(results, configs),
              cost_markdown(results, configs, selected)]
     (out_dir / "results.md").write_text("\n\n".join(parts) + "\n")
