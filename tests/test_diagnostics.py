@@ -222,13 +222,15 @@ def test_feature_spread_is_zero_for_one_point_and_does_not_change_with_scale() -
     assert feature_spread(v) > 0.5  # independent random directions: about sqrt(2)
 
 
-def test_collapse_is_reported_below_the_spread_threshold_with_the_margin_as_corroboration() -> None:
+def test_collapse_is_a_low_spread_with_the_triplet_loss_at_its_margin_when_it_is_on() -> None:
     from rain_model.diagnostics import COLLAPSE_SPREAD, collapse
 
     assert collapse(COLLAPSE_SPREAD, 0.3, 0.3) is None  # at the threshold: not collapsed
-    low = collapse(COLLAPSE_SPREAD / 10, None, 0.3)
+    low = collapse(COLLAPSE_SPREAD / 10, None, 0.3)  # no triplet loss: the spread decides
     assert low is not None and low.startswith("every feature at one point") and "L_tri" not in low
     stuck = collapse(0.001, 0.305, 0.3)
     assert stuck is not None and "L_tri at its margin (0.305 per term, margin 0.3)" in stuck
-    far = collapse(0.001, 0.1, 0.3)
-    assert far is not None and "L_tri" not in far  # a triplet loss well under the margin corroborates nothing
+    # A low spread over the norm with a triplet loss that still separates: a common offset, not a collapse (a
+    # BNNeck run on CUHK03 crops: spread 0.04, L_tri 0.4 per term, validation rank-1 rising).
+    assert collapse(0.04, 0.4, 0.3) is None
+    assert collapse(0.001, 0.1, 0.3) is None
