@@ -276,6 +276,7 @@ class ExperimentsConfig:
     cpus_per_run: int = 1  # CPUs Ray reserves for each run, and its threads
     use_gpu: bool = False  # true: each run asks Ray for one GPU
     val_identities: int = 20  # the L_adv sweep's validation split (protocol.val_identities of its runs)
+    strong_lr: float | None = None  # objective.lr of the strong_* configurations; None: objective.lr's
 
     def __post_init__(self) -> None:
         _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds)
@@ -284,6 +285,8 @@ class ExperimentsConfig:
         _require(self.epochs >= 1, "experiments.epochs", self.epochs, ">= 1")
         _require(self.cpus_per_run >= 1, "experiments.cpus_per_run", self.cpus_per_run, ">= 1")
         _require(self.val_identities >= 1, "experiments.val_identities", self.val_identities, ">= 1")
+        _require(self.strong_lr is None or (math.isfinite(self.strong_lr) and self.strong_lr > 0),
+                 "experiments.strong_lr", self.strong_lr, "> 0 (or null: objective.lr's)")
 
 
 # The aliases only `rain promote` moves (tasks/registry/promote.py imports them from here, so that tasks/config.py

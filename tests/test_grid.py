@@ -140,3 +140,12 @@ def test_a_choice_run_reads_no_test_rows_and_scales_params_yaml_s_value() -> Non
     assert grid.configure(params, "strong_lr_x0.3", 0).model.bnneck
     with pytest.raises(ValueError, match="neither the test nor a validation split"):
         grid.Configuration("nowhere", test=False)
+
+
+def test_the_strong_recipe_trains_at_its_own_rate_when_one_is_set() -> None:
+    params = micro_params({"experiments": {"strong_lr": 0.01}})
+    assert grid.configure(params, "strong_multi_level", 0).objective.lr == 0.01
+    assert grid.configure(params, "strong_lr_x3", 0).objective.lr == pytest.approx(0.03)  # its choice scales it
+    assert grid.configure(params, "multi_level", 0).objective.lr == params.objective.lr  # the paper's recipe: not
+    unset = micro_params()
+    assert grid.configure(unset, "strong_baseline_hr", 0).objective.lr == unset.objective.lr

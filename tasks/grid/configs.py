@@ -148,8 +148,10 @@ def configure(params: Params, name: str, seed: int) -> Params:
         **cfg.overrides}
     if "train.warmup_epochs" in overrides:  # a warm-up shorter than the run (a micro grid may have 1 epoch)
         overrides["train.warmup_epochs"] = min(overrides["train.warmup_epochs"], params.experiments.epochs - 1)
+    if cfg.name.startswith(STRONG_PREFIX) and params.experiments.strong_lr is not None:
+        overrides["objective.lr"] = params.experiments.strong_lr  # the strong recipe's own rate
     for dotted, factor in cfg.scaled.items():
-        overrides[dotted] = _get(params, dotted.split(".")) * factor
+        overrides[dotted] = overrides.get(dotted, _get(params, dotted.split("."))) * factor
     if cfg.train_rates is not None:
         overrides["protocol.train_rates"] = cfg.train_rates
     if cfg.validation:
