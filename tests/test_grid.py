@@ -149,3 +149,10 @@ def test_the_strong_recipe_trains_at_its_own_rate_when_one_is_set() -> None:
     assert grid.configure(params, "multi_level", 0).objective.lr == params.objective.lr  # the paper's recipe: not
     unset = micro_params()
     assert grid.configure(unset, "strong_baseline_hr", 0).objective.lr == unset.objective.lr
+
+
+def test_the_strong_rate_changes_only_the_strong_runs_keys() -> None:
+    inputs = {"code": "c"}
+    before, after = micro_params(), micro_params({"experiments": {"strong_lr": 0.01}})
+    assert grid.run_key(before, "multi_level", 0, inputs) == grid.run_key(after, "multi_level", 0, inputs)
+    assert grid.run_key(before, "strong_multi_level", 0, inputs) != grid.run_key(after, "strong_multi_level", 0, inputs)

@@ -178,7 +178,8 @@ def run_key(params: Params, name: str, seed: int, inputs: Mapping[str, str]) -> 
     """What a finished run was computed from: its configured params and its input hashes. A result whose
     key differs (params.yaml, the data or the code changed) does not count as done."""
     flat = param_values(configure(params, name, seed))
-    for volatile in ("experiments.seeds", "experiments.cpus_per_run", "experiments.use_gpu",
+    # experiments.strong_lr acts through objective.lr, which the key holds: a plain run's key does not depend on it.
+    for volatile in ("experiments.seeds", "experiments.cpus_per_run", "experiments.use_gpu", "experiments.strong_lr",
                      "register.model_name", "register.alias", "evaluate.tsne_identities", "evaluate.sheet_queries",
                      "evaluate.batch_size", *OUTPUT_NEUTRAL):
         flat.pop(volatile, None)
