@@ -168,3 +168,28 @@ def test_a_healthy_run_is_not_called_collapsed(project: tuple[Path, Params], mon
 
     assert grid_report.collapse_warning({("baseline_hrlr", 0): result}) == []
     assert "| no |" in grid_report.runs_markdown({("baseline_hrlr", 0): result}, ["baseline_hrlr"])
+
+
+def test_a_choice_run_is_scored_on_its_validation_split_and_never_reads_the_test_split(
+        project: tuple[Path, Params], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`strong_lr_x3` chooses a rate: every scoring call it makes is on the validation split, and its result has
+    no test rows; both retrieval features are scored there, since BNNeck is on."""
+    import tasks.evaluation.scoring as scoring
+    from tasks import grid_data
+    from tasks.protocol.splits import VAL
+
+    root, params = project
+    monkeypatch.chdir(root)
+    grid_data.run(params)  # the variant with experiments.val_identities held out
+    splits: list[str] = []
+    score_trial = scoring.score_trial
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        splits.append(str(args[5] if len(args) > 5 else kwargs.get("split", "test")))
+        return score_trial(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scoring, "score_trial", recorded)
+    result = grid_run.run(params, "strong_lr_x3", 0)
+    assert splits and set(splits) == {VAL}, splits
+    assert result["rows"] == {} and result["validation"]["identities"] == params.experiments.val_identities
+    assert {"last_epoch_lr_rank1_v", "last_epoch_lr_rank1_bnneck"} <= set(result["validation"])
