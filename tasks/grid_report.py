@@ -88,6 +88,9 @@ def choose_adv_weight(results: dict[tuple[str, int], dict[str, Any]], seeds: tup
     return max(SWEEP, key=lambda c: (means[c], -SWEEP.index(c)))
 
 
+NO_CHOICE = "none: every candidate collapsed"
+
+
 def choose(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple[int, ...],
            candidates: tuple[tuple[str, str], ...]) -> tuple[str, dict[str, float]]:
     """(label of the candidate with the best mean validation LR rank-1 over seeds, each candidate's mean); the
@@ -102,7 +105,11 @@ def choose(results: dict[tuple[str, int], dict[str, Any]], seeds: tuple[int, ...
     wanted = set().union(*(split(c) for _, c in candidates if not grid.CONFIGS[c].test))
     compared = [(label, c) for label, c in candidates if split(c) == wanted and None not in wanted]
     means = {label: stat([figure(results[(c, s)], "val", "rank1") for s in seeds])[0] for label, c in compared}
-    return max(means, key=lambda label: (means[label], -list(means).index(label))), means
+    # A candidate whose features collapsed on a seed ranks nothing: it cannot be chosen, whatever its figure.
+    eligible = [label for label, c in compared if not any(results[(c, s)].get(COLLAPSE) for s in seeds)]
+    if not eligible:
+        return NO_CHOICE, means
+    return max(eligible, key=lambda label: (means[label], -list(means).index(label))), means
 
 
 def retrieval_choice(results: dict[tuple[str, int], dict[str, Any]]
@@ -123,14 +130,18 @@ def choices_markdown(results: dict[tuple[str, int], dict[str, Any]], seeds: tupl
     """Each setting the choices table compares, the candidate the validation split prefers, and the runs that chose."""
     lines = ["### Settings chosen on the validation split", "",
              "Each choice is the best mean validation LR rank-1 over seeds " + ", ".join(map(str, seeds)) +
-             "; the choice runs read no test rows, and the chooser reads only `validation` of each run.", "",
+             "; the choice runs read no test rows, and the chooser reads only `validation` of each run (and whether "
+             "it collapsed: a collapsed candidate is never chosen).", "",
              "| Setting | Candidates (validation LR rank-1, %) | Chosen | Runs that chose |", "|:---|:---|:---|:---|"]
     for what, candidates in grid_tables.CHOICE_GROUPS:
         chosen, means = choose(results, seeds, candidates)
         runs = ", ".join(f"`{c}`" for label, c in candidates if label in means)
         left_out = [f"{label} (`{c}`: not validated on the choice runs' split)" for label, c in candidates
                     if label not in means]
-        lines.append(f"| {what} | " + ", ".join([*(f"{label} {100 * m:.1f}" for label, m in means.items()), *left_out])
+        collapsed = {label for label, c in candidates if any(results[(c, s)].get(COLLAPSE) for s in seeds)}
+        shown = [f"{label} {100 * m:.1f}" + (" (collapsed)" if label in collapsed else "")
+                 for label, m in means.items()]
+        lines.append(f"| {what} | " + ", ".join([*shown, *left_out])
                      + f" | **{chosen}** | {runs} (seeds {', '.join(map(str, seeds))}) |")
     feature = retrieval_choice(results)
     if feature is not None:

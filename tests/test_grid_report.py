@@ -14,7 +14,7 @@ from tasks.config import Params
 from tasks.grid import configs as grid
 from tasks.grid import tables as grid_tables
 from tasks.grid.runs import result_path
-from tasks.grid_report import SWEEP, MissingRuns, choose, choose_adv_weight, collect, run, stat
+from tasks.grid_report import NO_CHOICE, SWEEP, MissingRuns, choose, choose_adv_weight, collect, run, stat
 from tests.micro_project import micro_params
 
 QUERY_SETS = ("lr", "r2", "r3", "r4", "r8", "hr")
@@ -203,3 +203,20 @@ def test_the_choices_read_the_validation_split_only_whatever_the_test_figures(tm
         chosen = [choose(results, seeds, group) for _, group in groups]
         assert [c for c, _ in chosen] == ["x3", "x1", "sum"], favoured
         assert all(len(means) == len(group) for (_, means), (_, group) in zip(chosen, groups, strict=True))
+
+
+def test_a_collapsed_candidate_is_never_chosen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CUHK03 crops the paper's recipe collapsed at two of three rates: a collapsed run's validation figure
+    (chance, or a lucky draw) must not win a choice; when every candidate collapsed, nothing is chosen."""
+    monkeypatch.chdir(tmp_path)
+    params = micro_params({"experiments": {"seeds": [0], "val_identities": 2}, "protocol": {"val_identities": 2}})
+    group = dict(grid_tables.CHOICE_GROUPS)["objective.lr (the paper's recipe)"]
+    for _, config in group:
+        _write_result(params, config, 0, "x")
+    results = collect(params, (0,), [c for _, c in group])
+    assert choose(results, (0,), group)[0] == "x3"  # the best validation figure (_val_score)
+    results[("lr_x3", 0)]["collapse"] = "every feature at one point"
+    assert choose(results, (0,), group)[0] == "x0.3"  # the next best of those that did not collapse (a tie: first)
+    for _, config in group:
+        results[(config, 0)]["collapse"] = "every feature at one point"
+    assert choose(results, (0,), group)[0] == NO_CHOICE
