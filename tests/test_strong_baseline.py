@@ -274,3 +274,23 @@ def test_a_resumed_run_with_augmentation_and_warm_up_continues_exactly(micro: Pa
     plain = _train(micro, monkeypatch, {"train": {**STRONG["train"], "augment_flip": False, "augment_pad": 0,
                                                   "augment_erase": 0.0}})
     assert any(not torch.equal(plain[-1]["model"][k], v) for k, v in straight[-1]["model"].items())
+
+
+def test_d_keeps_its_rate_through_f_s_decays_unless_decay_d() -> None:
+    """The training loop's schedules: F/G/C's rate decays at train.lr_decay_epochs; D's (lr x lr_d_ratio) warms up
+    with it but decays only with objective.decay_d, so a late D can still follow F's small moves."""
+    from rain_model.network import RAIN
+    from rain_model.objective import make_optimizers
+    from tasks.training.loop import lr_schedulers
+    from tests.micro_project import micro_params
+
+    for decay_d in (False, True):
+        params = micro_params({"objective": {"lr": 0.002, "lr_d_ratio": 0.5, "decay_d": decay_d},
+                               "train": {"epochs": 6, "lr_decay_epochs": [2, 4], "lr_decay": 0.1,
+                                         "warmup_epochs": 1, "warmup_factor": 0.1}})
+        optimizers = make_optimizers(RAIN(params.model, 4), params.objective)
+        rates = _rates(lr_schedulers(optimizers, params), 6)
+        assert [f for f, _ in rates] == pytest.approx([0.0002, 0.002, 0.0002, 0.0002, 2e-05, 2e-05])
+        d_rates = [0.0001, 0.001, 0.0001, 0.0001, 1e-05, 1e-05] if decay_d else [0.0001, 0.001, 0.001, 0.001,
+                                                                                     0.001, 0.001]
+        assert [d for _, d in rates] == pytest.approx(d_rates), decay_d
