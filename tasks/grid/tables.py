@@ -91,7 +91,7 @@ CHOICE_GROUPS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         (LR_FACTORS[0], "strong_lr_x0.3"), (1.0, "strong_multi_level"), (LR_FACTORS[1], "strong_lr_x3")))),
     ("objective.adv_levels", (("sum", "multi_level"), ("mean", "adv_mean"))),
 )
-TABLES += (Table("choices", "Settings chosen on the validation split: its LR rank 1 per candidate", tuple(
+TABLES += (Table("choices", "The choice runs: validation LR rank 1 per candidate", tuple(
     Row(f"{what}: {label}", config, "val") for what, group in CHOICE_GROUPS for label, config in group),
     metrics=("rank1",)),)
 
