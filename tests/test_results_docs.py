@@ -17,7 +17,7 @@ METRIC_PLOTS = {"label_fraction.png", "rate_bars.png"}
 def test_every_raw_output_results_md_names_is_committed() -> None:
     named = set(re.findall(r"docs/results/([\w./-]+\w)", RESULTS.read_text()))
     assert named, "RESULTS.md names no raw output under docs/results/"
-    missing = sorted(n for n in named if not (DOCS / n).is_file())
+    missing = sorted(n for n in named if not (DOCS / n).is_file() and not (DOCS / n / "results.md").is_file())
     assert not missing, f"RESULTS.md quotes files that are not committed: {missing}"
 
 
