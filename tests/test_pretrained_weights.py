@@ -130,5 +130,5 @@ def test_the_paper_preset_is_the_papers_settings(tmp_path: Path) -> None:
 def test_an_unknown_preset_is_refused_with_the_known_ones(tmp_path: Path) -> None:
     from tasks.config import ParamsError
 
-    with pytest.raises(ParamsError, match=r"no preset 'papre' \(presets: paper;"):
+    with pytest.raises(ParamsError, match=r"no preset 'papre' \(presets: cuhk03-crops, paper;"):
         presets.load("papre")
