@@ -18,7 +18,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +50,11 @@ class InvalidParam(ParamsError, InvalidValue):
     template = "params.yaml: {key} = {value!r} is invalid: {why}"
 
 
+# The `paths` whose folders hold a DVC output per dataset (<root>/<dataset>/, or files named for it): two sharing one
+# folder would make DVC refuse overlapping outputs, or one stage's clean-up delete another's output.
+OUTPUT_ROOTS = ("raw", "lr", "store", "models", "reports", "experiments")
+
+
 @dataclass(frozen=True)
 class Paths:
     raw: str = "data/raw"
@@ -67,15 +72,34 @@ class Paths:
         for f in dataclasses.fields(self):
             _require(getattr(self, f.name) != "", f"paths.{f.name}", "", "a folder (an empty path would template "
                      "dvc.yaml's outputs to /<dataset>)")
-        # Each of these holds a folder or files per dataset that is a DVC output: two sharing one folder would make
-        # DVC refuse overlapping outputs, or one stage's clean-up delete another's output.
-        roots = ("raw", "lr", "store", "models", "reports", "experiments")
-        seen: dict[str, str] = {}
-        for name in roots:
-            folder = os.path.normpath(getattr(self, name))
-            _require(folder not in seen, f"paths.{name}", getattr(self, name),
-                     f"a folder of its own (paths.{seen.get(folder)} is the same)")
-            seen[folder] = name
+        # As written (`./models/` is `models`); load_params checks them again resolved (check_folders).
+        self._check_folders(lambda spelt: Path(os.path.normpath(spelt)))
+
+    def check_folders(self, project: Path) -> None:
+        """Every folder resolved as the stages will reach it (relative to `project`, symlinks followed, `..`,
+        `./` and trailing slashes gone), so another spelling of a folder cannot pass for another folder."""
+        self._check_folders(lambda spelt: Path(os.path.realpath(project / spelt)))
+
+    def _check_folders(self, where: Callable[[str], Path]) -> None:
+        """An output root may neither be another one nor lie inside one (a stage empties `<root>/<dataset>` before
+        it runs: with `paths.lr` spelt as the absolute path of `paths.raw`, synthesize emptied the raw data), and no
+        other folder (downloads, manifests, runs, logs) may be or lie in an output root."""
+        folder = {f.name: where(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        names = [*OUTPUT_ROOTS, *(f.name for f in dataclasses.fields(self) if f.name not in OUTPUT_ROOTS)]
+        for i, name in enumerate(names):
+            for root in OUTPUT_ROOTS[:min(i, len(OUTPUT_ROOTS))]:  # each pair once, the later one named
+                if folder[name] == folder[root]:
+                    self._clash(name, root, folder[name], "the same folder as")
+                if folder[root] in folder[name].parents:
+                    self._clash(name, root, folder[name], "inside")
+                if name in OUTPUT_ROOTS and folder[name] in folder[root].parents:
+                    self._clash(root, name, folder[root], "inside")
+
+    def _clash(self, name: str, other: str, resolved: Path, relation: str) -> None:
+        spelt = getattr(self, name)
+        shown = "" if str(resolved) == os.path.normpath(spelt) else f", resolved to {resolved}"
+        raise InvalidParam(f"paths.{name}", spelt, f"expected a folder of its own: it is {relation} paths.{other} = "
+                                                   f"{getattr(self, other)!r}{shown}")
 
 
 @dataclass(frozen=True)
@@ -476,6 +500,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     params = parse(Params, data, "")  # first: a misspelt key is reported with its suggestion, not as missing
+    params.paths.check_folders(path.resolve().parent)  # the stages run in the folder of params.yaml
     missing = missing_keys(Params, data, "")
     if missing:
         sections = [k for k in missing if "." not in k]
