@@ -401,3 +401,72 @@ def test_json_depth() -> None:
     assert json_depth(b'["\\"[[[", [[]]]') == 3
     assert json_depth(b"[" * 100_000 + b"]" * 100_000) == 100_000
     assert json_depth(b'"just a string"') == 0
+
+
+# MLflow's scoring app itself, in process, on a model that only counts its rows: what the guard must answer before
+# MLflow parses anything (no trained project, no server).
+
+ROW_COUNTER = """
+import mlflow.models
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class RowCounter(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return pd.DataFrame({"rows": [len(model_input)]})
+
+
+mlflow.models.set_model(RowCounter())
+"""
+
+
+@pytest.fixture(scope="module")
+def row_counter(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """MLflow's scoring app (FastAPI) for a from-code model that answers {"rows": N}."""
+    import mlflow.pyfunc
+    from mlflow.pyfunc import scoring_server
+
+    folder = tmp_path_factory.mktemp("row-counter")
+    (folder / "model.py").write_text(ROW_COUNTER)
+    mlflow.pyfunc.save_model(str(folder / "model"), python_model=str(folder / "model.py"))
+    return scoring_server.init(mlflow.pyfunc.load_model(str(folder / "model")))
+
+
+def _invoke(app: Any, body: bytes, headers: list[tuple[str, str]]) -> tuple[int, str]:
+    """(status, response text) of POST /invocations on an ASGI app in process, exactly these headers."""
+    from starlette.testclient import TestClient
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.post("/invocations", content=body, headers=headers)
+        return resp.status_code, resp.text
+
+
+DEEP_JSON = b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+HEADER_CASES = {  # issue 28, item 3: each was a 500 from `rain serve-model`
+    "no Content-Type": ([], b'{"inputs": {"image": ["x"]}}', 415, "no Content-Type header"),
+    "json then text/plain, 5,000 deep": ([("content-type", "application/json"), ("content-type", "text/plain")],
+                                         DEEP_JSON, 400, "2 Content-Type headers ('application/json', 'text/plain')"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_requests_mlflow_answers_with_a_500_get_a_4xx_from_rain_serve_model(row_counter: Any, case: str) -> None:
+    from tasks.config import ServeConfig
+    from tasks.registry.serve import RequestGuard, body_limit
+
+    headers, body, status, phrase = HEADER_CASES[case]
+    assert _invoke(row_counter, body, headers)[0] == 500  # MLflow alone (AttributeError, RecursionError)
+    guarded = RequestGuard(row_counter, body_limit(ServeConfig()))
+    got, text = _invoke(guarded, body, headers)
+    assert got == status and phrase in json.loads(text)["message"], (got, text)
+
+
+def test_the_guard_passes_a_well_formed_request_to_mlflow(row_counter: Any) -> None:
+    from tasks.config import ServeConfig
+    from tasks.registry.serve import RequestGuard, body_limit
+
+    guarded = RequestGuard(row_counter, body_limit(ServeConfig()))
+    status, text = _invoke(guarded, b'{"dataframe_split": {"columns": ["image"], "data": [["a"], ["b"], ["c"]]}}',
+                           [("content-type", "application/json; charset=utf-8")])
+    assert status == 200 and json.loads(text)["predictions"] == [{"rows": 3}], text

@@ -13,7 +13,9 @@ leaves three costs open that the model itself cannot close:
 :func:`build_app` builds the same scoring app and wraps it in :class:`RequestGuard`, a plain ASGI
 middleware that answers before MLflow parses anything: 413 to a body over ``max_body_bytes`` (the
 declared Content-Length, or counted while reading: never buffered past the limit), 400 to JSON nested
-deeper than ``MAX_JSON_DEPTH``. The model refuses more images or pixels than its ``serve`` limits (400,
+deeper than ``MAX_JSON_DEPTH``, 415 to a request without a Content-Type and 400 to one with several (MLflow
+fails on the first with a 500 and reads the first of several, so a guard reading another would let deep JSON
+through). The model refuses more images or pixels than its ``serve`` limits (400,
 tasks/registry/pyfunc_model.py), checked on image headers; that holds under `mlflow models serve` too.
 :func:`serve` runs the guarded app with uvicorn and at most ``max_connections`` requests in flight (503
 beyond), so memory is bounded by about that many bodies and the work behind a 504 by the limits.
@@ -49,6 +51,9 @@ MAX_JSON_DEPTH = 32
 IMAGE_SLACK_BYTES = 64 * 1024
 JSON_SLACK_BYTES = 64 * 1024
 
+# What MLflow's scoring server parses (mlflow.pyfunc.scoring_server.CONTENT_TYPES).
+CONTENT_TYPES = ("application/json", "text/csv", "application/vnd.apache.parquet")
+
 _ESCAPED = re.compile(rb"\\.", re.DOTALL)  # a backslash and the character it escapes
 _STRING = re.compile(rb'"[^"]*"')
 _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
@@ -78,8 +83,9 @@ def json_depth(body: bytes) -> int:
 
 
 class RequestGuard:
-    """ASGI middleware on ``POST /invocations``: 413 over `max_body_bytes`, 400 for JSON deeper than
-    `max_depth`, both before the app sees the request; everything else passes through untouched."""
+    """ASGI middleware on ``POST /invocations``: 415 without a Content-Type, 400 with more than one, 413 over
+    `max_body_bytes`, 400 for JSON deeper than `max_depth`, all before the app sees the request; everything else
+    passes through untouched."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> None:
         self.app = app
@@ -91,6 +97,16 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {bytes(k).lower(): bytes(v) for k, v in scope.get("headers", [])}
+        # MLflow reads the first Content-Type (Starlette's Headers.get) and fails on none (AttributeError: a 500);
+        # a check here that read another one than MLflow would check a body MLflow then parses differently.
+        content_types = [bytes(v) for k, v in scope.get("headers", []) if bytes(k).lower() == b"content-type"]
+        if not content_types:
+            await _answer(send, 415, "BAD_REQUEST", f"no Content-Type header: send one of {', '.join(CONTENT_TYPES)}")
+            return
+        if len(content_types) > 1:
+            shown = ", ".join(repr(v.decode("latin-1")) for v in content_types)
+            await _answer(send, 400, "BAD_REQUEST", f"{len(content_types)} Content-Type headers ({shown}): send one")
+            return
         declared = headers.get(b"content-length", b"").strip()
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await _answer(send, 413, "REQUEST_LIMIT_EXCEEDED", self._too_big(f"{int(declared)} bytes"))
@@ -112,7 +128,7 @@ class RequestGuard:
                 break
         body = b"".join(chunks)
         del chunks
-        is_json = headers.get(b"content-type", b"").split(b";")[0].strip().lower() == b"application/json"
+        is_json = content_types[0].split(b";")[0].strip().lower() == b"application/json"
         # No deeper than its opening brackets: base64 images hold none, so most bodies need no scan.
         if is_json and body.count(b"[") + body.count(b"{") > self.max_depth:
             depth = await asyncio.to_thread(json_depth, body)  # a big body takes a moment: not on the event loop
