@@ -59,11 +59,26 @@ _STRING = re.compile(rb'"[^"]*"')
 _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
 
 
+def image_byte_limit(limits: ServeConfig) -> int:
+    """Bytes of the largest encoded image the model's limits allow: `max_pixels` pixels encoded no larger than
+    uncompressed 8-bit RGB (3 bytes a pixel), with room for what the file holds beside its pixels."""
+    return 3 * limits.max_pixels + IMAGE_SLACK_BYTES
+
+
 def body_limit(limits: ServeConfig) -> int:
-    """Bytes of the largest request the model's limits allow: `max_images` images at `max_pixels`, each
-    encoded no larger than uncompressed 8-bit RGB (3 bytes a pixel), as base64 (4 characters per 3 bytes)."""
-    per_image = 4 * math.ceil((3 * limits.max_pixels + IMAGE_SLACK_BYTES) / 3)
+    """Bytes of the largest request the model's limits allow: `max_images` images of `image_byte_limit`, as
+    base64 (4 characters per 3 bytes)."""
+    per_image = 4 * math.ceil(image_byte_limit(limits) / 3)
     return limits.max_images * per_image + JSON_SLACK_BYTES
+
+
+def model_limits(model: Any) -> ServeConfig:
+    """The limits a loaded pyfunc was registered with (RainEmbedder.limits); a model without them gets the
+    defaults."""
+    limits = getattr(model.unwrap_python_model(), "limits", None)
+    if limits is None:
+        return ServeConfig()
+    return ServeConfig(max_pixels=int(limits.max_pixels), max_images=int(limits.max_images))
 
 
 def json_depth(body: bytes) -> int:
@@ -166,8 +181,7 @@ def build_app(model_uri: str) -> tuple[ASGIApp, ServeConfig]:
     from mlflow.pyfunc import scoring_server
 
     model = scoring_server.load_model_with_mlflow_config(model_uri)
-    # The limits the model was registered with (RainEmbedder.limits); a model without them gets the defaults.
-    limits = getattr(model.unwrap_python_model(), "limits", None) or ServeConfig()
+    limits = model_limits(model)
     app = RequestGuard(scoring_server.init(model), body_limit(limits))
     log.info("serve: %s, at most %d images of %d pixels per request, bodies up to %d bytes", model_uri,
              limits.max_images, limits.max_pixels, app.max_body_bytes)
