@@ -490,15 +490,63 @@ def _convert(hint: Any, value: object, key: str) -> object:
     return value
 
 
+# What params.yaml may be before YAML builds anything from it (the repository's is ~15 KB and nests 3 levels): a
+# bigger, deeper or aliased file is refused in milliseconds. A "billion laughs" file (aliases of aliases) expands to
+# gigabytes in any YAML loader (`dvc status` held 3.4 GB after 120 s), a 3,000-deep list exhausts the recursion of
+# PyYAML's composer; params.yaml needs neither (write a repeated value out).
+PARAMS_MAX_BYTES = 1 << 20
+PARAMS_MAX_DEPTH = 16
+
+
+def read_params_text(path: Path) -> str:
+    """The text of params.yaml, checked before any YAML is built from it: at most PARAMS_MAX_BYTES, UTF-8, YAML
+    whose collections nest at most PARAMS_MAX_DEPTH deep, without aliases. Raises ParamsError, one line naming the
+    file and where in it."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(PARAMS_MAX_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise ParamsError(f"{path}: not found (run from the project folder)") from exc
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    if len(raw) > PARAMS_MAX_BYTES:
+        raise ParamsError(f"{path}: larger than {PARAMS_MAX_BYTES} bytes, the most params.yaml may be (the "
+                          f"repository's is ~15 KB)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ParamsError(f"{path}: line {line}: byte 0x{raw[exc.start]:02x} is not UTF-8 (params.yaml is UTF-8 "
+                          f"text)") from exc
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: nothing is built yet
+            if isinstance(event, yaml.AliasEvent):
+                raise ParamsError(f"{path}: line {_line(event)}: alias *{event.anchor}: params.yaml "
+                                  f"takes no aliases (write the value out)")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > PARAMS_MAX_DEPTH:
+                    raise ParamsError(f"{path}: line {_line(event)}: nested deeper than "
+                                      f"{PARAMS_MAX_DEPTH} levels (params.yaml nests 3)")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    return text
+
+
+def _line(event: yaml.Event) -> str:
+    return "?" if event.start_mark is None else str(event.start_mark.line + 1)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml. Raises ParamsError naming the offending key."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ParamsError(f"{path}: not found (run from the project folder)") from exc
+        data = yaml.safe_load(read_params_text(path))
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
     params = parse(Params, data, "")  # first: a misspelt key is reported with its suggestion, not as missing
     params.paths.check_folders(path.resolve().parent)  # the stages run in the folder of params.yaml
     missing = missing_keys(Params, data, "")
