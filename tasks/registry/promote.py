@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import socket
 import time
@@ -70,6 +71,24 @@ class LockTimeout(PromotionError):
     """Another promotion holds the lock and did not release it in time."""
 
 
+class InvalidRequest(PromotionError, ValueError):
+    """A request no registry could answer (a model name with '/', a version that is no number)."""
+
+
+def check_model_name(name: str) -> None:
+    """A registered model's name as the register stage allows it (register.model_name): MLflow takes a '/' for a
+    path and fails with a traceback."""
+    if not name.strip() or "/" in name:
+        raise InvalidRequest(f"model name {name!r}: expected a registered model name, non-empty and without '/'")
+
+
+def check_version(version: str) -> None:
+    """A model version is a number (an empty one once promoted the `candidate`)."""
+    if not version.isdecimal() or not version.isascii():
+        raise InvalidRequest(f"version {version!r}: expected a model version number, such as 3 (or none for the "
+                             f"version with alias `candidate`)")
+
+
 @dataclass(frozen=True)
 class PromoteRequest:
     model_name: str = "rain-reid"
@@ -80,12 +99,15 @@ class PromoteRequest:
     lock_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        check_model_name(self.model_name)
+        if self.version is not None:
+            check_version(self.version)
         if self.alias not in PROMOTED_ALIASES:  # the set RegisterConfig refuses: one list of gated aliases
-            raise ValueError(f"alias {self.alias!r}: `rain promote` moves only {', '.join(PROMOTED_ALIASES)}")
+            raise InvalidRequest(f"alias {self.alias!r}: `rain promote` moves only {', '.join(PROMOTED_ALIASES)}")
         if self.force_reason is not None and not self.force_reason.strip():
-            raise ValueError("a forced promotion needs a non-empty reason")
-        if self.lock_timeout_s < 0:
-            raise ValueError(f"lock_timeout_s must be >= 0, got {self.lock_timeout_s}")
+            raise InvalidRequest("a forced promotion needs a non-empty reason")
+        if not (0 <= self.lock_timeout_s < math.inf):
+            raise InvalidRequest(f"lock timeout {self.lock_timeout_s}: expected seconds >= 0")
 
 
 @dataclass(frozen=True)

@@ -126,10 +126,13 @@ class EmbeddingCache:
 
     def put(self, sha: str, vector: np.ndarray) -> None:
         path = self._path(sha)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as fh:
-            np.save(fh, np.asarray(vector, dtype=np.float32), allow_pickle=False)
-        os.replace(fh.name, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as fh:
+                np.save(fh, np.asarray(vector, dtype=np.float32), allow_pickle=False)
+            os.replace(fh.name, path)
+        except OSError as exc:  # full, read-only, or a file where a folder belongs
+            raise SearchError(f"embedding cache {self.dir}: cannot write {path.name} ({_why(exc)})") from exc
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,7 @@ def resolve_model_uri(model_uri: str) -> str:
     try:
         version = MlflowClient().get_model_version_by_alias(m.group(1), m.group(2)).version
     except MlflowException as exc:
-        raise SearchError(f"{model_uri}: {exc.message}") from exc
+        raise SearchError(f"model {model_uri}: {' '.join(exc.message.split())}") from exc
     return f"models:/{m.group(1)}/{version}"
 
 
@@ -280,6 +283,7 @@ class _GalleryVectors:
 def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
     """Rank the gallery for every query with one pinned model version; write the HTML page and the sheet."""
     import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
 
     from tasks.registry.serve import image_byte_limit, model_limits
 
@@ -287,8 +291,19 @@ def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
     gallery = folder.images
     if not gallery:
         raise SearchError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {cfg.gallery_dir}")
+    if cfg.cache_dir.exists() and not cfg.cache_dir.is_dir():
+        raise SearchError(f"--cache-dir {cfg.cache_dir}: a file, not a folder")
+    try:  # before any work: a cache that cannot be written would fail the search after its first batch
+        cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SearchError(f"--cache-dir {cfg.cache_dir}: not a folder that can be made ({_why(exc)})") from exc
     uri = resolve_model_uri(cfg.model_uri)
-    model = mlflow.pyfunc.load_model(uri)
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise SearchError(f"model {uri}: {' '.join(exc.message.split())}") from exc
+    except OSError as exc:  # a local path that is no model
+        raise SearchError(f"model {uri}: {_why(exc)}") from exc
     model_key = _model_key(model, uri)
     limit = image_byte_limit(model_limits(model))
     found = _gallery_vectors(model, gallery, EmbeddingCache(cfg.cache_dir, model_key), cfg, limit, progress)
