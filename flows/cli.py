@@ -265,11 +265,21 @@ def _tracking(project: Path) -> str:
     return uri
 
 
+def printable(text: str) -> str:
+    """`text` with every control, format or line-breaking character written as its escape (`\\x1b`, `\\u202e`):
+    registry text is anyone's, and an ESC sequence in a reason would otherwise drive the reader's terminal."""
+    import unicodedata
+
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in
+                   ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") else c for c in text)
+
+
 def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str]]) -> None:
     """Versions as a table; how each was measured (dataset, protocol, eval set) as a letter with a legend.
 
     Registry text (names, tags, a forced promotion's reason) is anyone's free text: it goes to rich as
-    Text, never as markup, so a `[/bold]` in a reason shows as written instead of failing every listing.
+    Text, never as markup, so a `[/bold]` in a reason shows as written instead of failing every listing, and
+    with its control characters escaped (`printable`).
     """
     from rich.table import Table
     from rich.text import Text
@@ -277,7 +287,7 @@ def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str
     from tasks.registry.promote import MAP, RANK1, RANK1_STD
 
     keys: dict[tuple[str, str, str], str] = {}
-    table = Table(title=Text(f"{model} in {uri}"))
+    table = Table(title=Text(printable(f"{model} in {uri}")))
     for col in ("version", "aliases", "LR rank-1 %", "mAP %", "measured", "created (UTC)", "forced because"):
         table.add_column(col, overflow="fold")
     for r in rows:
@@ -288,11 +298,11 @@ def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str
             rank1 += f" ± {100 * float(r[RANK1_STD]):.1f}"
         cells = (r["version"], r["aliases"], rank1, f"{100 * float(r[MAP]):.1f}" if r[MAP] else "-",
                  letter, r["created"], r["promotion_force_reason"])
-        table.add_row(*(Text(c) for c in cells))
+        table.add_row(*(Text(printable(c)) for c in cells))
     console.print(table)
     for (dataset, protocol, eval_set), letter in keys.items():
-        console.print(Text(f"{letter}: dataset {dataset or '?'}; {protocol or 'protocol ?'}; "
-                           f"eval set {eval_set[:12] or '?'}"), highlight=False)
+        console.print(Text(printable(f"{letter}: dataset {dataset or '?'}; {protocol or 'protocol ?'}; "
+                                     f"eval set {eval_set[:12] or '?'}")), highlight=False)
     console.print("Only versions measured the same way (same letter) are compared by the promotion gate.")
 
 
@@ -362,11 +372,12 @@ def _promote(console: Any, client: Any, uri: str, project: Path, model: str, ver
         raise typer.Exit(3 if isinstance(exc, promotion.LockTimeout) else 2) from exc
     if not decision.accepted:
         typer.echo(f"refused: version {decision.version} stays off champion (champion: version "
-                   f"{decision.previous}): {decision.reason}. Use --force --reason TEXT to override.", err=True)
+                   f"{decision.previous}): {printable(decision.reason)}. Use --force --reason TEXT to override.",
+                   err=True)
         raise typer.Exit(1)
     forced = " (forced)" if decision.forced else ""
     typer.echo(f"{model} version {decision.version} is champion{forced} (was: {decision.previous or 'none'}): "
-               f"{decision.reason}")
+               f"{printable(decision.reason)}")
 
 
 @app.command()

@@ -511,3 +511,72 @@ def test_promote_has_help() -> None:
 
     result = CliRunner().invoke(app, ["promote", "--help"])
     assert result.exit_code == 0 and "--force" in result.output and "--list" in result.output
+
+
+# ----------------------------------------------------------------------------------------------------
+# A registry of its own (no trained project): versions carrying the register stage's gate tags.
+
+
+@pytest.fixture
+def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path]:
+    """(client, project) of an empty sqlite registry in tmp_path; MLflow's process-wide URI put back after."""
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking(tmp_path))  # the CLI sets it: restored after the test
+    (tmp_path / "artifacts").mkdir()
+    return MlflowClient(tracking(tmp_path)), tmp_path
+
+
+def _tagged_versions(client: Any, project: Path, rank1s: list[float]) -> tuple[str, list[str]]:
+    name = f"fresh-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    tags = {"dataset": "synthetic", "protocol": "p", "eval_set": "e"}
+    versions = [str(client.create_model_version(name, (project / "artifacts").as_uri(),
+                                                tags=tags | {RANK1: f"{r:.6f}"}).version) for r in rank1s]
+    return name, versions
+
+
+def _listing(project: Path, name: str) -> dict[str, str]:
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["promote", "--project", str(project), "--model", name, "--list"],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    return {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
+
+
+def test_a_version_promoted_through_the_gate_after_a_forced_promotion_loses_the_old_reason(
+        fresh: tuple[Any, Path]) -> None:
+    client, project = fresh
+    name, (v1, v2, v3) = _tagged_versions(client, project, [0.30, 0.20, 0.10])
+    assert _promote(project, client, name, v1).accepted
+    assert _promote(project, client, name, v2, reason="hotfix for the demo").forced
+    assert _promote(project, client, name, v3, reason="rollback drill").forced
+    assert "hotfix for the demo" in _listing(project, name)[v2]
+    again = _promote(project, client, name, v2)  # 0.20 >= the champion's 0.10: through the gate
+    assert again.accepted and not again.forced
+    tags = client.get_model_version(name, v2).tags
+    assert "promotion_force_reason" not in tags and "promotion_gate_verdict" not in tags, tags
+    rows = _listing(project, name)
+    assert "champion" in rows[v2] and "hotfix" not in rows[v2], rows[v2]
+    assert "rollback drill" in rows[v3]  # v3's forced promotion stays on record
+
+
+def test_control_characters_in_a_reason_are_escaped_by_the_listing(fresh: tuple[Any, Path]) -> None:
+    from flows.cli import app
+
+    client, project = fresh
+    name, (v1, v2) = _tagged_versions(client, project, [0.30, 0.20])
+    assert _promote(project, client, name, v1).accepted
+    reason = "\x1b[2J\x1b[31mall clear\x1b[0m\u202e"  # clear the screen, red, bidi override
+    forced = CliRunner().invoke(app, ["promote", "--project", str(project), "--model", name, v2, "--force",
+                                      "--reason", reason])
+    assert forced.exit_code == 0, forced.output
+    assert client.get_model_version(name, v2).tags["promotion_force_reason"] == reason  # recorded as given
+    result = CliRunner().invoke(app, ["promote", "--project", str(project), "--model", name, "--list"],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\u202e" not in result.output
+    assert "\\x1b[2J\\x1b[31mall clear\\x1b[0m\\u202e" in result.output, result.output

@@ -7,7 +7,7 @@ champion yet, any version that carries those tags and a rank-1 may become champi
 before the figures were named for the LR queries carries `rank1` (`mAP`, ...) instead, the same figure: the
 gate and the listing read it under the new name (`LEGACY_FIGURES`), so an older champion is still compared.
 `force_reason` overrides the gate; the reason is recorded on the version (tag `promotion_force_reason`, with the gate
-verdict it overrode in `promotion_gate_verdict`).
+verdict it overrode in `promotion_gate_verdict`), until the version is promoted again through the gate.
 
 Races. MLflow has no compare-and-set on aliases: two promoters that both read "champion = v1", then
 both set it, leave the alias wherever the slower one put it, whatever the gate said. So the whole
@@ -56,6 +56,8 @@ GATE_TAGS = ("dataset", "protocol", "eval_set")
 # The LR queries' figures the gate compares (rank-1) and the listing shows, as the register stage tags them.
 RANK1, RANK1_STD, MAP = (figure_name(HEADLINE_ROW, m) for m in ("rank1", "rank1_std", "mAP"))
 LOCK_SUFFIX = ".promotion-lock"
+# What a forced promotion records on the version (its reason, and the gate's verdict it overrode).
+FORCE_TAGS = ("promotion_force_reason", "promotion_gate_verdict")
 LIST_TAGS = (RANK1, RANK1_STD, MAP, "dataset", "protocol", "eval_set", "promotion_force_reason")
 # The register stage's figure tags before they were named for the LR queries (a registry written then holds
 # them): a fixed record of those names, not derived from today's metric list. Read as the new names when absent.
@@ -178,6 +180,10 @@ def promote(client: Any, request: PromoteRequest, host_lock: Path) -> Decision:
             tags |= {"promotion_force_reason": request.force_reason, "promotion_gate_verdict": why}
         for key, value in tags.items():
             client.set_model_version_tag(request.model_name, candidate.version, key, value)
+        if not forced:  # through the gate now: a reason left by an earlier forced promotion no longer holds
+            for key in FORCE_TAGS:
+                if key in candidate.tags:
+                    client.delete_model_version_tag(request.model_name, candidate.version, key)
         client.set_registered_model_alias(request.model_name, request.alias, candidate.version)
         # Read back: a writer that bypassed the locks (UI, another tool) would show up here.
         now = client.get_registered_model(request.model_name).aliases.get(request.alias)
