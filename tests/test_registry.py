@@ -580,3 +580,86 @@ def test_control_characters_in_a_reason_are_escaped_by_the_listing(fresh: tuple[
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output and "\u202e" not in result.output
     assert "\\x1b[2J\\x1b[31mall clear\\x1b[0m\\u202e" in result.output, result.output
+
+
+ROWS_MODEL = """
+import mlflow.models
+from mlflow.pyfunc import PythonModel
+
+
+class Rows(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return [len(model_input)]
+
+
+mlflow.models.set_model(Rows())
+"""
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it in the register stage runs (not even `except Exception`)."""
+
+
+def test_register_after_a_kill_right_after_mlflow_created_the_version_reuses_it(
+        fresh: tuple[Any, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 28, item 4: killed after `Created version 'N'` (registration.json and dvc.lock not written), the
+    stage ran again under DVC and registered N+1 with the same weights_sha256 and MLflow run."""
+    import mlflow
+
+    from rain_model.metrics import METRIC_KEYS
+    from tasks import register
+    from tasks.infra.tracking import file_hash
+    from tests.micro_project import micro_params
+
+    client, root = fresh
+    params = micro_params({"register": {"model_name": f"fresh-{uuid.uuid4().hex[:8]}"}})
+    name = params.register.model_name
+    run_id = client.create_run(client.create_experiment(f"e-{uuid.uuid4().hex[:8]}")).info.run_id
+    client.log_metric(run_id, "epoch/L_tri", 0.3, step=1)
+    model_dir, report_dir = root / "models", root / "reports"
+    model_dir.mkdir()
+    report_dir.mkdir()
+    (model_dir / "weights.safetensors").write_bytes(b"the trained weights")
+    (model_dir / "train.json").write_text(json.dumps(
+        {"trials": {"0": {"weights": "weights.safetensors", "mlflow_run_id": run_id, "num_classes": 4}}}))
+    figures = {k: 0.5 for k in METRIC_KEYS} | {"rank1_std": 0.01}
+    (report_dir / "metrics.json").write_text(json.dumps({"rows": {"lr": figures}}))
+    for file in ("hr.parquet", "mlr.parquet", "params.yaml"):
+        (root / file).write_text(file)
+    code = root / "rows_model.py"
+    code.write_text(ROWS_MODEL)
+    logged: list[Path] = []
+
+    def log_model(params: Any, weights: Path, settings: Any, step: int = 0) -> Any:  # the pyfunc, in miniature
+        logged.append(weights)
+        return mlflow.pyfunc.log_model(name="model", python_model=str(code), step=step)
+
+    def stage() -> dict[str, Any]:
+        return register.run(params, model_dir, report_dir, root / "mlr.parquet", root / "params.yaml",
+                            manifest_path=root / "hr.parquet", lock_file=root / "dvc.lock")  # no lock: stale
+
+    monkeypatch.setattr(register, "log_model", log_model)
+    real_register = mlflow.register_model
+
+    def register_then_die(*args: Any, **kwargs: Any) -> Any:
+        real_register(*args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(mlflow, "register_model", register_then_die)
+    with pytest.raises(Killed):
+        stage()
+    assert [v.version for v in client.search_model_versions(f"name='{name}'")] == [1]
+    assert not (report_dir / "registration.json").exists()
+
+    monkeypatch.setattr(mlflow, "register_model", real_register)
+    registration = stage()  # DVC runs the stage again: dvc.lock never recorded the killed run
+    versions = client.search_model_versions(f"name='{name}'")
+    assert [v.version for v in versions] == [1], "one set of weights, two versions"
+    assert registration["version"] == 1 and client.get_registered_model(name).aliases == {"candidate": 1}
+    assert versions[0].tags["weights_sha256"] == file_hash(model_dir / "weights.safetensors")
+    assert versions[0].tags["mlflow_run_id"] == run_id
+    assert len(logged) == 1  # the model was not logged a second time either
+    assert json.loads((report_dir / "registration.json").read_text())["version"] == 1
+
+    (model_dir / "weights.safetensors").write_bytes(b"other weights")  # retrained: a new version, as before
+    assert stage()["version"] == 2 and len(logged) == 2
