@@ -172,11 +172,16 @@ def test_a_fresh_process_loads_by_alias_and_matches_the_training_features(projec
 
 def test_each_new_version_gets_the_candidate_alias(project: Path, client: Any, mlflow_global: None,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
     from tasks import register
     from tasks.config import load_params
 
     monkeypatch.chdir(project)
     params = load_params("params.yaml")
+    # Other settings, same weights: another model (the same one again reuses its version, issue 28 item 4).
+    params = dataclasses.replace(params, serve=dataclasses.replace(params.serve,
+                                                                   max_images=params.serve.max_images + 1))
     before = client.get_registered_model(MODEL).aliases.get("champion")
     reg = register.run(params, params.model_dir(), params.report_dir(), params.mlr_manifest_path(),
                        Path("params.yaml"))
@@ -240,6 +245,9 @@ def test_a_model_trained_from_a_pretrained_file_loads_after_the_file_is_gone(
     settings = json.loads(next(local.rglob("model.json")).read_text())
     assert settings["model"]["pretrained_path"] is None  # what the load reads: nothing outside the model
     assert settings["pretrained"] == {"file": "resnet18.pth", "sha256": sha}  # provenance, not read at load
+    import hashlib  # the version's settings_sha256 (what register matches a re-run on) is its config artifact's
+
+    assert reg["tags"]["settings_sha256"] == hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     assert reg["tags"]["pretrained_sha256"] == sha == client.get_model_version(MODEL, reg["version"]).tags[
         "pretrained_sha256"]
 
@@ -604,6 +612,8 @@ def test_register_after_a_kill_right_after_mlflow_created_the_version_reuses_it(
         fresh: tuple[Any, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 28, item 4: killed after `Created version 'N'` (registration.json and dvc.lock not written), the
     stage ran again under DVC and registered N+1 with the same weights_sha256 and MLflow run."""
+    import dataclasses
+
     import mlflow
 
     from rain_model.metrics import METRIC_KEYS
@@ -663,3 +673,5 @@ def test_register_after_a_kill_right_after_mlflow_created_the_version_reuses_it(
 
     (model_dir / "weights.safetensors").write_bytes(b"other weights")  # retrained: a new version, as before
     assert stage()["version"] == 2 and len(logged) == 2
+    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, flip=True))
+    assert stage()["version"] == 3 and len(logged) == 3  # same weights, other settings: another model
