@@ -38,6 +38,46 @@ DATASETS = ("synthetic", "viper", "cuhk03", "cuhk03-detected", "caviar", "market
 SHARED_SOURCES = {"cuhk03-detected": "cuhk03"}
 # Seeds feed numpy (no negatives) and torch.manual_seed (below 2**64); int64 holds every seed both take.
 SEED_LIMIT = 2**63
+MAX_SEEDS = 100  # experiments.seeds: each seed is a run of every configuration of the grid
+
+
+# The most each size and count in params.yaml may be, checked at load (Params), each stated beside its key in
+# params.yaml. Far above what runs on the machines this project targets (a laptop to a node of GPUs), low enough that
+# a slip (an extra digit, a number pasted into the wrong key) is refused in milliseconds instead of forking hundreds of
+# processes or allocating terabytes in a stage: `protocol.workers: 200` forked 201 processes for 240 images, and
+# `synthetic.identities: 1e12`, `ray.cpus_per_worker: 1e20`, `train.loader_workers: 100000` were accepted. A list's
+# bound holds for each entry. Seeds are bounded by SEED_LIMIT instead.
+UPPER_BOUNDS: dict[str, int] = {
+    "synthetic.identities": 100_000, "synthetic.test_identities": 100_000, "synthetic.cameras": 16,
+    "synthetic.images_per_camera": 100, "synthetic.height": 1024, "synthetic.width": 1024,
+    "protocol.train_rates": 32, "protocol.unseen_rates": 32,  # r = 32 leaves a 128-pixel person 4 pixels high
+    "protocol.trials": 100, "protocol.test_identities": 100_000, "protocol.val_identities": 100_000,
+    "model.base_channels": 256, "model.levels": 5, "model.decoder_channels": 1024, "model.disc_channels": 4096,
+    "objective.adv_ramp_epochs": 10_000, "objective.d_steps": 100,
+    "train.trials": 100, "train.height": 2048, "train.width": 2048, "train.epochs": 10_000, "train.p": 4096,
+    "train.k": 256, "train.checkpoint_every_epochs": 10_000, "train.lr_decay_epochs": 10_000,
+    "train.loader_workers": 64, "train.micro_batches": 1024, "train.val_every_epochs": 10_000,
+    "train.augment_pad": 2048, "train.warmup_epochs": 10_000,
+    "ray.num_workers": 1024, "ray.cpus_per_worker": 1024, "ray.max_failures": 1000, "ray.keep_checkpoints": 100,
+    "ray.keep_runs": 100,
+    "evaluate.gallery_repeats": 1000, "evaluate.batch_size": 4096, "evaluate.tsne_identities": 1000,
+    "evaluate.sheet_queries": 100,
+    "serve.max_pixels": 89_478_485,  # Pillow's MAX_IMAGE_PIXELS: it refuses a larger image as a decompression bomb
+    "serve.max_images": 1024,
+    "experiments.epochs": 10_000, "experiments.cpus_per_run": 1024, "experiments.val_identities": 100_000,
+}
+# Bounds that follow the machine that loads params.yaml: synthesis processes run on it.
+WORKERS_PER_CORE = 4
+
+
+def upper_bound(key: str) -> tuple[int, str] | None:
+    """(the most `key` may be, why) or None for a key without one."""
+    if key == "protocol.workers":
+        cores = os.cpu_count() or 1
+        return WORKERS_PER_CORE * cores, f"{WORKERS_PER_CORE} per core of this machine, os.cpu_count() = {cores}"
+    if key in UPPER_BOUNDS:
+        return UPPER_BOUNDS[key], ""
+    return None
 
 
 class ParamsError(ValueError):
@@ -302,9 +342,9 @@ class ExperimentsConfig:
     val_identities: int = 20  # the L_adv sweep's validation split (protocol.val_identities of its runs)
 
     def __post_init__(self) -> None:
-        _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds)
+        _require(0 < len(self.seeds) <= MAX_SEEDS and len(set(self.seeds)) == len(self.seeds)
                  and all(0 <= s < SEED_LIMIT for s in self.seeds),
-                 "experiments.seeds", self.seeds, "one or more distinct seeds in [0, 2**63)")
+                 "experiments.seeds", self.seeds, f"one to {MAX_SEEDS} distinct seeds in [0, 2**63)")
         _require(self.epochs >= 1, "experiments.epochs", self.epochs, ">= 1")
         _require(self.cpus_per_run >= 1, "experiments.cpus_per_run", self.cpus_per_run, ">= 1")
         _require(self.val_identities >= 1, "experiments.val_identities", self.val_identities, ">= 1")
@@ -368,6 +408,12 @@ class Params:
     experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
 
     def __post_init__(self) -> None:
+        for key, value in param_values(self).items():
+            bound = upper_bound(key)
+            if bound is not None:
+                limit, why = bound
+                _require(all(v <= limit for v in (value if isinstance(value, tuple) else (value,))), key, value,
+                         f"at most {limit}{' each' if isinstance(value, tuple) else ''}" + (f" ({why})" if why else ""))
         # Checks across sections: each of these would otherwise fail only once training has started.
         trials = self.protocol.trials
         _require(all(t < trials for t in self.train.trials), "train.trials", self.train.trials,

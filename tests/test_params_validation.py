@@ -325,3 +325,63 @@ def test_distinct_folders_spelt_in_any_way_are_accepted(tmp_path: Path) -> None:
     paths = {"raw": str(tmp_path / "data" / "raw") + "/", "lr": "./data/lr", "logs": str(tmp_path / "logs")}
     params = load_params(write(tmp_path, merge(repo_params(), {"paths": paths})))
     assert params.paths.lr == "./data/lr"
+
+
+# Issue 28, item 7: every size and count has an upper bound, checked at load and stated in params.yaml.
+SEEDS = {"synthetic.seed", "protocol.seed", "train.seed", "experiments.seeds"}  # bounded by SEED_LIMIT instead
+COUNTS = sorted(k for k, hint in LEAVES.items() if k not in SEEDS and (
+    _base(hint) is int or (typing.get_origin(_base(hint)) is tuple and typing.get_args(_base(hint))[0] is int)))
+
+
+def test_every_size_and_count_has_an_upper_bound() -> None:
+    from tasks.config import upper_bound
+
+    assert len(COUNTS) > 40
+    assert [k for k in COUNTS if upper_bound(k) is None] == []
+
+
+@pytest.mark.parametrize("key", COUNTS)
+def test_every_size_and_count_refuses_a_value_over_its_bound_by_name(tmp_path: Path, key: str) -> None:
+    huge = 2**40  # a multiple of 32 and of every divisor the checks ask for: only the bound can refuse it
+    value: object = [huge] if typing.get_origin(_base(LEAVES[key])) is tuple else huge
+    message = refused(tmp_path, key, value)
+    assert message.startswith(f"params.yaml: {key} = "), message
+
+
+def test_each_bound_is_stated_beside_its_key_in_params_yaml() -> None:
+    from tasks.config import UPPER_BOUNDS
+
+    lines = (REPO / "params.yaml").read_text().splitlines()
+    for key, bound in UPPER_BOUNDS.items():
+        section, name = key.split(".")
+        start = lines.index(f"{section}:")
+        line = next(line for line in lines[start + 1:] if line.startswith(f"  {name}:"))
+        assert f"at most {bound:,}" in line, (key, line)
+
+
+@pytest.mark.parametrize(("key", "value", "bound"), [
+    ("synthetic.identities", 10**12, "at most 100000"),
+    ("train.height", 320_000_000_000_000_000_000, "at most 2048"),  # 3.2e20, a multiple of 32
+    ("ray.cpus_per_worker", 10**20, "at most 1024"),
+    ("train.loader_workers", 100_000, "at most 64"),
+])
+def test_the_sizes_the_issue_found_accepted_are_refused(tmp_path: Path, key: str, value: int, bound: str) -> None:
+    message = refused(tmp_path, key, value)
+    assert message == f"params.yaml: {key} = {value} is invalid: expected {bound}", message
+
+
+def test_synthesis_workers_are_bounded_by_the_cores_of_the_machine(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # `protocol.workers: 200` forked 201 processes for 240 images (+0.8 GB).
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    message = refused(tmp_path, "protocol.workers", 200)
+    assert message == ("params.yaml: protocol.workers = 200 is invalid: expected at most 8 (4 per core of this "
+                       "machine, os.cpu_count() = 2)"), message
+    assert load_params(write(tmp_path, merge(repo_params(), nested("protocol.workers", 8)))).protocol.workers == 8
+
+
+def test_a_grid_of_more_seeds_than_the_bound_is_refused(tmp_path: Path) -> None:
+    message = refused(tmp_path, "experiments.seeds", list(range(101)))
+    assert message.startswith("params.yaml: experiments.seeds = ") and "one to 100 distinct seeds" in message
