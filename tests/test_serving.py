@@ -470,3 +470,179 @@ def test_the_guard_passes_a_well_formed_request_to_mlflow(row_counter: Any) -> N
     status, text = _invoke(guarded, b'{"dataframe_split": {"columns": ["image"], "data": [["a"], ["b"], ["c"]]}}',
                            [("content-type", "application/json; charset=utf-8")])
     assert status == 200 and json.loads(text)["predictions"] == [{"rows": 3}], text
+
+
+# Rows per request (issue 28, item 1): memory follows rows, not bytes. A 270 KB Parquet body of 100 M empty rows
+# took +2.6 GB of `rain serve-model` and 4 M JSON rows of `[""]` (20 MB) +913 MB, both inside the body limit.
+
+
+def _counted(app: Any) -> tuple[Any, list[int]]:
+    """`app` and a list that gets an entry each time a request reaches it."""
+    calls: list[int] = []
+
+    async def counted(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            calls.append(1)
+        await app(scope, receive, send)
+
+    return counted, calls
+
+
+def _parquet_rows(rows: int) -> bytes:
+    """A table of `rows` empty strings (issue 28's repro: a dictionary of one value cast to strings, zstd): the writer
+    stores them dictionary-encoded, a few hundred KB for millions of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int8)), pa.array([""])).cast(pa.string())
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": column}), buf, compression="zstd")
+    return buf.getvalue()
+
+
+ROW_BOMBS = {  # name: (content type, body builder, phrase of the 400's message)
+    "Parquet, 10 M empty rows": ("application/vnd.apache.parquet", lambda: _parquet_rows(10_000_000),
+                                 "Parquet table of 10000000 rows, over this model's limit serve.max_images = 32"),
+    "JSON, 1 M rows of [\"\"]": ("application/json", lambda: b'{"dataframe_split": {"columns": ["image"], "data": ['
+                                + b",".join([b'[""]'] * 1_000_000) + b"]}}",
+                                "JSON of 1000001 values, over the limit of 192"),
+    "CSV, 1 M lines": ("text/csv", lambda: b"image\n" + b"x\n" * 1_000_000, "CSV of 1000001 lines"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROW_BOMBS))
+def test_more_rows_than_serve_max_images_are_refused_before_mlflow_builds_them(row_counter: Any, case: str) -> None:
+    from tasks.config import ServeConfig
+    from tasks.registry.serve import RequestGuard, body_limit
+
+    content_type, build, phrase = ROW_BOMBS[case]
+    body = build()
+    limits = ServeConfig()
+    assert len(body) < body_limit(limits)  # the byte limit lets it in
+    app, calls = _counted(row_counter)
+    start = time.monotonic()
+    status, text = _invoke(RequestGuard(app, body_limit(limits), max_rows=limits.max_images), body,
+                           [("content-type", content_type)])
+    assert status == 400 and phrase in json.loads(text)["message"], (status, text[:300])
+    assert calls == [], "MLflow saw the request"
+    assert time.monotonic() - start < 10
+
+
+def test_a_request_of_max_images_rows_in_each_layout_reaches_the_model(row_counter: Any) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.config import ServeConfig
+    from tasks.registry.serve import RequestGuard, body_limit
+
+    limits = ServeConfig()
+    rows = [_png()] * limits.max_images
+    parquet = io.BytesIO()
+    pq.write_table(pa.table({"image": rows}), parquet)
+    bodies = {
+        "dataframe_split": ("application/json", json.dumps({"dataframe_split": {
+            "columns": ["image", "id"], "data": [[r, i] for i, r in enumerate(rows)]}}).encode()),
+        "dataframe_records": ("application/json", json.dumps({"dataframe_records": [
+            {"image": r, "id": i} for i, r in enumerate(rows)]}).encode()),
+        "csv": ("text/csv", ("image\n" + "\n".join(rows) + "\n").encode()),
+        "parquet": ("application/vnd.apache.parquet", parquet.getvalue()),
+    }
+    guard = RequestGuard(row_counter, body_limit(limits), max_rows=limits.max_images)
+    for layout, (content_type, body) in bodies.items():
+        status, text = _invoke(guard, body, [("content-type", content_type)])
+        assert status == 200 and json.loads(text)["predictions"] == [{"rows": limits.max_images}], (layout, text)
+
+
+def test_json_values() -> None:
+    from tasks.registry.serve import json_values
+
+    assert json_values(b'{"a": [1, 2, {"b": "x,y,z"}], "c": "\\\\\\",,"}') == 4
+    assert json_values(b"[" + b",".join([b'[""]'] * 1000) + b"]") == 1000
+
+
+def test_json_containers() -> None:
+    from tasks.registry.serve import json_containers
+
+    assert json_containers(b'{"a": [[], {}], "b": "[{[{"}') == 4
+
+
+def test_the_guard_works_on_at_most_max_busy_requests_at_once() -> None:
+    """The others wait with their body read: memory is that of `max_busy` requests being worked on, not of all those
+    in flight."""
+    import asyncio
+
+    from tasks.registry.serve import RequestGuard
+
+    busy, most = 0, 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal busy, most
+        await receive()
+        busy += 1
+        most = max(most, busy)
+        await asyncio.sleep(0.05)
+        busy -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def one(guard: RequestGuard) -> int:
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/invocations",
+                 "headers": [(b"content-type", b"application/json")]}
+        await guard(scope, receive, send)
+        return int(sent[0]["status"])
+
+    async def many() -> list[int]:
+        guard = RequestGuard(app, max_body_bytes=1000, max_rows=32, max_busy=2)
+        return await asyncio.gather(*(one(guard) for _ in range(8)))
+
+    assert asyncio.run(many()) == [200] * 8
+    assert most == 2
+
+
+def _shape_reference(text: bytes) -> tuple[int, int, int]:
+    """json_shape one character at a time: a quote after an odd run of backslashes is escaped."""
+    run, inside, depth, deepest, commas, containers = 0, False, 0, 0, 0, 0
+    for c in text:
+        if c == ord('"') and run % 2 == 0:
+            inside = not inside
+        elif not inside and c in b"[{":
+            depth, containers = depth + 1, containers + 1
+            deepest = max(deepest, depth)
+        elif not inside and c in b"]}":
+            depth -= 1
+        elif not inside and c == ord(","):
+            commas += 1
+        run = run + 1 if c == ord("\\") else 0
+    return deepest, commas + 1, containers
+
+
+def test_json_shape_agrees_with_a_scan_one_character_at_a_time_across_block_edges(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    from tasks.registry import serve
+
+    rng = random.Random(0)
+    texts = [bytes(rng.choice(b'[]{},"\\\\ab') for _ in range(rng.randrange(60))) for _ in range(400)]
+
+    def value(depth: int) -> Any:
+        kind = rng.randrange(4) if depth < 6 else 3
+        if kind == 0:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        if kind == 1:
+            return {f'k"\\{i}': value(depth + 1) for i in range(rng.randrange(4))}
+        return "".join(rng.choice('[]{},"\\\\ab') for _ in range(rng.randrange(8)))
+
+    texts += [json.dumps(value(0)).encode() for _ in range(200)]
+    for block in (1, 2, 3, 7, 1 << 18):
+        monkeypatch.setattr(serve, "SCAN_BLOCK", block)
+        for text in texts:
+            assert serve.json_shape(text) == _shape_reference(text), (block, text)
