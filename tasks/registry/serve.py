@@ -20,9 +20,9 @@ lines, a Parquet footer's row count), since the memory MLflow's parsing takes fo
 large request is answered, the memory it freed is handed back to the system (``malloc_trim``). The model
 refuses more images or pixels than its ``serve`` limits (400, tasks/registry/pyfunc_model.py), checked on image
 headers; that holds under `mlflow models serve` too. :func:`serve` runs the guarded app with uvicorn and at most
-``max_connections`` requests in flight (503 beyond), of which the app works on as many as the machine has cores
-at once (the others wait with their body read): memory is bounded by ``max_connections`` bodies and the work of
-that many cores, and the work behind a 504 by the limits.
+``max_connections`` requests in flight (503 beyond), of which it reads and works on as many as the machine has
+cores at once (the others wait, their body unread): memory is bounded by that many bodies and their work, however
+many requests are in flight, and the work behind a 504 by the limits.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ MAX_JSON_DEPTH = 32
 IMAGE_SLACK_BYTES = 64 * 1024
 JSON_SLACK_BYTES = 64 * 1024
 TRIM_AFTER_BYTES = 1 << 20  # a request body this large or larger: its memory is handed back once answered
+BODY_TIMEOUT_S = 120  # to receive a body once its turn has come (270 MB at 2.3 MB/s): a stalled client gets a 408
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 # What MLflow's scoring server parses (mlflow.pyfunc.scoring_server.CONTENT_TYPES).
@@ -217,7 +218,7 @@ class RequestGuard:
         self.max_body_bytes = max_body_bytes
         self.max_depth = max_depth
         self.max_rows = max_rows
-        # Requests the app works on at once (the rest wait with their body read): parsing, decoding and embedding
+        # Requests read and worked on at once (the rest wait, their body unread): parsing, decoding and embedding
         # take memory per request and a core each, so more at once than cores adds memory, not speed.
         self.max_busy = max_busy
         self._busy = asyncio.Semaphore(max_busy) if max_busy is not None else None
@@ -241,44 +242,58 @@ class RequestGuard:
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await _answer(send, 413, "REQUEST_LIMIT_EXCEEDED", self._too_big(f"{int(declared)} bytes"))
             return
+        mime = content_types[0].split(b";")[0].strip().lower()
+        # A body is read once it will be worked on: the requests waiting for their turn hold no body (uvicorn stops
+        # reading a connection whose app does not read), so memory holds `max_busy` bodies and their work, however
+        # many requests are in flight. The wait is long under load; the read itself has BODY_TIMEOUT_S.
+        async with self._busy or contextlib.nullcontext():
+            try:
+                async with asyncio.timeout(BODY_TIMEOUT_S):
+                    body = await self._body(receive, send)
+            except TimeoutError:
+                await _answer(send, 408, "REQUEST_TIMEOUT", f"the request body did not arrive within "
+                                                            f"{BODY_TIMEOUT_S} s")
+                return
+            if body is None:  # answered (413) or gone
+                return
+            replayed = False
+
+            async def replay() -> Message:  # the app reads the body we already hold, then the connection as usual
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            try:
+                problem = await asyncio.to_thread(self.problem, body, mime)  # a big body: not on the event loop
+                if problem is not None:
+                    await _answer(send, 400, "BAD_REQUEST", problem)
+                    return
+                await self.app(scope, replay, send)
+            finally:
+                if len(body) >= TRIM_AFTER_BYTES:
+                    del body
+                    await asyncio.to_thread(release_memory)
+
+    async def _body(self, receive: Receive, send: Send) -> bytes | None:
+        """The request's body, or None once it has answered 413 (more than `max_body_bytes`: never buffered past
+        the limit) or the client is gone."""
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunk = bytes(message.get("body", b""))
             size += len(chunk)
             if size > self.max_body_bytes:
                 await _answer(send, 413, "REQUEST_LIMIT_EXCEEDED",
                               self._too_big(f"more than {self.max_body_bytes} bytes"))
-                return
+                return None
             chunks.append(chunk)
             if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        del chunks
-        mime = content_types[0].split(b";")[0].strip().lower()
-        replayed = False
-
-        async def replay() -> Message:  # the app reads the body we already hold, then the connection as usual
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        try:
-            async with self._busy or contextlib.nullcontext():  # the checks too: a scan of a big body takes memory
-                problem = await asyncio.to_thread(self.problem, body, mime)  # not on the event loop
-                if problem is not None:
-                    await _answer(send, 400, "BAD_REQUEST", problem)
-                    return
-                await self.app(scope, replay, send)
-        finally:
-            if len(body) >= TRIM_AFTER_BYTES:
-                del body
-                await asyncio.to_thread(release_memory)
+                return b"".join(chunks)
 
     def problem(self, body: bytes, mime: bytes) -> str | None:
         """Why the app must not parse `body` (of type `mime`): JSON deeper than `max_depth`, more rows than
@@ -317,9 +332,16 @@ def build_app(model_uri: str, max_busy: int | None = None) -> tuple[ASGIApp, Ser
     return app, limits
 
 
+def uvicorn_limit(max_connections: int) -> int:
+    """uvicorn's `limit_concurrency` for at most `max_connections` requests in flight: uvicorn answers 503 when the
+    connections open, the new one included, reach its limit, so a limit of 16 served 15 at most, and 16 requests
+    sent together got 503 for most of them (11 of 16 in bench/serve_load.py)."""
+    return max_connections + 1
+
+
 def serve(model_uri: str, host: str, port: int, max_connections: int) -> None:
     """Serve `model_uri` on POST /invocations (and /ping, /health, /version) until interrupted."""
     import uvicorn
 
     app, _ = build_app(model_uri, min(max_connections, os.cpu_count() or 1))
-    uvicorn.run(app, host=host, port=port, limit_concurrency=max_connections, log_level="info")
+    uvicorn.run(app, host=host, port=port, limit_concurrency=uvicorn_limit(max_connections), log_level="info")
