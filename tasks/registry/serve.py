@@ -200,8 +200,13 @@ def rows_problem(body: bytes, mime: bytes, max_rows: int, max_bytes: int) -> str
 
 
 def release_memory() -> None:
-    """Give freed heap back to the system (glibc's malloc_trim): a request's buffers are freed when it is answered,
-    but glibc keeps the pages for its next allocations, so the server's resident memory stayed at its peak."""
+    """Give freed memory back to the system once a large request is answered: Arrow's pool (MLflow's parsing goes
+    through pandas and Arrow; mimalloc kept the 0.5 GB a 270 MB request had used) and glibc's heaps (malloc_trim:
+    glibc keeps freed pages for its next allocations). Without it, the server's resident memory stayed near its
+    peak."""
+    pyarrow = sys.modules.get("pyarrow")
+    if pyarrow is not None:
+        pyarrow.default_memory_pool().release_unused()
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
 
