@@ -4,12 +4,14 @@ over HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -122,6 +124,15 @@ def experiments(
     preset: PresetOption = None,
 ) -> None:
     """Run the paper's grid (flow behind `rain-grid/experiments`) in this process; finished runs are kept."""
+    from tasks.config import SEED_LIMIT
+
+    for seed in seeds or []:  # refused here, naming the option: inside the flow it was a 190-line traceback
+        if not 0 <= seed < SEED_LIMIT:
+            typer.echo(f"error: --seed {seed}: expected a seed in [0, 2**63)", err=True)
+            raise typer.Exit(2)
+    if seeds and len(set(seeds)) != len(seeds):
+        typer.echo(f"error: --seed {' --seed '.join(map(str, seeds))}: a seed is repeated", err=True)
+        raise typer.Exit(2)
     project = project.resolve()
     configure_environment(project)
     check_params(project, preset)
@@ -147,6 +158,9 @@ def experiments(
     except StageFailed as exc:  # the stage's one-line error, not the flow's traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
+    except ParamsError as exc:  # the flow's own checks of its arguments
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     grid = result["grid"]
     typer.echo((project / params.experiments_dir() / "results.md").read_text())
     typer.echo(f"grid: {grid['ran']} run(s) trained, {grid['reused']} up to date, {grid['wall_seconds']:.0f} s "
@@ -217,6 +231,29 @@ def serve(project: ProjectOption = Path("."),
             server.wait(timeout=30)
 
 
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+@contextlib.contextmanager
+def registry_errors(uri: str) -> Iterator[None]:
+    """A registry or model that cannot be read as one line naming the tracking URI (exit 2): MLflow's and
+    SQLAlchemy's errors come with the SQL and pages of traceback (a corrupt mlflow.db: 261 lines)."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except MlflowException as exc:
+        typer.echo(f"error: {uri}: {_first_line(exc.message)}", err=True)
+        raise typer.Exit(2) from exc
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        typer.echo(f"error: {uri}: cannot read the tracking database: {_first_line(str(cause))}", err=True)
+        raise typer.Exit(2) from exc
+
+
 def _tracking(project: Path) -> str:
     """Point MLflow at the project's registry (or MLFLOW_TRACKING_URI) and return the URI."""
     import mlflow
@@ -228,11 +265,21 @@ def _tracking(project: Path) -> str:
     return uri
 
 
+def printable(text: str) -> str:
+    """`text` with every control, format or line-breaking character written as its escape (`\\x1b`, `\\u202e`):
+    registry text is anyone's, and an ESC sequence in a reason would otherwise drive the reader's terminal."""
+    import unicodedata
+
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in
+                   ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") else c for c in text)
+
+
 def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str]]) -> None:
     """Versions as a table; how each was measured (dataset, protocol, eval set) as a letter with a legend.
 
     Registry text (names, tags, a forced promotion's reason) is anyone's free text: it goes to rich as
-    Text, never as markup, so a `[/bold]` in a reason shows as written instead of failing every listing.
+    Text, never as markup, so a `[/bold]` in a reason shows as written instead of failing every listing, and
+    with its control characters escaped (`printable`).
     """
     from rich.table import Table
     from rich.text import Text
@@ -240,7 +287,7 @@ def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str
     from tasks.registry.promote import MAP, RANK1, RANK1_STD
 
     keys: dict[tuple[str, str, str], str] = {}
-    table = Table(title=Text(f"{model} in {uri}"))
+    table = Table(title=Text(printable(f"{model} in {uri}")))
     for col in ("version", "aliases", "LR rank-1 %", "mAP %", "measured", "created (UTC)", "forced because"):
         table.add_column(col, overflow="fold")
     for r in rows:
@@ -251,11 +298,11 @@ def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str
             rank1 += f" ± {100 * float(r[RANK1_STD]):.1f}"
         cells = (r["version"], r["aliases"], rank1, f"{100 * float(r[MAP]):.1f}" if r[MAP] else "-",
                  letter, r["created"], r["promotion_force_reason"])
-        table.add_row(*(Text(c) for c in cells))
+        table.add_row(*(Text(printable(c)) for c in cells))
     console.print(table)
     for (dataset, protocol, eval_set), letter in keys.items():
-        console.print(Text(f"{letter}: dataset {dataset or '?'}; {protocol or 'protocol ?'}; "
-                           f"eval set {eval_set[:12] or '?'}"), highlight=False)
+        console.print(Text(printable(f"{letter}: dataset {dataset or '?'}; {protocol or 'protocol ?'}; "
+                                     f"eval set {eval_set[:12] or '?'}")), highlight=False)
     console.print("Only versions measured the same way (same letter) are compared by the promotion gate.")
 
 
@@ -279,15 +326,30 @@ def promote(
     """Move alias `champion` to a version if its LR rank-1 (same dataset and protocol) is at least the champion's."""
     from rich.console import Console
 
+    from tasks.registry import promote as promotion
+
+    try:  # before MLflow is even imported: a name or version it would fail on, one line
+        promotion.check_model_name(model)
+        if version is not None:
+            promotion.check_version(version)
+    except promotion.PromotionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     project = project.resolve()
     configure_environment(project)
     uri = _tracking(project)
     from mlflow import MlflowClient
 
+    console = Console(width=max(120, Console().width))
+    with registry_errors(uri):
+        _promote(console, MlflowClient(uri), uri, project, model, version, force, reason, list_, break_lock,
+                 lock_timeout)
+
+
+def _promote(console: Any, client: Any, uri: str, project: Path, model: str, version: str | None, force: bool,
+             reason: str | None, list_: bool, break_lock: bool, lock_timeout: float) -> None:
     from tasks.registry import promote as promotion
 
-    client = MlflowClient(uri)
-    console = Console(width=max(120, Console().width))
     try:
         if list_:
             _print_versions(console, model, uri, promotion.list_versions(client, model))
@@ -310,11 +372,12 @@ def promote(
         raise typer.Exit(3 if isinstance(exc, promotion.LockTimeout) else 2) from exc
     if not decision.accepted:
         typer.echo(f"refused: version {decision.version} stays off champion (champion: version "
-                   f"{decision.previous}): {decision.reason}. Use --force --reason TEXT to override.", err=True)
+                   f"{decision.previous}): {printable(decision.reason)}. Use --force --reason TEXT to override.",
+                   err=True)
         raise typer.Exit(1)
     forced = " (forced)" if decision.forced else ""
     typer.echo(f"{model} version {decision.version} is champion{forced} (was: {decision.previous or 'none'}): "
-               f"{decision.reason}")
+               f"{printable(decision.reason)}")
 
 
 @app.command()
@@ -342,7 +405,7 @@ def search(
 
     project = project.resolve()
     configure_environment(project)
-    _tracking(project)
+    uri = _tracking(project)
     from tasks.registry.search import SearchConfig, SearchError, expand_queries
     from tasks.registry.search import run as run_search
 
@@ -351,8 +414,8 @@ def search(
         cfg = SearchConfig(model_uri=model, gallery_dir=gallery, queries=queries, out_html=out, top_k=top_k,
                            cache_dir=cache_dir or project / ".cache" / "embeddings",
                            id_pattern=id_pattern, embed_images=embed_images)
-        with Progress(TextColumn("Embedding gallery"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      transient=False) as bar:
+        with registry_errors(uri), Progress(TextColumn("Embedding gallery"), BarColumn(), MofNCompleteColumn(),
+                                            TimeRemainingColumn(), transient=False) as bar:
             task = bar.add_task("gallery", total=None)
             result = run_search(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
     except SearchError as exc:
@@ -379,20 +442,20 @@ def serve_model(
     """Serve a registered model on POST /invocations like `mlflow models serve`, refusing an oversized body
     (413) or too deeply nested JSON (400) before parsing it; the model refuses more images or pixels than its
     `serve` limits (400)."""
+    for name, value, low, high in (("--port", port, 1, 65535), ("--max-connections", max_connections, 1, None)):
+        if value < low or (high is not None and value > high):
+            typer.echo(f"error: {name} {value}: expected {low}..{high}" if high else
+                       f"error: {name} {value}: expected >= {low}", err=True)
+            raise typer.Exit(2)
     project = project.resolve()
     configure_environment(project)
-    _tracking(project)
-    from mlflow.exceptions import MlflowException
-
+    uri = _tracking(project)
     from tasks.infra.logs import setup_logging
     from tasks.registry.serve import serve
 
     setup_logging()
-    try:
+    with registry_errors(f"{uri}: {model}"):  # no such model, version or alias: one line, not a traceback
         serve(model, host, port, max_connections)
-    except MlflowException as exc:  # no such model, version or alias: one line, not a traceback
-        typer.echo(f"error: {model}: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from tasks.config import ExperimentsConfig, Params, ParamsError, load_params
 from tasks.grid import cluster as grid_cluster
 from tasks.grid import tables as grid_tables
 from tasks.infra import reaper
+from tasks.infra.logs import new_run_folder
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -104,7 +105,7 @@ def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[
     selected = grid_tables.tables(tuple(tables) if tables else None)
     configs = grid_tables.configs_of(selected)
     logger = get_run_logger()
-    log_dir = root / params.paths.logs / time.strftime("%Y%m%d-%H%M%S")  # this run's stage logs
+    log_dir = new_run_folder(root / params.paths.logs)  # this run's stage logs, a folder of its own
     stages = run_stages(DATA_STAGES, root, log_dir)
     if isinstance(stages, State):  # a stage failed: calling the flow raises its StageFailed
         return stages

@@ -35,7 +35,7 @@ from flows.links import (
 from tasks.config import Params, load_params
 from tasks.download import TRANSIENT_MARKER
 from tasks.infra import reaper
-from tasks.infra.logs import ERROR_MARKER
+from tasks.infra.logs import ERROR_MARKER, new_run_folder
 
 STAGES = ("fingerprint", "download", "manifest", "synthesize", "decode", "train", "evaluate", "register")
 
@@ -235,7 +235,7 @@ def rain(project_dir: str = ".") -> dict[str, Any] | State:
     root = Path(project_dir).resolve()
     params = load_params(root / "params.yaml")  # refuses a bad params.yaml before any stage runs
     label_flow_run(*pipeline_label(params))
-    log_dir = root / params.paths.logs / time.strftime("%Y%m%d-%H%M%S")  # this run's stage logs
+    log_dir = new_run_folder(root / params.paths.logs)  # this run's stage logs, a folder of its own
     results = run_stages(STAGES, root, log_dir)
     if isinstance(results, State):  # a stage failed: calling the flow raises its StageFailed
         return results

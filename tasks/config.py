@@ -18,7 +18,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +38,46 @@ DATASETS = ("synthetic", "viper", "cuhk03", "cuhk03-detected", "caviar", "market
 SHARED_SOURCES = {"cuhk03-detected": "cuhk03"}
 # Seeds feed numpy (no negatives) and torch.manual_seed (below 2**64); int64 holds every seed both take.
 SEED_LIMIT = 2**63
+MAX_SEEDS = 100  # experiments.seeds: each seed is a run of every configuration of the grid
+
+
+# The most each size and count in params.yaml may be, checked at load (Params), each stated beside its key in
+# params.yaml. Far above what runs on the machines this project targets (a laptop to a node of GPUs), low enough that
+# a slip (an extra digit, a number pasted into the wrong key) is refused in milliseconds instead of forking hundreds of
+# processes or allocating terabytes in a stage: `protocol.workers: 200` forked 201 processes for 240 images, and
+# `synthetic.identities: 1e12`, `ray.cpus_per_worker: 1e20`, `train.loader_workers: 100000` were accepted. A list's
+# bound holds for each entry. Seeds are bounded by SEED_LIMIT instead.
+UPPER_BOUNDS: dict[str, int] = {
+    "synthetic.identities": 100_000, "synthetic.test_identities": 100_000, "synthetic.cameras": 16,
+    "synthetic.images_per_camera": 100, "synthetic.height": 1024, "synthetic.width": 1024,
+    "protocol.train_rates": 32, "protocol.unseen_rates": 32,  # r = 32 leaves a 128-pixel person 4 pixels high
+    "protocol.trials": 100, "protocol.test_identities": 100_000, "protocol.val_identities": 100_000,
+    "model.base_channels": 256, "model.levels": 5, "model.decoder_channels": 1024, "model.disc_channels": 4096,
+    "objective.adv_ramp_epochs": 10_000, "objective.d_steps": 100,
+    "train.trials": 100, "train.height": 2048, "train.width": 2048, "train.epochs": 10_000, "train.p": 4096,
+    "train.k": 256, "train.checkpoint_every_epochs": 10_000, "train.lr_decay_epochs": 10_000,
+    "train.loader_workers": 64, "train.micro_batches": 1024, "train.val_every_epochs": 10_000,
+    "train.augment_pad": 2048, "train.warmup_epochs": 10_000,
+    "ray.num_workers": 1024, "ray.cpus_per_worker": 1024, "ray.max_failures": 1000, "ray.keep_checkpoints": 100,
+    "ray.keep_runs": 100,
+    "evaluate.gallery_repeats": 1000, "evaluate.batch_size": 4096, "evaluate.tsne_identities": 1000,
+    "evaluate.sheet_queries": 100,
+    "serve.max_pixels": 89_478_485,  # Pillow's MAX_IMAGE_PIXELS: it refuses a larger image as a decompression bomb
+    "serve.max_images": 1024,
+    "experiments.epochs": 10_000, "experiments.cpus_per_run": 1024, "experiments.val_identities": 100_000,
+}
+# Bounds that follow the machine that loads params.yaml: synthesis processes run on it.
+WORKERS_PER_CORE = 4
+
+
+def upper_bound(key: str) -> tuple[int, str] | None:
+    """(the most `key` may be, why) or None for a key without one."""
+    if key == "protocol.workers":
+        cores = os.cpu_count() or 1
+        return WORKERS_PER_CORE * cores, f"{WORKERS_PER_CORE} per core of this machine, os.cpu_count() = {cores}"
+    if key in UPPER_BOUNDS:
+        return UPPER_BOUNDS[key], ""
+    return None
 
 
 class ParamsError(ValueError):
@@ -48,6 +88,11 @@ class InvalidParam(ParamsError, InvalidValue):
     """A params.yaml value out of range: rain_model's check (``require``), worded with the dotted key."""
 
     template = "params.yaml: {key} = {value!r} is invalid: {why}"
+
+
+# The `paths` whose folders hold a DVC output per dataset (<root>/<dataset>/, or files named for it): two sharing one
+# folder would make DVC refuse overlapping outputs, or one stage's clean-up delete another's output.
+OUTPUT_ROOTS = ("raw", "lr", "store", "models", "reports", "experiments")
 
 
 @dataclass(frozen=True)
@@ -67,15 +112,34 @@ class Paths:
         for f in dataclasses.fields(self):
             _require(getattr(self, f.name) != "", f"paths.{f.name}", "", "a folder (an empty path would template "
                      "dvc.yaml's outputs to /<dataset>)")
-        # Each of these holds a folder or files per dataset that is a DVC output: two sharing one folder would make
-        # DVC refuse overlapping outputs, or one stage's clean-up delete another's output.
-        roots = ("raw", "lr", "store", "models", "reports", "experiments")
-        seen: dict[str, str] = {}
-        for name in roots:
-            folder = os.path.normpath(getattr(self, name))
-            _require(folder not in seen, f"paths.{name}", getattr(self, name),
-                     f"a folder of its own (paths.{seen.get(folder)} is the same)")
-            seen[folder] = name
+        # As written (`./models/` is `models`); load_params checks them again resolved (check_folders).
+        self._check_folders(lambda spelt: Path(os.path.normpath(spelt)))
+
+    def check_folders(self, project: Path) -> None:
+        """Every folder resolved as the stages will reach it (relative to `project`, symlinks followed, `..`,
+        `./` and trailing slashes gone), so another spelling of a folder cannot pass for another folder."""
+        self._check_folders(lambda spelt: Path(os.path.realpath(project / spelt)))
+
+    def _check_folders(self, where: Callable[[str], Path]) -> None:
+        """An output root may neither be another one nor lie inside one (a stage empties `<root>/<dataset>` before
+        it runs: with `paths.lr` spelt as the absolute path of `paths.raw`, synthesize emptied the raw data), and no
+        other folder (downloads, manifests, runs, logs) may be or lie in an output root."""
+        folder = {f.name: where(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        names = [*OUTPUT_ROOTS, *(f.name for f in dataclasses.fields(self) if f.name not in OUTPUT_ROOTS)]
+        for i, name in enumerate(names):
+            for root in OUTPUT_ROOTS[:min(i, len(OUTPUT_ROOTS))]:  # each pair once, the later one named
+                if folder[name] == folder[root]:
+                    self._clash(name, root, folder[name], "the same folder as")
+                if folder[root] in folder[name].parents:
+                    self._clash(name, root, folder[name], "inside")
+                if name in OUTPUT_ROOTS and folder[name] in folder[root].parents:
+                    self._clash(root, name, folder[root], "inside")
+
+    def _clash(self, name: str, other: str, resolved: Path, relation: str) -> None:
+        spelt = getattr(self, name)
+        shown = "" if str(resolved) == os.path.normpath(spelt) else f", resolved to {resolved}"
+        raise InvalidParam(f"paths.{name}", spelt, f"expected a folder of its own: it is {relation} paths.{other} = "
+                                                   f"{getattr(self, other)!r}{shown}")
 
 
 @dataclass(frozen=True)
@@ -279,9 +343,9 @@ class ExperimentsConfig:
     strong_lr: float | None = None  # objective.lr of the strong_* configurations; None: objective.lr's
 
     def __post_init__(self) -> None:
-        _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds)
+        _require(0 < len(self.seeds) <= MAX_SEEDS and len(set(self.seeds)) == len(self.seeds)
                  and all(0 <= s < SEED_LIMIT for s in self.seeds),
-                 "experiments.seeds", self.seeds, "one or more distinct seeds in [0, 2**63)")
+                 "experiments.seeds", self.seeds, f"one to {MAX_SEEDS} distinct seeds in [0, 2**63)")
         _require(self.epochs >= 1, "experiments.epochs", self.epochs, ">= 1")
         _require(self.cpus_per_run >= 1, "experiments.cpus_per_run", self.cpus_per_run, ">= 1")
         _require(self.val_identities >= 1, "experiments.val_identities", self.val_identities, ">= 1")
@@ -347,6 +411,12 @@ class Params:
     experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
 
     def __post_init__(self) -> None:
+        for key, value in param_values(self).items():
+            bound = upper_bound(key)
+            if bound is not None:
+                limit, why = bound
+                _require(all(v <= limit for v in (value if isinstance(value, tuple) else (value,))), key, value,
+                         f"at most {limit}{' each' if isinstance(value, tuple) else ''}" + (f" ({why})" if why else ""))
         # Checks across sections: each of these would otherwise fail only once training has started.
         trials = self.protocol.trials
         _require(all(t < trials for t in self.train.trials), "train.trials", self.train.trials,
@@ -469,16 +539,65 @@ def _convert(hint: Any, value: object, key: str) -> object:
     return value
 
 
+# What params.yaml may be before YAML builds anything from it (the repository's is ~15 KB and nests 3 levels): a
+# bigger, deeper or aliased file is refused in milliseconds. A "billion laughs" file (aliases of aliases) expands to
+# gigabytes in any YAML loader (`dvc status` held 3.4 GB after 120 s), a 3,000-deep list exhausts the recursion of
+# PyYAML's composer; params.yaml needs neither (write a repeated value out).
+PARAMS_MAX_BYTES = 1 << 20
+PARAMS_MAX_DEPTH = 16
+
+
+def read_params_text(path: Path) -> str:
+    """The text of params.yaml, checked before any YAML is built from it: at most PARAMS_MAX_BYTES, UTF-8, YAML
+    whose collections nest at most PARAMS_MAX_DEPTH deep, without aliases. Raises ParamsError, one line naming the
+    file and where in it."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(PARAMS_MAX_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise ParamsError(f"{path}: not found (run from the project folder)") from exc
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    if len(raw) > PARAMS_MAX_BYTES:
+        raise ParamsError(f"{path}: larger than {PARAMS_MAX_BYTES} bytes, the most params.yaml may be (the "
+                          f"repository's is ~15 KB)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ParamsError(f"{path}: line {line}: byte 0x{raw[exc.start]:02x} is not UTF-8 (params.yaml is UTF-8 "
+                          f"text)") from exc
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: nothing is built yet
+            if isinstance(event, yaml.AliasEvent):
+                raise ParamsError(f"{path}: line {_line(event)}: alias *{event.anchor}: params.yaml "
+                                  f"takes no aliases (write the value out)")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > PARAMS_MAX_DEPTH:
+                    raise ParamsError(f"{path}: line {_line(event)}: nested deeper than "
+                                      f"{PARAMS_MAX_DEPTH} levels (params.yaml nests 3)")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    return text
+
+
+def _line(event: yaml.Event) -> str:
+    return "?" if event.start_mark is None else str(event.start_mark.line + 1)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml. Raises ParamsError naming the offending key."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ParamsError(f"{path}: not found (run from the project folder)") from exc
+        data = yaml.safe_load(read_params_text(path))
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
     params = parse(Params, data, "")  # first: a misspelt key is reported with its suggestion, not as missing
+    params.paths.check_folders(path.resolve().parent)  # the stages run in the folder of params.yaml
     missing = missing_keys(Params, data, "")
     if missing:
         sections = [k for k in missing if "." not in k]

@@ -6,8 +6,9 @@ a person browsing the registry can tell where it came from and how good it is, a
 tell whether two versions were measured the same way:
 
 - where it came from: `git_commit` (with `git_dirty`: uncommitted changes to tracked files),
-  `mlflow_run_id`, `weights_sha256`, `mlr_manifest_sha256`, `params_yaml_sha256`, `pretrained_sha256` (the
-  file `model.pretrained_path` that initialised training, or `none`), and from dvc.lock (when the stage runs
+  `mlflow_run_id`, `weights_sha256`, `settings_sha256` (the model's settings, `model_settings`),
+  `mlr_manifest_sha256`, `params_yaml_sha256`, `pretrained_sha256` (the file `model.pretrained_path` that
+  initialised training, or `none`), and from dvc.lock (when the stage runs
   under DVC) the hashes DVC recorded: `dvc_data_md5` (the raw dataset folder), `dvc_mlr_manifest_md5`,
   `dvc_models_md5` and `dvc_params_sha256`;
 - how it was measured: `dataset`, `protocol` (MLR split and evaluation settings as one string) and
@@ -33,6 +34,12 @@ metrics (`model_figures`), not those of the run's first step.
 
 The model is self-contained: its settings (`model_settings`) never name a file outside it, so it loads on
 any machine, and they carry the `serve` request limits, which it enforces wherever it is served.
+
+Idempotent: a run that finds a version already registered for the same weights (`weights_sha256`) and settings
+(`settings_sha256`: sha256 of `model_settings`, the model's config artifact) from the same MLflow run reuses it (its
+tags brought up to date, the alias set) instead of registering the model again, so a register stage killed after
+MLflow created the version, then run again, leaves one version. Other settings (serve limits, flip) with the same
+weights are another model: a new version.
 
 Writes reports/<dataset>/registration.json.
 """
@@ -222,6 +229,20 @@ def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int
         )
 
 
+def registered_version(client: Any, name: str, weights_sha256: str, settings_sha256: str, run_id: str) -> Any | None:
+    """The version of `name` registered for these weights and settings from MLflow run `run_id` (the oldest, should
+    two exist), or None. A version registered before `settings_sha256` was tagged is never taken for this one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    wanted = {"weights_sha256": weights_sha256, "settings_sha256": settings_sha256, "mlflow_run_id": run_id}
+    same = [v for v in versions if all(v.tags.get(k) == value for k, value in wanted.items())]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
 def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, params_file: Path,
         manifest_path: Path | None = None, lock_file: Path | None = None) -> dict[str, Any]:
     # RegisterConfig refuses these aliases at load; this catches a config that skipped its check (built by
@@ -244,21 +265,36 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
     weights = model_dir / info["weights"]
     name = params.register.model_name
     pretrained = pretrained_provenance(params.model)
-    step, figures = model_figures(client, info["mlflow_run_id"])
-    with mlflow.start_run(run_id=info["mlflow_run_id"]):
-        logged = log_model(params, weights, model_settings(params, info["num_classes"], pretrained), step)
-    link_figures(client, info["mlflow_run_id"], logged.model_id, figures)
+    weights_sha256 = file_hash(weights)
+    settings = model_settings(params, info["num_classes"], pretrained)
+    settings_sha256 = hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()
+    # A run killed after MLflow created the version (dvc.lock then stale) runs again: the version it made is this
+    # one, not a reason for a second version of the same model.
+    existing = registered_version(client, name, weights_sha256, settings_sha256, info["mlflow_run_id"])
+    if existing is None:
+        step, figures = model_figures(client, info["mlflow_run_id"])
+        with mlflow.start_run(run_id=info["mlflow_run_id"]):
+            logged = log_model(params, weights, settings, step)
+        link_figures(client, info["mlflow_run_id"], logged.model_id, figures)
     lr = metrics["rows"][HEADLINE_ROW]
     tags = {
         "git_commit": git_commit(), "git_dirty": git_dirty(), "dataset": params.dataset.name, "trial": trial,
         "protocol": protocol_tag(params), "eval_set": eval_set_hash(manifest_path, mlr_path),
         "variant": params.objective.variant, "backbone": params.model.backbone,
         "mlr_manifest_sha256": file_hash(mlr_path), "params_yaml_sha256": file_hash(params_file),
-        "weights_sha256": file_hash(weights), "mlflow_run_id": info["mlflow_run_id"],
+        "weights_sha256": weights_sha256, "settings_sha256": settings_sha256, "mlflow_run_id": info["mlflow_run_id"],
         "pretrained_sha256": "none" if pretrained is None else pretrained["sha256"] or "unknown",
     } | dvc_lineage(lock_file, params) | {figure_name(HEADLINE_ROW, k): f"{lr[k]:.6f}" for k in VERSION_FIGURES}
-    # Tags go in with the version, so no reader ever sees a version without its lineage and metrics.
-    mv = mlflow.register_model(logged.model_uri, name, tags=tags)
+    if existing is None:  # tags go in with the version: no reader ever sees one without its lineage and metrics
+        mv = mlflow.register_model(logged.model_uri, name, tags=tags)
+    else:
+        mv = existing
+        for key, value in tags.items():  # what changed since (a dvc.lock written meanwhile, a new commit)
+            if existing.tags.get(key) != value:
+                client.set_model_version_tag(name, mv.version, key, value)
+        log.info("register: %s version %s already holds this model (weights sha256 %s, settings sha256 %s) from "
+                 "MLflow run %s: reused", name, mv.version, weights_sha256[:12], settings_sha256[:12],
+                 info["mlflow_run_id"])
     client.update_registered_model(name, description=MODEL_DESCRIPTION)
     client.update_model_version(name, mv.version, description=(
         f"{params.objective.variant} ({params.model.backbone}, levels {list(params.model.levels)}) trained on "

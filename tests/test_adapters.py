@@ -278,6 +278,23 @@ def test_custom_table_errors_name_file_row_and_column(tmp_path: Path, header: st
     assert str(table) in str(info.value) and message in str(info.value)
 
 
+def test_a_hard_link_to_a_listed_image_is_refused_as_the_same_file_naming_both_rows(tmp_path: Path) -> None:
+    # Issue 28, item 8: compared by path, a hard link was accepted as a second image (one image in two splits).
+    import os
+
+    build_custom_folder(tmp_path / "mine", images=4, corrupt=0)
+    os.link(tmp_path / "mine" / "imgs" / "0001.jpg", tmp_path / "mine" / "imgs" / "linked.jpg")
+    table = tmp_path / "mine" / "bad.csv"
+    # Valid but for the link: two people in both views.
+    table.write_text("path,person_id,camera_id\nimgs/0000.jpg,0,0\nimgs/0001.jpg,0,1\nimgs/0002.jpg,1,0\n"
+                     "imgs/linked.jpg,1,1\n")
+    params = make_params(tmp_path, "custom", {"custom": SourceConfig(url=str(table))})
+    with pytest.raises(DatasetError) as info:
+        download.run(params, params.raw_dir())
+    assert "row 4, column path: 'imgs/linked.jpg': same file as row 2 ('imgs/0001.jpg': a hard link to it)" in \
+        str(info.value), str(info.value)
+
+
 def test_sources_are_read_from_params_only(tmp_path: Path) -> None:
     # params.yaml `sources` is the one place a url/md5 is written: every adapter that downloads has an
     # entry in the repository's params.yaml, and with none in params it refuses by key instead of

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.micro_project import make_project, write_params
+from tests.micro_project import MICRO, make_project, write_params
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["serve"]])
@@ -96,3 +96,16 @@ def test_served_deployment_runs_from_a_second_terminal(tmp_path: Path) -> None:
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=60)
+
+
+def test_run_refuses_the_raw_folder_spelt_absolute_as_paths_lr_and_deletes_nothing(tmp_path: Path) -> None:
+    # Issue 28, item 2: accepted, and `rain run` emptied data/raw/ before synthesize failed.
+    project = make_project(tmp_path)
+    image = project / "data" / "raw" / "synthetic" / "0001_c1_00.png"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"raw data")
+    write_params(project, {**MICRO, "paths": {"lr": str(project / "data" / "raw")}})
+    result = CliRunner().invoke(app, ["run", "--project", str(project)])
+    assert result.exit_code == 2, result.output
+    assert "paths.lr" in result.output and "the same folder as paths.raw = 'data/raw'" in result.output
+    assert image.read_bytes() == b"raw data" and not (project / "dvc.lock").exists()

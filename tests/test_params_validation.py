@@ -174,8 +174,8 @@ def test_the_derived_table_covers_the_fields_the_issue_names() -> None:
     ({"protocol": {"unseen_rates": [8, 8]}}, "protocol.unseen_rates", "distinct"),
     ({"protocol": {"unseen_rates": [1]}}, "protocol.unseen_rates", ">= 2"),
     ({"dataset": {"name": "vipr"}}, "dataset.name", "one of synthetic, viper"),
-    ({"paths": {"lr": "data/raw"}}, "paths.lr", "paths.raw is the same"),
-    ({"paths": {"reports": "./models/"}}, "paths.reports", "paths.models is the same"),
+    ({"paths": {"lr": "data/raw"}}, "paths.lr", "the same folder as paths.raw"),
+    ({"paths": {"reports": "./models/"}}, "paths.reports", "the same folder as paths.models"),
     ({"train": {"seed": 2**63}}, "train.seed", "[0, 2**63)"),
     ({"experiments": {"seeds": [2**63]}}, "experiments.seeds", "[0, 2**63)"),
     ({"objective": {"lr": math.inf}}, "objective.lr", "finite"),
@@ -275,3 +275,113 @@ def test_the_repository_params_and_the_micro_project_params_are_valid() -> None:
     load_params(REPO / "params.yaml")
     Params()  # the code's defaults pass their own checks
     assert MICRO["train"]["p"] % MICRO["ray"]["num_workers"] == 0
+
+
+# Issue 28, item 2: another spelling of paths.raw as paths.lr was accepted (strings compared), and `rain run` emptied
+# data/raw/ before synthesize failed. Every folder is compared resolved against the folder of params.yaml.
+def _spellings(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw-link").symlink_to("raw")  # data/raw-link -> data/raw
+    (tmp_path / "elsewhere").symlink_to(tmp_path / "data")  # elsewhere/raw is data/raw
+    return {"absolute": str(tmp_path / "data" / "raw"), "absolute, trailing slash": f"{tmp_path}/data/raw/",
+            "symlinked folder": "data/raw-link", "symlinked parent": "elsewhere/raw",
+            "dot and dot-dot": "./data/lr/../raw", "absolute through a symlink": str(tmp_path / "elsewhere" / "raw")}
+
+
+@pytest.mark.parametrize("spelling", ["absolute", "absolute, trailing slash", "symlinked folder", "symlinked parent",
+                                      "dot and dot-dot", "absolute through a symlink"])
+def test_another_spelling_of_the_raw_folder_is_refused_naming_both_keys(tmp_path: Path, spelling: str) -> None:
+    value = _spellings(tmp_path)[spelling]
+    message = refused(tmp_path, "paths.lr", value)
+    assert message.startswith(f"params.yaml: paths.lr = {value!r} is invalid: expected a folder of its own: it is "
+                              f"the same folder as paths.raw = 'data/raw'"), message
+    assert "\n" not in message
+
+
+def test_paths_are_resolved_against_the_folder_of_params_yaml_not_the_working_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    value = _spellings(tmp_path)["symlinked folder"]
+    monkeypatch.chdir("/")  # the CLI loads <project>/params.yaml from anywhere
+    message = refused(tmp_path, "paths.lr", value)
+    assert f"resolved to {tmp_path / 'data' / 'raw'}" in message and "paths.raw" in message, message
+
+
+@pytest.mark.parametrize(("override", "key", "why"), [
+    ({"paths": {"store": "data/raw/store"}}, "paths.store", "inside paths.raw = 'data/raw'"),
+    ({"paths": {"raw": "models/raw"}}, "paths.raw", "inside paths.models = 'models'"),
+    ({"paths": {"manifests": "data/lr"}}, "paths.manifests", "the same folder as paths.lr = 'data/lr'"),
+    ({"paths": {"runs": "models/synthetic/runs"}}, "paths.runs", "inside paths.models = 'models'"),
+])
+def test_an_output_folder_inside_another_or_holding_another_folder_is_refused(tmp_path: Path, override: dict,
+                                                                              key: str, why: str) -> None:
+    with pytest.raises(ParamsError) as info:
+        load_params(write(tmp_path, merge(repo_params(), override)))
+    message = str(info.value)
+    assert message.startswith(f"params.yaml: {key} = ") and why in message, message
+
+
+def test_distinct_folders_spelt_in_any_way_are_accepted(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    paths = {"raw": str(tmp_path / "data" / "raw") + "/", "lr": "./data/lr", "logs": str(tmp_path / "logs")}
+    params = load_params(write(tmp_path, merge(repo_params(), {"paths": paths})))
+    assert params.paths.lr == "./data/lr"
+
+
+# Issue 28, item 7: every size and count has an upper bound, checked at load and stated in params.yaml.
+SEEDS = {"synthetic.seed", "protocol.seed", "train.seed", "experiments.seeds"}  # bounded by SEED_LIMIT instead
+COUNTS = sorted(k for k, hint in LEAVES.items() if k not in SEEDS and (
+    _base(hint) is int or (typing.get_origin(_base(hint)) is tuple and typing.get_args(_base(hint))[0] is int)))
+
+
+def test_every_size_and_count_has_an_upper_bound() -> None:
+    from tasks.config import upper_bound
+
+    assert len(COUNTS) > 40
+    assert [k for k in COUNTS if upper_bound(k) is None] == []
+
+
+@pytest.mark.parametrize("key", COUNTS)
+def test_every_size_and_count_refuses_a_value_over_its_bound_by_name(tmp_path: Path, key: str) -> None:
+    huge = 2**40  # a multiple of 32 and of every divisor the checks ask for: only the bound can refuse it
+    value: object = [huge] if typing.get_origin(_base(LEAVES[key])) is tuple else huge
+    message = refused(tmp_path, key, value)
+    assert message.startswith(f"params.yaml: {key} = "), message
+
+
+def test_each_bound_is_stated_beside_its_key_in_params_yaml() -> None:
+    from tasks.config import UPPER_BOUNDS
+
+    lines = (REPO / "params.yaml").read_text().splitlines()
+    for key, bound in UPPER_BOUNDS.items():
+        section, name = key.split(".")
+        start = lines.index(f"{section}:")
+        line = next(line for line in lines[start + 1:] if line.startswith(f"  {name}:"))
+        assert f"at most {bound:,}" in line, (key, line)
+
+
+@pytest.mark.parametrize(("key", "value", "bound"), [
+    ("synthetic.identities", 10**12, "at most 100000"),
+    ("train.height", 320_000_000_000_000_000_000, "at most 2048"),  # 3.2e20, a multiple of 32
+    ("ray.cpus_per_worker", 10**20, "at most 1024"),
+    ("train.loader_workers", 100_000, "at most 64"),
+])
+def test_the_sizes_the_issue_found_accepted_are_refused(tmp_path: Path, key: str, value: int, bound: str) -> None:
+    message = refused(tmp_path, key, value)
+    assert message == f"params.yaml: {key} = {value} is invalid: expected {bound}", message
+
+
+def test_synthesis_workers_are_bounded_by_the_cores_of_the_machine(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # `protocol.workers: 200` forked 201 processes for 240 images (+0.8 GB).
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    message = refused(tmp_path, "protocol.workers", 200)
+    assert message == ("params.yaml: protocol.workers = 200 is invalid: expected at most 8 (4 per core of this "
+                       "machine, os.cpu_count() = 2)"), message
+    assert load_params(write(tmp_path, merge(repo_params(), nested("protocol.workers", 8)))).protocol.workers == 8
+
+
+def test_a_grid_of_more_seeds_than_the_bound_is_refused(tmp_path: Path) -> None:
+    message = refused(tmp_path, "experiments.seeds", list(range(101)))
+    assert message.startswith("params.yaml: experiments.seeds = ") and "one to 100 distinct seeds" in message

@@ -172,11 +172,16 @@ def test_a_fresh_process_loads_by_alias_and_matches_the_training_features(projec
 
 def test_each_new_version_gets_the_candidate_alias(project: Path, client: Any, mlflow_global: None,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
     from tasks import register
     from tasks.config import load_params
 
     monkeypatch.chdir(project)
     params = load_params("params.yaml")
+    # Other settings, same weights: another model (the same one again reuses its version, issue 28 item 4).
+    params = dataclasses.replace(params, serve=dataclasses.replace(params.serve,
+                                                                   max_images=params.serve.max_images + 1))
     before = client.get_registered_model(MODEL).aliases.get("champion")
     reg = register.run(params, params.model_dir(), params.report_dir(), params.mlr_manifest_path(),
                        Path("params.yaml"))
@@ -240,6 +245,9 @@ def test_a_model_trained_from_a_pretrained_file_loads_after_the_file_is_gone(
     settings = json.loads(next(local.rglob("model.json")).read_text())
     assert settings["model"]["pretrained_path"] is None  # what the load reads: nothing outside the model
     assert settings["pretrained"] == {"file": "resnet18.pth", "sha256": sha}  # provenance, not read at load
+    import hashlib  # the version's settings_sha256 (what register matches a re-run on) is its config artifact's
+
+    assert reg["tags"]["settings_sha256"] == hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     assert reg["tags"]["pretrained_sha256"] == sha == client.get_model_version(MODEL, reg["version"]).tags[
         "pretrained_sha256"]
 
@@ -511,3 +519,159 @@ def test_promote_has_help() -> None:
 
     result = CliRunner().invoke(app, ["promote", "--help"])
     assert result.exit_code == 0 and "--force" in result.output and "--list" in result.output
+
+
+# ----------------------------------------------------------------------------------------------------
+# A registry of its own (no trained project): versions carrying the register stage's gate tags.
+
+
+@pytest.fixture
+def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path]:
+    """(client, project) of an empty sqlite registry in tmp_path; MLflow's process-wide URI put back after."""
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking(tmp_path))  # the CLI sets it: restored after the test
+    (tmp_path / "artifacts").mkdir()
+    return MlflowClient(tracking(tmp_path)), tmp_path
+
+
+def _tagged_versions(client: Any, project: Path, rank1s: list[float]) -> tuple[str, list[str]]:
+    name = f"fresh-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    tags = {"dataset": "synthetic", "protocol": "p", "eval_set": "e"}
+    versions = [str(client.create_model_version(name, (project / "artifacts").as_uri(),
+                                                tags=tags | {RANK1: f"{r:.6f}"}).version) for r in rank1s]
+    return name, versions
+
+
+def _listing(project: Path, name: str) -> dict[str, str]:
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["promote", "--project", str(project), "--model", name, "--list"],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    return {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
+
+
+def test_a_version_promoted_through_the_gate_after_a_forced_promotion_loses_the_old_reason(
+        fresh: tuple[Any, Path]) -> None:
+    client, project = fresh
+    name, (v1, v2, v3) = _tagged_versions(client, project, [0.30, 0.20, 0.10])
+    assert _promote(project, client, name, v1).accepted
+    assert _promote(project, client, name, v2, reason="hotfix for the demo").forced
+    assert _promote(project, client, name, v3, reason="rollback drill").forced
+    assert "hotfix for the demo" in _listing(project, name)[v2]
+    again = _promote(project, client, name, v2)  # 0.20 >= the champion's 0.10: through the gate
+    assert again.accepted and not again.forced
+    tags = client.get_model_version(name, v2).tags
+    assert "promotion_force_reason" not in tags and "promotion_gate_verdict" not in tags, tags
+    rows = _listing(project, name)
+    assert "champion" in rows[v2] and "hotfix" not in rows[v2], rows[v2]
+    assert "rollback drill" in rows[v3]  # v3's forced promotion stays on record
+
+
+def test_control_characters_in_a_reason_are_escaped_by_the_listing(fresh: tuple[Any, Path]) -> None:
+    from flows.cli import app
+
+    client, project = fresh
+    name, (v1, v2) = _tagged_versions(client, project, [0.30, 0.20])
+    assert _promote(project, client, name, v1).accepted
+    reason = "\x1b[2J\x1b[31mall clear\x1b[0m\u202e"  # clear the screen, red, bidi override
+    forced = CliRunner().invoke(app, ["promote", "--project", str(project), "--model", name, v2, "--force",
+                                      "--reason", reason])
+    assert forced.exit_code == 0, forced.output
+    assert client.get_model_version(name, v2).tags["promotion_force_reason"] == reason  # recorded as given
+    result = CliRunner().invoke(app, ["promote", "--project", str(project), "--model", name, "--list"],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\u202e" not in result.output
+    assert "\\x1b[2J\\x1b[31mall clear\\x1b[0m\\u202e" in result.output, result.output
+
+
+ROWS_MODEL = """
+import mlflow.models
+from mlflow.pyfunc import PythonModel
+
+
+class Rows(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return [len(model_input)]
+
+
+mlflow.models.set_model(Rows())
+"""
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it in the register stage runs (not even `except Exception`)."""
+
+
+def test_register_after_a_kill_right_after_mlflow_created_the_version_reuses_it(
+        fresh: tuple[Any, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 28, item 4: killed after `Created version 'N'` (registration.json and dvc.lock not written), the
+    stage ran again under DVC and registered N+1 with the same weights_sha256 and MLflow run."""
+    import dataclasses
+
+    import mlflow
+
+    from rain_model.metrics import METRIC_KEYS
+    from tasks import register
+    from tasks.infra.tracking import file_hash
+    from tests.micro_project import micro_params
+
+    client, root = fresh
+    params = micro_params({"register": {"model_name": f"fresh-{uuid.uuid4().hex[:8]}"}})
+    name = params.register.model_name
+    run_id = client.create_run(client.create_experiment(f"e-{uuid.uuid4().hex[:8]}")).info.run_id
+    client.log_metric(run_id, "epoch/L_tri", 0.3, step=1)
+    model_dir, report_dir = root / "models", root / "reports"
+    model_dir.mkdir()
+    report_dir.mkdir()
+    (model_dir / "weights.safetensors").write_bytes(b"the trained weights")
+    (model_dir / "train.json").write_text(json.dumps(
+        {"trials": {"0": {"weights": "weights.safetensors", "mlflow_run_id": run_id, "num_classes": 4}}}))
+    figures = {k: 0.5 for k in METRIC_KEYS} | {"rank1_std": 0.01}
+    (report_dir / "metrics.json").write_text(json.dumps({"rows": {"lr": figures}}))
+    for file in ("hr.parquet", "mlr.parquet", "params.yaml"):
+        (root / file).write_text(file)
+    code = root / "rows_model.py"
+    code.write_text(ROWS_MODEL)
+    logged: list[Path] = []
+
+    def log_model(params: Any, weights: Path, settings: Any, step: int = 0) -> Any:  # the pyfunc, in miniature
+        logged.append(weights)
+        return mlflow.pyfunc.log_model(name="model", python_model=str(code), step=step)
+
+    def stage() -> dict[str, Any]:
+        return register.run(params, model_dir, report_dir, root / "mlr.parquet", root / "params.yaml",
+                            manifest_path=root / "hr.parquet", lock_file=root / "dvc.lock")  # no lock: stale
+
+    monkeypatch.setattr(register, "log_model", log_model)
+    real_register = mlflow.register_model
+
+    def register_then_die(*args: Any, **kwargs: Any) -> Any:
+        real_register(*args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(mlflow, "register_model", register_then_die)
+    with pytest.raises(Killed):
+        stage()
+    assert [v.version for v in client.search_model_versions(f"name='{name}'")] == [1]
+    assert not (report_dir / "registration.json").exists()
+
+    monkeypatch.setattr(mlflow, "register_model", real_register)
+    registration = stage()  # DVC runs the stage again: dvc.lock never recorded the killed run
+    versions = client.search_model_versions(f"name='{name}'")
+    assert [v.version for v in versions] == [1], "one set of weights, two versions"
+    assert registration["version"] == 1 and client.get_registered_model(name).aliases == {"candidate": 1}
+    assert versions[0].tags["weights_sha256"] == file_hash(model_dir / "weights.safetensors")
+    assert versions[0].tags["mlflow_run_id"] == run_id
+    assert len(logged) == 1  # the model was not logged a second time either
+    assert json.loads((report_dir / "registration.json").read_text())["version"] == 1
+
+    (model_dir / "weights.safetensors").write_bytes(b"other weights")  # retrained: a new version, as before
+    assert stage()["version"] == 2 and len(logged) == 2
+    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, flip=True))
+    assert stage()["version"] == 3 and len(logged) == 3  # same weights, other settings: another model

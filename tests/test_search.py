@@ -200,3 +200,139 @@ def test_search_has_help() -> None:
 
     result = CliRunner().invoke(app, ["search", "--help"])
     assert result.exit_code == 0 and "--gallery" in result.output and "--top-k" in result.output
+
+
+# ----------------------------------------------------------------------------------------------------
+# What cannot be searched (issue 28, item 5), with a stand-in for the registered model: no trained project.
+
+
+class _StandIn:
+    """The registered pyfunc as `search.run` uses it: `predict` on a table of encoded images (the mean colour of
+    each as a unit vector), refusing what is not an image as the model does; its fingerprint and limits."""
+
+    fingerprint = "stand-in"
+
+    def __init__(self) -> None:
+        from tasks.config import ServeConfig
+
+        self.limits = ServeConfig(max_pixels=64 * 128, max_images=32)
+
+    def unwrap_python_model(self) -> _StandIn:
+        return self
+
+    def predict(self, table: Any) -> np.ndarray:
+        import io
+
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+        from PIL import Image
+
+        out = []
+        for row, blob in enumerate(table["image"]):
+            try:
+                with Image.open(io.BytesIO(blob)) as img:
+                    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+            except OSError as exc:
+                raise MlflowException(f"row {row}: not an image", error_code=INVALID_PARAMETER_VALUE) from exc
+            v = rgb.mean(axis=(0, 1)) + 1.0
+            out.append(v / np.linalg.norm(v))
+        return np.stack(out)
+
+
+def _png(path: Path, colour: tuple[int, int, int]) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 64), colour).save(path)
+    return path
+
+
+def _unreadable_link(gallery: Path) -> Path:
+    link = gallery / "environ.png"
+    link.symlink_to("/proc/1/environ")
+    try:
+        link.read_bytes()
+    except PermissionError:
+        return link
+    pytest.skip("/proc/1/environ is readable here: no file to refuse this process")
+
+
+def test_entries_that_cannot_be_read_are_listed_with_the_reason_and_the_search_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import tracemalloc
+
+    import mlflow.pyfunc
+
+    from tasks.registry import search
+
+    gallery = tmp_path / "gallery"
+    good = [_png(gallery / "0001_a.png", (200, 30, 30)), _png(gallery / "0002_b.png", (30, 200, 30)),
+            _png(gallery / "sub" / "0003_c.png", (30, 30, 200))]
+    expected = {  # name: a phrase of the reason it is skipped
+        "environ.png": "cannot be read: Permission denied",  # a 74-line PermissionError ended the search
+        "sparse.png": "bytes, larger than any image this model accepts",  # read whole to hash it: +3 GB
+        "pipe.png": "not a regular file",
+        "dangling.png": "not searched: No such file or directory",
+        "folder-link.png": "a link to a folder (not followed)",
+        "text.png": "not an image",
+    }
+    _unreadable_link(gallery)
+    with (gallery / "sparse.png").open("wb") as fh:
+        fh.truncate(3 * 2**30)  # 3 GiB, no blocks on disk
+    os.mkfifo(gallery / "pipe.png")  # reading it would wait for a writer forever
+    (gallery / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (gallery / "folder-link.png").symlink_to(gallery / "sub")
+    (gallery / "text.png").write_text("not a picture")
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda uri: _StandIn())
+    cfg = search.SearchConfig(model_uri="models:/stand-in/1", gallery_dir=gallery, queries=(good[1],),
+                              out_html=tmp_path / "out" / "page.html", top_k=3, cache_dir=tmp_path / "cache")
+    search.run(cfg)  # modules imported, the cache filled: what the traced run allocates is its own reading
+    tracemalloc.start()
+    try:
+        result = search.run(cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    skipped = {p.name: reason for p, reason in result.skipped}
+    assert set(skipped) == set(expected), skipped
+    for name, phrase in expected.items():
+        assert phrase in skipped[name], (name, skipped[name])
+    assert result.results[0].matches[0].path == good[1]  # the query itself, at distance 0
+    assert {m.path for m in result.results[0].matches} == set(good)  # every readable image searched
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated at the peak"  # one block is 1 MiB
+    page = result.html.read_text()
+    assert all(name in page for name in expected)
+
+
+def test_files_are_hashed_in_blocks_and_read_no_further_than_the_limit(tmp_path: Path) -> None:
+    import hashlib
+
+    from tasks.registry.search import HASH_BLOCK, Unreadable, read_image, sha256_of
+
+    data = bytes(range(256)) * (3 * HASH_BLOCK // 256 + 7)  # three blocks and a bit
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    assert sha256_of(path, len(data)) == hashlib.sha256(data).hexdigest()
+    assert read_image(path, len(data)) == data
+    with pytest.raises(Unreadable, match=rf"{len(data)} bytes, larger than any image this model accepts "
+                                         rf"\({len(data) - 1} bytes"):
+        sha256_of(path, len(data) - 1)
+
+
+def test_an_unreadable_query_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.pyfunc
+
+    from flows.cli import app
+
+    gallery = tmp_path / "gallery"
+    _png(gallery / "0001_a.png", (200, 30, 30))
+    query = _unreadable_link(gallery)
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda uri: _StandIn())
+    result = CliRunner().invoke(app, ["search", "--project", str(tmp_path), "--model", "models:/stand-in/1",
+                                      "--gallery", str(gallery), "--query", str(query),
+                                      "--out", str(tmp_path / "page.html")])
+    assert result.exit_code == 2, result.output
+    assert f"error: query {query}: cannot be read: Permission denied" in result.output
+    assert "Traceback" not in result.output

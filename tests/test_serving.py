@@ -401,3 +401,330 @@ def test_json_depth() -> None:
     assert json_depth(b'["\\"[[[", [[]]]') == 3
     assert json_depth(b"[" * 100_000 + b"]" * 100_000) == 100_000
     assert json_depth(b'"just a string"') == 0
+
+
+# MLflow's scoring app itself, in process, on a model that only counts its rows: what the guard must answer before
+# MLflow parses anything (no trained project, no server).
+
+ROW_COUNTER = """
+import mlflow.models
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class RowCounter(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return pd.DataFrame({"rows": [len(model_input)]})
+
+
+mlflow.models.set_model(RowCounter())
+"""
+
+
+@pytest.fixture(scope="module")
+def row_counter(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """MLflow's scoring app (FastAPI) for a from-code model that answers {"rows": N}."""
+    import mlflow.pyfunc
+    from mlflow.pyfunc import scoring_server
+
+    folder = tmp_path_factory.mktemp("row-counter")
+    (folder / "model.py").write_text(ROW_COUNTER)
+    mlflow.pyfunc.save_model(str(folder / "model"), python_model=str(folder / "model.py"))
+    return scoring_server.init(mlflow.pyfunc.load_model(str(folder / "model")))
+
+
+def _invoke(app: Any, body: bytes, headers: list[tuple[str, str]]) -> tuple[int, str]:
+    """(status, response text) of POST /invocations on an ASGI app in process, exactly these headers."""
+    from starlette.testclient import TestClient
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.post("/invocations", content=body, headers=headers)
+        return resp.status_code, resp.text
+
+
+DEEP_JSON = b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+HEADER_CASES = {  # issue 28, item 3: each was a 500 from `rain serve-model`
+    "no Content-Type": ([], b'{"inputs": {"image": ["x"]}}', 415, "no Content-Type header"),
+    "json then text/plain, 5,000 deep": ([("content-type", "application/json"), ("content-type", "text/plain")],
+                                         DEEP_JSON, 400, "2 Content-Type headers ('application/json', 'text/plain')"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_requests_mlflow_answers_with_a_500_get_a_4xx_from_rain_serve_model(row_counter: Any, case: str) -> None:
+    from tasks.config import ServeConfig
+    from tasks.registry.serve import RequestGuard, body_limit
+
+    headers, body, status, phrase = HEADER_CASES[case]
+    assert _invoke(row_counter, body, headers)[0] == 500  # MLflow alone (AttributeError, RecursionError)
+    guarded = RequestGuard(row_counter, body_limit(ServeConfig()))
+    got, text = _invoke(guarded, body, headers)
+    assert got == status and phrase in json.loads(text)["message"], (got, text)
+
+
+def test_the_guard_passes_a_well_formed_request_to_mlflow(row_counter: Any) -> None:
+    from tasks.config import ServeConfig
+    from tasks.registry.serve import RequestGuard, body_limit
+
+    guarded = RequestGuard(row_counter, body_limit(ServeConfig()))
+    status, text = _invoke(guarded, b'{"dataframe_split": {"columns": ["image"], "data": [["a"], ["b"], ["c"]]}}',
+                           [("content-type", "application/json; charset=utf-8")])
+    assert status == 200 and json.loads(text)["predictions"] == [{"rows": 3}], text
+
+
+# Rows per request (issue 28, item 1): memory follows rows, not bytes. A 270 KB Parquet body of 100 M empty rows
+# took +2.6 GB of `rain serve-model` and 4 M JSON rows of `[""]` (20 MB) +913 MB, both inside the body limit.
+
+
+def _counted(app: Any) -> tuple[Any, list[int]]:
+    """`app` and a list that gets an entry each time a request reaches it."""
+    calls: list[int] = []
+
+    async def counted(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            calls.append(1)
+        await app(scope, receive, send)
+
+    return counted, calls
+
+
+def _parquet_rows(rows: int) -> bytes:
+    """A table of `rows` empty strings (issue 28's repro: a dictionary of one value cast to strings, zstd): the writer
+    stores them dictionary-encoded, a few hundred KB for millions of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int8)), pa.array([""])).cast(pa.string())
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": column}), buf, compression="zstd")
+    return buf.getvalue()
+
+
+ROW_BOMBS = {  # name: (content type, body builder, phrase of the 400's message)
+    "Parquet, 10 M empty rows": ("application/vnd.apache.parquet", lambda: _parquet_rows(10_000_000),
+                                 "Parquet table of 10000000 rows, over this model's limit serve.max_images = 32"),
+    "JSON, 1 M rows of [\"\"]": ("application/json", lambda: b'{"dataframe_split": {"columns": ["image"], "data": ['
+                                + b",".join([b'[""]'] * 1_000_000) + b"]}}",
+                                "JSON of 1000001 values, over the limit of 192"),
+    "CSV, 1 M lines": ("text/csv", lambda: b"image\n" + b"x\n" * 1_000_000, "CSV of 1000001 lines"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROW_BOMBS))
+def test_more_rows_than_serve_max_images_are_refused_before_mlflow_builds_them(row_counter: Any, case: str) -> None:
+    from tasks.config import ServeConfig
+    from tasks.registry.serve import RequestGuard, body_limit
+
+    content_type, build, phrase = ROW_BOMBS[case]
+    body = build()
+    limits = ServeConfig()
+    assert len(body) < body_limit(limits)  # the byte limit lets it in
+    app, calls = _counted(row_counter)
+    status, text = _invoke(RequestGuard(app, body_limit(limits), max_rows=limits.max_images), body,
+                           [("content-type", content_type)])
+    assert status == 400 and phrase in json.loads(text)["message"], (status, text[:300])
+    assert calls == [], "MLflow saw the request"
+
+
+def test_a_request_of_max_images_rows_in_each_layout_reaches_the_model(row_counter: Any) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.config import ServeConfig
+    from tasks.registry.serve import RequestGuard, body_limit
+
+    limits = ServeConfig()
+    rows = [_png()] * limits.max_images
+    parquet = io.BytesIO()
+    pq.write_table(pa.table({"image": rows}), parquet)
+    bodies = {
+        "dataframe_split": ("application/json", json.dumps({"dataframe_split": {
+            "columns": ["image", "id"], "data": [[r, i] for i, r in enumerate(rows)]}}).encode()),
+        "dataframe_records": ("application/json", json.dumps({"dataframe_records": [
+            {"image": r, "id": i} for i, r in enumerate(rows)]}).encode()),
+        "csv": ("text/csv", ("image\n" + "\n".join(rows) + "\n").encode()),
+        "parquet": ("application/vnd.apache.parquet", parquet.getvalue()),
+    }
+    guard = RequestGuard(row_counter, body_limit(limits), max_rows=limits.max_images)
+    for layout, (content_type, body) in bodies.items():
+        status, text = _invoke(guard, body, [("content-type", content_type)])
+        assert status == 200 and json.loads(text)["predictions"] == [{"rows": limits.max_images}], (layout, text)
+
+
+def test_json_values() -> None:
+    from tasks.registry.serve import json_values
+
+    assert json_values(b'{"a": [1, 2, {"b": "x,y,z"}], "c": "\\\\\\",,"}') == 4
+    assert json_values(b"[" + b",".join([b'[""]'] * 1000) + b"]") == 1000
+
+
+def test_json_containers() -> None:
+    from tasks.registry.serve import json_containers
+
+    assert json_containers(b'{"a": [[], {}], "b": "[{[{"}') == 4
+
+
+def test_the_guard_works_on_at_most_max_busy_requests_at_once() -> None:
+    """The others wait with their body read: memory is that of `max_busy` requests being worked on, not of all those
+    in flight."""
+    import asyncio
+
+    from tasks.registry.serve import RequestGuard
+
+    busy, most = 0, 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal busy, most
+        await receive()
+        busy += 1
+        most = max(most, busy)
+        await asyncio.sleep(0.05)
+        busy -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def one(guard: RequestGuard) -> int:
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/invocations",
+                 "headers": [(b"content-type", b"application/json")]}
+        await guard(scope, receive, send)
+        return int(sent[0]["status"])
+
+    async def many() -> list[int]:
+        guard = RequestGuard(app, max_body_bytes=1000, max_rows=32, max_busy=2)
+        return await asyncio.gather(*(one(guard) for _ in range(8)))
+
+    assert asyncio.run(many()) == [200] * 8
+    assert most == 2
+
+
+def _shape_reference(text: bytes) -> tuple[int, int, int]:
+    """json_shape one character at a time: a quote after an odd run of backslashes is escaped."""
+    run, inside, depth, deepest, commas, containers = 0, False, 0, 0, 0, 0
+    for c in text:
+        if c == ord('"') and run % 2 == 0:
+            inside = not inside
+        elif not inside and c in b"[{":
+            depth, containers = depth + 1, containers + 1
+            deepest = max(deepest, depth)
+        elif not inside and c in b"]}":
+            depth -= 1
+        elif not inside and c == ord(","):
+            commas += 1
+        run = run + 1 if c == ord("\\") else 0
+    return deepest, commas + 1, containers
+
+
+def test_json_shape_agrees_with_a_scan_one_character_at_a_time_across_block_edges(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    from tasks.registry import serve
+
+    rng = random.Random(0)
+    texts = [bytes(rng.choice(b'[]{},"\\\\ab') for _ in range(rng.randrange(60))) for _ in range(400)]
+
+    def value(depth: int) -> Any:
+        kind = rng.randrange(4) if depth < 6 else 3
+        if kind == 0:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        if kind == 1:
+            return {f'k"\\{i}': value(depth + 1) for i in range(rng.randrange(4))}
+        return "".join(rng.choice('[]{},"\\\\ab') for _ in range(rng.randrange(8)))
+
+    texts += [json.dumps(value(0)).encode() for _ in range(200)]
+    for block in (1, 2, 3, 7, 1 << 18):
+        monkeypatch.setattr(serve, "SCAN_BLOCK", block)
+        for text in texts:
+            assert serve.json_shape(text) == _shape_reference(text), (block, text)
+
+
+def test_max_connections_requests_sent_together_are_all_served_and_one_more_gets_a_503() -> None:
+    """uvicorn counts the new connection against its limit: `limit_concurrency=16` answered 503 to most of 16
+    requests sent together (bench/serve_load.py: 11 of 16)."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import uvicorn
+
+    from tasks.registry.serve import uvicorn_limit
+
+    release = threading.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        while not release.is_set():  # every request stays in flight until all have arrived
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    max_connections = 4
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           limit_concurrency=uvicorn_limit(max_connections)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, progress=lambda: 0, what="uvicorn starting", poll_s=0.05)
+        url = f"http://127.0.0.1:{port}"
+
+        def post(_: int) -> int:
+            return _post(url, {"inputs": []})[0]
+
+        with ThreadPoolExecutor(max_connections) as pool:
+            first = [pool.submit(post, i) for i in range(max_connections)]
+            time.sleep(1.0)  # all connected and waiting in the app
+            assert post(-1) == 503  # one more
+            release.set()
+            assert [f.result(timeout=60) for f in first] == [200] * max_connections
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_a_waiting_request_has_its_body_read_only_when_its_turn_comes() -> None:
+    """Memory holds the bodies of the requests being worked on, not of all those in flight: with one at a time, the
+    second request's body is not read until the first is answered."""
+    import asyncio
+
+    from tasks.registry.serve import RequestGuard
+
+    events: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        events.append(f"work {message['body'].decode()}")
+        await asyncio.sleep(0.05)
+        events.append(f"done {message['body'].decode()}")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def one(guard: RequestGuard, name: str) -> None:
+        async def receive() -> Any:
+            events.append(f"read {name}")
+            return {"type": "http.request", "body": f'"{name}"'.encode(), "more_body": False}
+
+        async def send(message: Any) -> None:
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": "/invocations",
+                 "headers": [(b"content-type", b"application/json")]}
+        await guard(scope, receive, send)
+
+    async def two() -> None:
+        guard = RequestGuard(app, max_body_bytes=1000, max_rows=32, max_busy=1)
+        await asyncio.gather(one(guard, "a"), one(guard, "b"))
+
+    asyncio.run(two())
+    assert events == ['read a', 'work "a"', 'done "a"', 'read b', 'work "b"', 'done "b"'], events

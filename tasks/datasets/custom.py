@@ -155,7 +155,7 @@ def normalise(file: Path, hashes: FileHashes | None = None) -> pa.Table:
     base = file.resolve().parent
     problems: list[str] = []
     rows: list[dict[str, object]] = []
-    seen: dict[str, int] = {}
+    seen: dict[tuple[int, int], tuple[int, str]] = {}  # (device, inode) -> (row, path as written)
 
     def problem(row: int, column: str, text: str) -> None:
         problems.append(f"row {row}, column {column}: {text}")
@@ -167,14 +167,18 @@ def normalise(file: Path, hashes: FileHashes | None = None) -> pa.Table:
             problem(index, "path", "empty")
         else:
             image = (base / raw_path.strip()).resolve()
-            key = image.as_posix()
-            if not image.is_file():
+            # By inode, not path: a hard link (or a bind mount) is the same image under another name, and it would
+            # be one image in two places of a split (a test image seen in training).
+            inode = _inode(image) if image.is_file() else None
+            if inode is None:
                 problem(index, "path", f"{raw_path!r}: no such file ({image})")
-            elif key in seen:
-                problem(index, "path", f"{raw_path!r}: same file as row {seen[key]}")
+            elif inode in seen:
+                first_row, first = seen[inode]
+                how = "" if (base / first.strip()).resolve() == image else f" ({first!r}: a hard link to it)"
+                problem(index, "path", f"{raw_path!r}: same file as row {first_row}{how}")
             else:
-                seen[key] = index
-            values["path"] = key
+                seen[inode] = (index, raw_path)
+            values["path"] = image.as_posix()
         for column, low, high in RANGES:
             if column not in record or (column in OPTIONAL and _blank(record[column])):
                 continue
@@ -205,6 +209,14 @@ def normalise(file: Path, hashes: FileHashes | None = None) -> pa.Table:
         except OSError:
             row["sha256"] = None
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _check_views(file: Path, rows: list[dict[str, object]]) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
+import time
 import traceback
+from pathlib import Path
 from types import TracebackType
 
 # The last line a failing stage prints: what went wrong in one line. The Prefect flow finds it in the
@@ -30,3 +33,19 @@ def one_line(exc: BaseException) -> str:
 def _print_with_summary(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
     traceback.print_exception(kind, exc, tb)
     print(f"{ERROR_MARKER} {one_line(exc)}", file=sys.stderr, flush=True)
+
+
+def new_run_folder(logs: Path, stamp: str | None = None) -> Path:
+    """A flow run's own folder for its stages' logs, `<logs>/<start>/` (start: local time to the second), made
+    here: a second run started in the same second gets `<start>-2`, and so on. mkdir either makes a folder or
+    fails, so two processes never get the same one."""
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    logs.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        folder = logs / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise AssertionError("unreachable")

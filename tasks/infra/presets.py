@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from tasks.config import ParamsError, parse
+from tasks.config import ParamsError, parse, read_params_text
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 
@@ -73,7 +73,7 @@ def write(params_file: Path, name: str, folder: Path = PRESETS_DIR) -> str:
     from tasks.config import Params
 
     overrides = load(name, folder)
-    before = params_file.read_text()
+    before = read_params_text(params_file)  # checked (size, UTF-8, depth, aliases) before YAML builds anything
     after = apply(before, overrides, str(params_file))
     wanted = yaml.safe_load(before)
     for section, values in overrides.items():

@@ -7,7 +7,7 @@ champion yet, any version that carries those tags and a rank-1 may become champi
 before the figures were named for the LR queries carries `rank1` (`mAP`, ...) instead, the same figure: the
 gate and the listing read it under the new name (`LEGACY_FIGURES`), so an older champion is still compared.
 `force_reason` overrides the gate; the reason is recorded on the version (tag `promotion_force_reason`, with the gate
-verdict it overrode in `promotion_gate_verdict`).
+verdict it overrode in `promotion_gate_verdict`), until the version is promoted again through the gate.
 
 Races. MLflow has no compare-and-set on aliases: two promoters that both read "champion = v1", then
 both set it, leave the alias wherever the slower one put it, whatever the gate said. So the whole
@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import socket
 import time
@@ -55,6 +56,8 @@ GATE_TAGS = ("dataset", "protocol", "eval_set")
 # The LR queries' figures the gate compares (rank-1) and the listing shows, as the register stage tags them.
 RANK1, RANK1_STD, MAP = (figure_name(HEADLINE_ROW, m) for m in ("rank1", "rank1_std", "mAP"))
 LOCK_SUFFIX = ".promotion-lock"
+# What a forced promotion records on the version (its reason, and the gate's verdict it overrode).
+FORCE_TAGS = ("promotion_force_reason", "promotion_gate_verdict")
 LIST_TAGS = (RANK1, RANK1_STD, MAP, "dataset", "protocol", "eval_set", "promotion_force_reason")
 # The register stage's figure tags before they were named for the LR queries (a registry written then holds
 # them): a fixed record of those names, not derived from today's metric list. Read as the new names when absent.
@@ -70,6 +73,24 @@ class LockTimeout(PromotionError):
     """Another promotion holds the lock and did not release it in time."""
 
 
+class InvalidRequest(PromotionError, ValueError):
+    """A request no registry could answer (a model name with '/', a version that is no number)."""
+
+
+def check_model_name(name: str) -> None:
+    """A registered model's name as the register stage allows it (register.model_name): MLflow takes a '/' for a
+    path and fails with a traceback."""
+    if not name.strip() or "/" in name:
+        raise InvalidRequest(f"model name {name!r}: expected a registered model name, non-empty and without '/'")
+
+
+def check_version(version: str) -> None:
+    """A model version is a number (an empty one once promoted the `candidate`)."""
+    if not version.isdecimal() or not version.isascii():
+        raise InvalidRequest(f"version {version!r}: expected a model version number, such as 3 (or none for the "
+                             f"version with alias `candidate`)")
+
+
 @dataclass(frozen=True)
 class PromoteRequest:
     model_name: str = "rain-reid"
@@ -80,12 +101,15 @@ class PromoteRequest:
     lock_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        check_model_name(self.model_name)
+        if self.version is not None:
+            check_version(self.version)
         if self.alias not in PROMOTED_ALIASES:  # the set RegisterConfig refuses: one list of gated aliases
-            raise ValueError(f"alias {self.alias!r}: `rain promote` moves only {', '.join(PROMOTED_ALIASES)}")
+            raise InvalidRequest(f"alias {self.alias!r}: `rain promote` moves only {', '.join(PROMOTED_ALIASES)}")
         if self.force_reason is not None and not self.force_reason.strip():
-            raise ValueError("a forced promotion needs a non-empty reason")
-        if self.lock_timeout_s < 0:
-            raise ValueError(f"lock_timeout_s must be >= 0, got {self.lock_timeout_s}")
+            raise InvalidRequest("a forced promotion needs a non-empty reason")
+        if not (0 <= self.lock_timeout_s < math.inf):
+            raise InvalidRequest(f"lock timeout {self.lock_timeout_s}: expected seconds >= 0")
 
 
 @dataclass(frozen=True)
@@ -156,6 +180,10 @@ def promote(client: Any, request: PromoteRequest, host_lock: Path) -> Decision:
             tags |= {"promotion_force_reason": request.force_reason, "promotion_gate_verdict": why}
         for key, value in tags.items():
             client.set_model_version_tag(request.model_name, candidate.version, key, value)
+        if not forced:  # through the gate now: a reason left by an earlier forced promotion no longer holds
+            for key in FORCE_TAGS:
+                if key in candidate.tags:
+                    client.delete_model_version_tag(request.model_name, candidate.version, key)
         client.set_registered_model_alias(request.model_name, request.alias, candidate.version)
         # Read back: a writer that bypassed the locks (UI, another tool) would show up here.
         now = client.get_registered_model(request.model_name).aliases.get(request.alias)

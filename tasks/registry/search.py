@@ -11,6 +11,11 @@ A second search over the same gallery with the same model embeds nothing; a rena
 not embedded again; a different model (even under the same alias) never reads another model's vectors.
 Cache files are written whole (temporary file + rename), so concurrent searches can share the folder.
 
+What cannot be searched is skipped and listed on the page with the reason, and the search goes on: a file
+that cannot be read (a link to ``/proc/1/environ``), what is no regular file (a FIFO, a device, a link to a
+folder), a file larger than any image the model accepts (``serve.max_pixels`` uncompressed: refused from its
+size, never read), a file the model refuses. Files are hashed in blocks and read at most to that size.
+
 Ranking: embeddings are unit-norm, so the Euclidean distance is ``sqrt(2 - 2 q.g)`` and the order is
 the cosine order; ties keep the gallery's path order. With ``id_pattern`` (a regular expression whose
 first group is the identity in a file name, e.g. ``^(\\d+)_`` for ``0042_c1_00.png``) matches are
@@ -24,8 +29,9 @@ import html
 import logging
 import os
 import re
+import stat
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".webp")
 TILE = (64, 128)  # contact-sheet tile (width, height): a pedestrian crop's 1:2 aspect
+HASH_BLOCK = 1 << 20  # bytes read at a time: hashing a file costs one block of memory, whatever its size
 
 Progress = Callable[[int, int], None]  # (images embedded so far, images to embed)
 
@@ -119,23 +126,103 @@ class EmbeddingCache:
 
     def put(self, sha: str, vector: np.ndarray) -> None:
         path = self._path(sha)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as fh:
-            np.save(fh, np.asarray(vector, dtype=np.float32), allow_pickle=False)
-        os.replace(fh.name, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as fh:
+                np.save(fh, np.asarray(vector, dtype=np.float32), allow_pickle=False)
+            os.replace(fh.name, path)
+        except OSError as exc:  # full, read-only, or a file where a folder belongs
+            raise SearchError(f"embedding cache {self.dir}: cannot write {path.name} ({_why(exc)})") from exc
+
+
+@dataclass(frozen=True)
+class Folder:
+    images: list[Path]  # regular files (or links to one) with an image suffix, in path order
+    skipped: list[tuple[Path, str]]  # everything else under the folder but its subfolders, with the reason
+
+
+def scan(folder: Path) -> Folder:
+    """Image files under `folder` (recursively, by suffix; links to folders are not followed) and what is left
+    out, with the reason: other suffixes, what is no regular file (a FIFO, a device, a dangling link: reading one
+    could block or never end), a subfolder that cannot be listed."""
+    if not folder.is_dir():
+        raise SearchError(f"gallery {folder} is not a folder")
+    images: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    pending = [folder]
+    while pending:
+        here = pending.pop()
+        try:
+            with os.scandir(here) as found:
+                entries = list(found)
+        except OSError as exc:
+            skipped.append((here, f"not searched: the folder cannot be listed ({_why(exc)})"))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(path)
+                    continue
+                mode = path.stat().st_mode  # through a link: what it points at
+            except OSError as exc:
+                skipped.append((path, f"not searched: {_why(exc)}"))
+                continue
+            if stat.S_ISDIR(mode):
+                skipped.append((path, "not searched: a link to a folder (not followed)"))
+            elif not stat.S_ISREG(mode):
+                skipped.append((path, "not searched: not a regular file"))
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((path, f"not searched: {path.suffix or 'no'} suffix is not one of "
+                                      f"{', '.join(IMAGE_SUFFIXES)}"))
+            else:
+                images.append(path)
+    return Folder(sorted(images), sorted(skipped))
 
 
 def image_files(folder: Path) -> list[Path]:
     """Image files under `folder` (recursively, by suffix), in path order."""
-    if not folder.is_dir():
-        raise SearchError(f"gallery {folder} is not a folder")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return scan(folder).images
 
 
-def other_files(folder: Path) -> list[tuple[Path, str]]:
-    """Files under `folder` that `image_files` leaves out, with the reason (listed on the page as skipped)."""
-    return [(p, f"not searched: {p.suffix or 'no'} suffix is not one of {', '.join(IMAGE_SUFFIXES)}")
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
+class Unreadable(Exception):
+    """A file that cannot be used: it cannot be read, or it is larger than any image the model accepts."""
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _chunks(path: Path, limit: int) -> Iterator[bytes]:
+    """The file's bytes in blocks, never more than `limit` in all (a file found larger raises Unreadable before
+    its first block is read, a file that grows while read once it passes the limit)."""
+    try:
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                raise Unreadable(f"{size} bytes, larger than any image this model accepts ({limit} bytes: "
+                                 f"serve.max_pixels pixels, uncompressed)")
+            total = 0
+            while block := fh.read(min(HASH_BLOCK, limit + 1 - total)):
+                total += len(block)
+                if total > limit:
+                    raise Unreadable(f"more than {limit} bytes, larger than any image this model accepts")
+                yield block
+    except OSError as exc:
+        raise Unreadable(f"cannot be read: {_why(exc)}") from exc
+
+
+def sha256_of(path: Path, limit: int) -> str:
+    """sha256 of the file, read in blocks (memory stays at one block whatever the file's size)."""
+    digest = hashlib.sha256()
+    for block in _chunks(path, limit):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def read_image(path: Path, limit: int) -> bytes:
+    """The file's bytes, at most `limit` of them."""
+    return b"".join(_chunks(path, limit))
 
 
 def expand_queries(paths: Sequence[Path]) -> tuple[Path, ...]:
@@ -146,6 +233,8 @@ def expand_queries(paths: Sequence[Path]) -> tuple[Path, ...]:
             out.extend(image_files(path))
         elif path.is_file():
             out.append(path)
+        elif path.exists():
+            raise SearchError(f"query {path} is not a regular file")
         else:
             raise SearchError(f"query {path} does not exist")
     return tuple(out)
@@ -162,7 +251,7 @@ def resolve_model_uri(model_uri: str) -> str:
     try:
         version = MlflowClient().get_model_version_by_alias(m.group(1), m.group(2)).version
     except MlflowException as exc:
-        raise SearchError(f"{model_uri}: {exc.message}") from exc
+        raise SearchError(f"model {model_uri}: {' '.join(exc.message.split())}") from exc
     return f"models:/{m.group(1)}/{version}"
 
 
@@ -194,16 +283,32 @@ class _GalleryVectors:
 def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
     """Rank the gallery for every query with one pinned model version; write the HTML page and the sheet."""
     import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
 
-    gallery = image_files(cfg.gallery_dir)
+    from tasks.registry.serve import image_byte_limit, model_limits
+
+    folder = scan(cfg.gallery_dir)
+    gallery = folder.images
     if not gallery:
         raise SearchError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {cfg.gallery_dir}")
+    if cfg.cache_dir.exists() and not cfg.cache_dir.is_dir():
+        raise SearchError(f"--cache-dir {cfg.cache_dir}: a file, not a folder")
+    try:  # before any work: a cache that cannot be written would fail the search after its first batch
+        cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SearchError(f"--cache-dir {cfg.cache_dir}: not a folder that can be made ({_why(exc)})") from exc
     uri = resolve_model_uri(cfg.model_uri)
-    model = mlflow.pyfunc.load_model(uri)
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise SearchError(f"model {uri}: {' '.join(exc.message.split())}") from exc
+    except OSError as exc:  # a local path that is no model
+        raise SearchError(f"model {uri}: {_why(exc)}") from exc
     model_key = _model_key(model, uri)
-    found = _gallery_vectors(model, gallery, EmbeddingCache(cfg.cache_dir, model_key), cfg, progress)
+    limit = image_byte_limit(model_limits(model))
+    found = _gallery_vectors(model, gallery, EmbeddingCache(cfg.cache_dir, model_key), cfg, limit, progress)
 
-    q_feat = _query_vectors(model, cfg.queries)  # (Q, d)
+    q_feat = _query_vectors(model, cfg.queries, limit)  # (Q, d)
     g_feat = np.stack([found.vectors[sha] for _, sha in found.kept]).astype(np.float32)  # (G, d)
     dist = np.sqrt(np.clip(2.0 - 2.0 * (q_feat @ g_feat.T), 0.0, None))  # (Q, G), unit vectors
     results, rank1 = _rank_queries(cfg, [p for p, _ in found.kept], dist)
@@ -211,7 +316,7 @@ def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
     sheet = cfg.out_html.with_suffix(".png")
     contact_sheet(results, sheet, cfg.top_k)
     result = SearchResult(cfg.out_html, sheet, uri, model_key, len(gallery), found.embedded, found.cached,
-                          (*other_files(cfg.gallery_dir), *found.skipped), tuple(results), rank1)
+                          (*folder.skipped, *found.skipped), tuple(results), rank1)
     write_html(result, cfg)
     log.info("search: %d queries against %d gallery images (%d embedded, %d cached) -> %s",
              len(cfg.queries), len(gallery), result.embedded, result.cached, cfg.out_html)
@@ -226,36 +331,54 @@ def _model_key(model: Any, uri: str) -> str:
         hashlib.sha256(f"{mlflow.get_tracking_uri()} {uri}".encode()).hexdigest()
 
 
-def _gallery_vectors(model: Any, gallery: list[Path], cache: EmbeddingCache, cfg: SearchConfig,
+def _gallery_vectors(model: Any, gallery: list[Path], cache: EmbeddingCache, cfg: SearchConfig, limit: int,
                      progress: Progress | None) -> _GalleryVectors:
-    """A vector per distinct gallery content: from the cache, else embedded in batches (and cached)."""
-    shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in gallery]
+    """A vector per distinct gallery content: from the cache, else embedded in batches (and cached). A file that
+    cannot be read, or is larger than `limit` bytes, is skipped with the reason."""
+    unreadable: dict[Path, str] = {}
+    hashed: list[tuple[Path, str]] = []
+    for path in gallery:
+        try:
+            hashed.append((path, sha256_of(path, limit)))
+        except Unreadable as exc:
+            unreadable[path] = str(exc)
     vectors: dict[str, np.ndarray] = {}
-    for sha in set(shas):
+    for sha in {sha for _, sha in hashed}:
         if (hit := cache.get(sha)) is not None:
             vectors[sha] = hit
     n_cached = len(vectors)
-    todo = sorted({sha: p for p, sha in zip(gallery, shas, strict=True) if sha not in vectors}.items())
-    rejected = _embed_into_cache(model, todo, cache, vectors, cfg.batch_size, progress)
-    kept = [(p, sha) for p, sha in zip(gallery, shas, strict=True) if sha in vectors]
+    todo = sorted({sha: p for p, sha in hashed if sha not in vectors}.items())
+    rejected = _embed_into_cache(model, todo, cache, vectors, cfg.batch_size, limit, progress)
+    kept = [(p, sha) for p, sha in hashed if sha in vectors]
     if not kept:
         raise SearchError(f"none of the {len(gallery)} files under {cfg.gallery_dir} is a usable image")
-    skipped = tuple((p, rejected[sha]) for p, sha in zip(gallery, shas, strict=True) if sha in rejected)
+    skipped = tuple(sorted([*unreadable.items(), *((p, rejected[sha]) for p, sha in hashed if sha in rejected)]))
     for path, reason in skipped:
         log.warning("search: skipped gallery file %s: %s", path, reason)
     return _GalleryVectors(kept, vectors, skipped, len(todo) - len(rejected), n_cached)
 
 
 def _embed_into_cache(model: Any, todo: list[tuple[str, Path]], cache: EmbeddingCache,
-                      vectors: dict[str, np.ndarray], batch_size: int, progress: Progress | None) -> dict[str, str]:
+                      vectors: dict[str, np.ndarray], batch_size: int, limit: int,
+                      progress: Progress | None) -> dict[str, str]:
     """Embed `todo` (content hash, file) in batches into `vectors` and the cache; returns the refused
-    hashes with the model's reason."""
+    hashes with the reason (the model's, or why the file could not be read again)."""
     rejected: dict[str, str] = {}
     if progress:
         progress(0, len(todo))
     for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        for (sha, _), out in zip(chunk, _embed(model, [p.read_bytes() for _, p in chunk]), strict=True):
+        chunk = []
+        for sha, path in todo[start:start + batch_size]:
+            try:
+                blob = read_image(path, limit)
+            except Unreadable as exc:  # gone or changed since it was hashed
+                rejected[sha] = str(exc)
+                continue
+            if hashlib.sha256(blob).hexdigest() != sha:  # never cache a vector under another content's hash
+                rejected[sha] = "changed while the search read it"
+                continue
+            chunk.append((sha, blob))
+        for (sha, _), out in zip(chunk, _embed(model, [blob for _, blob in chunk]) if chunk else [], strict=True):
             if isinstance(out, str):
                 rejected[sha] = out
             else:
@@ -266,9 +389,15 @@ def _embed_into_cache(model: Any, todo: list[tuple[str, Path]], cache: Embedding
     return rejected
 
 
-def _query_vectors(model: Any, queries: Sequence[Path]) -> np.ndarray:
+def _query_vectors(model: Any, queries: Sequence[Path], limit: int) -> np.ndarray:
     """(Q, d) query embeddings, computed every time (a few images); an unreadable query is an error."""
-    q_out = _embed(model, [p.read_bytes() for p in queries])
+    blobs = []
+    for path in queries:
+        try:
+            blobs.append(read_image(path, limit))
+        except Unreadable as exc:
+            raise SearchError(f"query {path}: {exc}") from exc
+    q_out = _embed(model, blobs)
     for path, out in zip(queries, q_out, strict=True):
         if isinstance(out, str):
             raise SearchError(f"query {path}: {out}")
