@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tasks.config import Params
+from tasks.infra.tracking import ui_route
 
 DEFAULT_UI = "http://127.0.0.1:5000"
 
@@ -61,22 +62,27 @@ def mlflow_ui(tracking_uri: str) -> str:
 
 
 def run_url(ui: str, experiment_id: str, run_id: str) -> str:
-    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui}/{ui_route(f'experiments/{experiment_id}/runs/{run_id}')}"
+
+
+def artifact_url(ui: str, experiment_id: str, run_id: str, path: str) -> str:
+    """The run's artifact `path` (`evaluation/cmc.png`) on the run's artifacts page."""
+    return f"{ui}/{ui_route(f'experiments/{experiment_id}/runs/{run_id}/artifacts/{path}')}"
 
 
 def model_version_url(ui: str, name: str, version: int) -> str:
-    return f"{ui}/#/models/{quote(name)}/versions/{version}"
+    return f"{ui}/{ui_route(f'models/{quote(name)}/versions/{version}')}"
 
 
 def experiment_url(ui: str, experiment_id: str) -> str:
     """The experiment's training runs. MLflow 3.17's UI opens an experiment on its GenAI overview unless the
-    browser's "Model training" switch is on (it ignores the experiment's kind tag); the query sets it."""
-    return f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    browser's "Model training" switch is on (it ignores the experiment's kind tag); the query sets it, as it
+    does on every link here (tasks/infra/tracking.py ui_route)."""
+    return f"{ui}/{ui_route(f'experiments/{experiment_id}/runs')}"
 
 
-def picture_links(run_link: str, report_dir: Path) -> list[str]:
-    """Markdown links to the report's pictures where the MLflow UI shows them: the run `run_link` (a
-    `run_url`) holds them under its artifacts `evaluation/`. Not file: URLs, which browsers refuse to open
-    from a web page."""
-    return [f"[{p.stem.replace('_', ' ')}]({run_link}/artifacts/evaluation/{p.name})"
+def picture_links(ui: str, experiment_id: str, run_id: str, report_dir: Path) -> list[str]:
+    """Markdown links to the report's pictures where the MLflow UI shows them: run `run_id` holds them under
+    its artifacts `evaluation/`. Not file: URLs, which browsers refuse to open from a web page."""
+    return [f"[{p.stem.replace('_', ' ')}]({artifact_url(ui, experiment_id, run_id, f'evaluation/{p.name}')})"
             for p in sorted(report_dir.glob("*.png"))]

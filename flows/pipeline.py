@@ -245,11 +245,10 @@ def rain(project_dir: str = ".") -> dict[str, Any] | State:
     create_table_artifact(key="rain-stages", table=[r.__dict__ for r in results],
                           description="What DVC ran or skipped in this flow run")
     table = (report_dir / "table.md").read_text() if (report_dir / "table.md").exists() else ""
-    links = _mlflow_links(root, params, registration)
+    links, picture_list = _mlflow_links(root, params, registration, report_dir)
     for text, url in links:
         get_run_logger().info("%s: %s", text, url)
-    first_run = next(url for text, url in links if text.startswith(RUN_LINK))
-    pictures = "\n".join(f"- {link}" for link in picture_links(first_run, report_dir))
+    pictures = "\n".join(f"- {link}" for link in picture_list)
     create_markdown_artifact(
         key=f"rain-results-{re.sub(r'[^a-z0-9-]', '-', params.dataset.name.lower())}",
         markdown=f"# {params.dataset.name}\n\n{table}\n\n"
@@ -263,8 +262,10 @@ def rain(project_dir: str = ".") -> dict[str, Any] | State:
 RUN_LINK = "MLflow run"  # how a trial's run link starts (text of the log line and of the artifact's link)
 
 
-def _mlflow_links(root: Path, params: Params, registration: dict[str, Any]) -> list[tuple[str, str]]:
-    """(text, URL) of each trial's MLflow run and of the registered model version, in the MLflow UI."""
+def _mlflow_links(root: Path, params: Params, registration: dict[str, Any], report_dir: Path
+                  ) -> tuple[list[tuple[str, str]], list[str]]:
+    """(text, URL) of the experiment, each trial's MLflow run and the registered model version in the MLflow UI,
+    and Markdown links to the pictures in the first trial's run (each in the UI's training views)."""
     from mlflow import MlflowClient
 
     from tasks.infra.tracking import tracking_uri
@@ -272,12 +273,14 @@ def _mlflow_links(root: Path, params: Params, registration: dict[str, Any]) -> l
     uri = tracking_uri(root)
     client, ui = MlflowClient(uri), mlflow_ui(uri)
     trials = trials_of(root, params)
-    experiment_id = client.get_run(next(iter(trials.values()))["mlflow_run_id"]).info.experiment_id
+    first_run = next(iter(trials.values()))["mlflow_run_id"]
+    experiment_id = client.get_run(first_run).info.experiment_id
     links = [(f"{RUN_LINK}, trial {trial}", run_url(ui, experiment_id, info["mlflow_run_id"]))
              for trial, info in trials.items()]
     name, version = registration["model_name"], registration["version"]
     return [(f"MLflow experiment rain-{params.dataset.name}, its training runs", experiment_url(ui, experiment_id)),
-            *links, (f"Model {name} version {version}", model_version_url(ui, name, version))]
+            *links, (f"Model {name} version {version}", model_version_url(ui, name, version))], picture_links(
+        ui, experiment_id, first_run, report_dir)
 
 
 def trials_of(root: Path, params: Params) -> dict[str, Any]:

@@ -128,11 +128,26 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc
                          labels=[f"r={queries[i]['rate']} #{queries[i]['person_id']}" for i in chosen])
 
 
+def run_description(metrics: dict[str, Any], report_dir: Path, experiment_id: str, run_id: str) -> str:
+    """A training run's description (the run page shows it): the results table and links to the pictures among
+    its artifacts, relative to the UI's own address (its routes follow `#`), so they work wherever it runs, and
+    in its training views (ui_route)."""
+    from tasks.infra.tracking import ui_route
+
+    pictures = sorted(f.name for f in report_dir.iterdir() if f.suffix == ".png")
+    route = f"experiments/{experiment_id}/runs/{run_id}/artifacts/evaluation"
+    return "\n".join([
+        "## Results (percent)", "", (report_dir / "table.md").read_text().strip(), "",
+        f"CMC: {metrics['protocol']['cmc']}", f"mAP: {metrics['protocol']['mAP']}", "",
+        "Pictures (the run's artifacts, `evaluation/`): "
+        + ", ".join(f"[{name}]({ui_route(f'{route}/{name}')})" for name in pictures)])
+
+
 def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], report_dir: Path,
                    cmc: dict[str, np.ndarray]) -> None:
     """Metrics (`eval/<row>_<metric>`, each std as `eval_std/<row>_<metric>`), each row's CMC as metric
     `cmc/<row>` stepped by rank (MLflow draws the curve), every report file, and a run description holding the
-    results table, go to each trial's training run."""
+    results table (run_description), go to each trial's training run."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -141,15 +156,6 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
     client = MlflowClient(tracking_uri())
     flat = eval_metrics(metrics["rows"])
     files = sorted(report_dir.iterdir())
-
-    def description(run_id: str) -> str:
-        # Links relative to the UI's own address (its routes are after `#`), so they work wherever it runs.
-        route = f"#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}/artifacts/evaluation"
-        return "\n".join([
-            "## Results (percent)", "", (report_dir / "table.md").read_text().strip(), "",
-            f"CMC: {metrics['protocol']['cmc']}", f"mAP: {metrics['protocol']['mAP']}", "",
-            "Pictures (the run's artifacts, `evaluation/`): "
-            + ", ".join(f"[{f.name}]({route}/{f.name})" for f in files if f.suffix == ".png")])
     now = int(time.time() * 1000)
     batch = [Metric(key, value, now, 0) for key, value in flat.items()] + [
         Metric(CMC + row, float(value), now, rank) for row, curve in cmc.items()
@@ -159,7 +165,8 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
         log_metrics(client, run_id, batch)
         for file in files:
             client.log_artifact(run_id, str(file), artifact_path="evaluation")
-        client.set_tag(run_id, NOTE_TAG, description(run_id))  # the run page's description
+        description = run_description(metrics, report_dir, client.get_run(run_id).info.experiment_id, run_id)
+        client.set_tag(run_id, NOTE_TAG, description)  # the run page's description
 
 
 def main() -> None:

@@ -5,15 +5,26 @@ flow's log at which level."""
 from __future__ import annotations
 
 import logging
+import re
 import typing
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from flows.grid import TableKey, experiments
-from flows.links import experiment_url, grid_label, mlflow_ui, model_version_url, picture_links, run_url
+from flows.links import (
+    artifact_url,
+    experiment_url,
+    grid_label,
+    mlflow_ui,
+    model_version_url,
+    picture_links,
+    run_url,
+)
 from flows.pipeline import flow_log_line
 from tasks.config import load_params
+from tasks.evaluate import run_description
 from tasks.grid.tables import TABLES
 from tests.micro_project import REPO
 
@@ -54,8 +65,9 @@ def test_links_point_at_the_mlflow_ui_that_shows_the_store(monkeypatch: pytest.M
     else:
         monkeypatch.setenv("RAIN_MLFLOW_UI", env)
     assert mlflow_ui(tracking) == ui
-    assert run_url(ui, "3", "abc") == f"{ui}/#/experiments/3/runs/abc"
-    assert model_version_url(ui, "rain reid", 7) == f"{ui}/#/models/rain%20reid/versions/7"
+    assert run_url(ui, "3", "abc") == f"{ui}/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert model_version_url(ui, "rain reid", 7) == f"{ui}/#/models/rain%20reid/versions/7?" \
+        "workflowType=machine_learning"
 
 
 @pytest.mark.parametrize(("line", "shown"), [
@@ -86,12 +98,38 @@ def test_stage_output_reaches_the_flow_log_without_hints_or_ray_noise_at_its_lev
 
 
 def test_picture_and_experiment_links_open_in_the_mlflow_ui(tmp_path: Path) -> None:
-    """Browsers refuse file: links from a web page; the MLflow UI shows the pictures under the run's artifacts,
-    and opens an experiment on its training runs only when asked to (MLflow 3.17's GenAI overview otherwise)."""
+    """Browsers refuse file: links from a web page; the MLflow UI shows the pictures under the run's artifacts."""
     for name in ("cmc.png", "ranked_gallery.png", "metrics.json"):
         (tmp_path / name).write_bytes(b"")
-    run = run_url("http://127.0.0.1:5000", "3", "abc")
-    assert picture_links(run, tmp_path) == [
-        "[cmc](http://127.0.0.1:5000/#/experiments/3/runs/abc/artifacts/evaluation/cmc.png)",
-        "[ranked gallery](http://127.0.0.1:5000/#/experiments/3/runs/abc/artifacts/evaluation/ranked_gallery.png)"]
+    ui = "http://127.0.0.1:5000"
+    assert picture_links(ui, "3", "abc", tmp_path) == [
+        f"[cmc]({ui}/#/experiments/3/runs/abc/artifacts/evaluation/cmc.png?workflowType=machine_learning)",
+        f"[ranked gallery]({ui}/#/experiments/3/runs/abc/artifacts/evaluation/ranked_gallery.png"
+        "?workflowType=machine_learning)"]
     assert experiment_url("http://h:5000", "3") == "http://h:5000/#/experiments/3/runs?workflowType=machine_learning"
+
+
+def _opens_in_training_views(link: str) -> bool:
+    """The MLflow UI's page of `link` (absolute or relative: its route follows `#`) opens in the training views:
+    MLflow 3.17's front end reads `workflowType` from the route's query on every page, else the browser's switch,
+    which is GenAI until a user turns it."""
+    route = urlsplit(urlsplit(link).fragment)
+    return route.path.startswith("/") and parse_qs(route.query).get("workflowType") == ["machine_learning"]
+
+
+def test_every_kind_of_link_to_mlflow_opens_its_training_views(tmp_path: Path) -> None:
+    """Each link the project prints or writes: the experiment's runs, a run, a picture among a run's artifacts (flow
+    log and Prefect artifact), a model version, and the run description's relative picture links."""
+    (tmp_path / "cmc.png").write_bytes(b"")
+    (tmp_path / "table.md").write_text("| Method | Rank 1 |\n|:---|---:|\n| LR | 37.7 |\n")
+    ui = "http://127.0.0.1:5000"
+    kinds = {"experiment": experiment_url(ui, "3"), "run": run_url(ui, "3", "abc"),
+             "artifact": artifact_url(ui, "3", "abc", "evaluation/cmc.png"),
+             "model version": model_version_url(ui, "rain-reid", 2),
+             "picture (flow log, artifact)": re.findall(r"\((.+?)\)", picture_links(ui, "3", "abc", tmp_path)[0])[0]}
+    description = run_description({"protocol": {"cmc": "single-shot", "mAP": "all HR"}}, tmp_path, "3", "abc")
+    kinds["run description's picture"] = re.findall(r"\[cmc\.png\]\((.+?)\)", description)[0]
+    assert kinds["run description's picture"].startswith("#/experiments/3/runs/abc/artifacts/evaluation/cmc.png")
+    for kind, link in kinds.items():
+        assert _opens_in_training_views(link), (kind, link)
+    assert urlsplit(urlsplit(kinds["artifact"]).fragment).path == "/experiments/3/runs/abc/artifacts/evaluation/cmc.png"

@@ -71,8 +71,8 @@ def test_mlflow_shows_the_results_table_the_cmc_curve_and_described_models(
     run = client.get_run(version.run_id)
     note = run.data.tags["mlflow.note.content"]  # the run page's description
     assert (project / "reports/synthetic/table.md").read_text().strip() in note
-    assert f"[cmc.png](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/evaluation/cmc.png)" \
-        in note  # a link the UI opens, wherever it runs
+    assert f"[cmc.png](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/evaluation/cmc.png" \
+        "?workflowType=machine_learning)" in note  # a link the UI opens, wherever it runs, in its training views
     cmc = client.get_metric_history(run.info.run_id, "cmc/lr")
     assert [m.step for m in cmc] == list(range(1, 21))  # a curve over rank, 1 to 20
     values = [m.value for m in cmc]
@@ -138,11 +138,14 @@ def test_the_flow_run_is_named_and_tagged_by_its_settings_and_links_its_mlflow_r
             key=ArtifactFilterKey(any_=["rain-results-synthetic"])))
     markdown = str(artifact.data)
     run_id = json.loads((project / "models/synthetic/train.json").read_text())["trials"]["0"]["mlflow_run_id"]
-    assert re.search(rf"\[MLflow run, trial 0\]\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}\)", markdown)
+    ml = r"\?workflowType=machine_learning"  # every link opens the MLflow UI's training views
+    assert re.search(rf"\[MLflow run, trial 0\]\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}{ml}\)",
+                     markdown)
     version = result["registration"]["version"]
-    assert f"(http://127.0.0.1:5000/#/models/rain-reid/versions/{version})" in markdown
+    assert f"(http://127.0.0.1:5000/#/models/rain-reid/versions/{version}?workflowType=machine_learning)" in markdown
     # Pictures as links a browser opens: the MLflow UI's view of the run's artifacts (not file: URLs).
-    assert "[cmc](http://127.0.0.1:5000/#/experiments/" in markdown and "/artifacts/evaluation/cmc.png)" in markdown
+    assert re.search(rf"\[cmc\]\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}/artifacts/evaluation/"
+                     rf"cmc\.png{ml}\)", markdown)
     assert "runs?workflowType=machine_learning)" in markdown  # the experiment on its training runs
 
 

@@ -36,12 +36,21 @@ HEADLINE_ROW = "lr"
 # Experiment tags MLflow's UI reads. experimentKind says what the experiment holds (custom_model_development:
 # training runs; the value MLflow's front end and onboarding skill use, with no constant in mlflow_tags). The
 # MLflow 3.17 UI does not open on it: an experiment opens on the GenAI overview until the browser's "Model
-# training" switch is on (checked in Chromium, 2026-11-27), so the links the flows print carry
-# `?workflowType=machine_learning` (flows/links.py). The note is the description the experiment page shows,
-# the same tag MLflow uses for a run's description.
+# training" switch is on (checked in Chromium, 2026-11-27), so every link to the UI carries ML_VIEW (ui_route).
+# The note is the description the experiment page shows, the same tag MLflow uses for a run's description.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
+# The query that puts the MLflow UI in its training views on any page (run, artifact, model version): its
+# front end reads `workflowType` from the address before the switch it keeps in the browser (GenAI by default),
+# and the sidebar lists the model registry only in these views (MLflow 3.17's bundled main.js).
+ML_VIEW = "workflowType=machine_learning"
+
+
+def ui_route(path: str) -> str:
+    """`#/<path>?workflowType=machine_learning`: the MLflow UI's page `path` (its routes follow `#`) in the
+    training views. Alone it is a link relative to the UI's own address (a run description's)."""
+    return f"#/{path.strip('/')}?{ML_VIEW}"
 
 
 def figure_name(row: str, metric: str) -> str:
