@@ -62,7 +62,7 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, report
         "evaluations_per_row": len(results["lr"]), "std_over": spread, "protocol": PROTOCOL_NOTE}
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))  # rows in table order
     cmc = {name: np.stack([c for _, c, _ in evals]).mean(axis=0) for name, evals in results.items()}  # (20,) each
-    _write_pictures(params, report_dir, rows, cmc, len(results["lr"]), pictures)
+    _write_pictures(params, report_dir, rows, cmc, pictures)
     _log_to_mlflow(train_summary, metrics, report_dir, cmc)
     log.info("evaluate: LR rank-1 %.1f%%, HR rank-1 %.1f%%, mAP %.1f%%", 100 * rows["lr"]["rank1"],
              100 * rows.get("hr", rows["lr"])["rank1"], 100 * rows["lr"]["mAP"])
@@ -70,12 +70,13 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, report
 
 
 def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc: dict[str, np.ndarray],
-                    draws: int, pictures: dict[str, Any]) -> None:
-    """`cmc`: each row's mean CMC curve over its `draws` evaluations (trials x gallery draws)."""
+                    pictures: dict[str, Any]) -> None:
+    """`cmc`: each row's mean CMC curve over its evaluations (trials x gallery draws)."""
     from PIL import Image
 
     from tasks.evaluation.reporting import (
         cmc_plot_rows,
+        cmc_title,
         distinct_people,
         plot_cmc,
         plot_tsne,
@@ -86,7 +87,7 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc
     unseen = params.protocol.unseen_rates
     cfg = params.evaluate
     plot_cmc({row_label(n, unseen): curve.tolist() for n, curve in cmc.items()}, report_dir / "cmc.png",
-             title=f"CMC on {params.dataset.name}, single-shot gallery (mean of {draws} trial x gallery draws)")
+             title=cmc_title(params.dataset.name, len(params.train.trials), cfg.gallery_repeats))
     # Columns keyed by row name (lr, r2, ..., hr): stable names dvc.yaml's plot definition can name.
     plot_rows = cmc_plot_rows({n: curve.tolist() for n, curve in cmc.items()})
     with (report_dir / "cmc.csv").open("w", newline="") as fh:
