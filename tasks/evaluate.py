@@ -75,6 +75,7 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc
     from PIL import Image
 
     from tasks.evaluation.reporting import (
+        aligned_markdown,
         cmc_plot_rows,
         cmc_title,
         distinct_people,
@@ -95,7 +96,7 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc
         writer.writeheader()
         writer.writerows(plot_rows)
     table_rows = [{k: v for k, v in r.items() if k != "label"} | {"row": r["label"]} for r in rows.values()]
-    (report_dir / "table.md").write_text(table1_markdown(table_rows) + "\n")
+    (report_dir / "table.md").write_text(aligned_markdown(table1_markdown(table_rows)) + "\n")
 
     # Figure 3: test features of a few identities, HR gallery plus every query variant.
     queries, gallery = pictures["queries"], pictures["gallery"]
@@ -132,13 +133,14 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc
 def run_description(metrics: dict[str, Any], report_dir: Path, experiment_id: str, run_id: str) -> str:
     """A training run's description (the run page shows it): the results table and links to the pictures among
     its artifacts, relative to the UI's own address (its routes follow `#`), so they work wherever it runs, and
-    in its training views (ui_route)."""
+    in its training views (ui_route). The table (table.md, columns padded) is a code block: MLflow 3.17 draws a
+    Markdown table with no cell padding, which ran the cells of a row together."""
     from tasks.infra.tracking import ui_route
 
     pictures = sorted(f.name for f in report_dir.iterdir() if f.suffix == ".png")
     route = f"experiments/{experiment_id}/runs/{run_id}/artifacts/evaluation"
     return "\n".join([
-        "## Results (percent)", "", (report_dir / "table.md").read_text().strip(), "",
+        "## Results (percent)", "", "```", (report_dir / "table.md").read_text().strip(), "```", "",
         f"CMC: {metrics['protocol']['cmc']}", f"mAP: {metrics['protocol']['mAP']}", "",
         "Pictures (the run's artifacts, `evaluation/`): "
         + ", ".join(f"[{name}]({ui_route(f'{route}/{name}')})" for name in pictures)])

@@ -133,3 +133,12 @@ def test_every_kind_of_link_to_mlflow_opens_its_training_views(tmp_path: Path) -
     for kind, link in kinds.items():
         assert _opens_in_training_views(link), (kind, link)
     assert urlsplit(urlsplit(kinds["artifact"]).fragment).path == "/experiments/3/runs/abc/artifacts/evaluation/cmc.png"
+
+
+def test_the_run_description_shows_the_results_table_as_aligned_text(tmp_path: Path) -> None:
+    """MLflow 3.17 draws a Markdown table without cell padding ("37.7 ± 1.2 80.0 ± 0.9" ran together): the run
+    description holds the table as a code block, its columns padded."""
+    table = "| Method | Rank 1 | Rank 5 |\n|:-------|-------:|-------:|\n| LR     |   37.7 |   80.0 |"
+    (tmp_path / "table.md").write_text(table + "\n")
+    description = run_description({"protocol": {"cmc": "single-shot", "mAP": "all HR"}}, tmp_path, "3", "abc")
+    assert f"```\n{table}\n```" in description

@@ -4,6 +4,7 @@ showing the data given (read back from each matplotlib figure as it was saved)."
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tasks.evaluation.reporting import (
     SHEET_GAP,
     SHEET_LABEL_H,
     SHEET_PAD,
+    aligned_markdown,
     cmc_plot_rows,
     cmc_title,
     distinct_people,
@@ -329,6 +331,24 @@ def test_table1_markdown_rejects_bad_rows():
         table1_markdown([{"row": "a", "rank5_std": 0.1}])
     with pytest.raises(ValueError, match="'row'"):
         table1_markdown([{"rank1": 0.5}])
+
+
+def test_an_aligned_table_lines_up_its_columns_and_keeps_every_cell():
+    """Read as text (a terminal, a run description's code block), the cells of a row stand apart in columns:
+    every line is as long and has its `|` at the same places; numbers are right-aligned; nothing else changes."""
+    rows = [{"row": "LR (MLR, r in {2,3,4})", "rank1": 0.377, "rank1_std": 0.012, "rank5": 0.8, "rank10": 0.922,
+             "rank10_std": 0.007, "mAP": 0.466}, {"row": "a|b", "rank1": 0.9}]
+    plain = table1_markdown(rows)
+    aligned = aligned_markdown(plain).splitlines()
+    assert len({len(line) for line in aligned}) == 1
+    bars = {tuple(i for i, ch in enumerate(line) if ch == "|" and line[i - 1] != "\\") for line in aligned}
+    assert len(bars) == 1
+    assert aligned[2].startswith("| LR (MLR, r in {2,3,4}) | 37.7 ± 1.2 |   80.0 | 92.2 ± 0.7 |")
+    assert aligned[1].startswith("|:----") and aligned[1].endswith("-:|")
+
+    def cells(table: list[str]) -> list[list[str]]:
+        return [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in table]
+    assert cells(aligned)[2:] == cells(plain.splitlines())[2:] and cells(aligned)[0] == cells(plain.splitlines())[0]
 
 
 def test_label_fraction_and_rate_bar_plots_have_the_requested_size(tmp_path):

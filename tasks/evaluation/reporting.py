@@ -36,6 +36,7 @@ __all__ = [
     "SHEET_PAD",
     "TABLE1_COLUMNS",
     "TSNE_EXACT_MAX",
+    "aligned_markdown",
     "cmc_plot_rows",
     "cmc_title",
     "distinct_people",
@@ -551,3 +552,23 @@ def table1_markdown(
             texts.append(text)
         lines.append("| " + " | ".join(texts) + " |")
     return "\n".join(lines)
+
+
+def aligned_markdown(table: str) -> str:
+    """A Markdown table (``table1_markdown``'s) with every column padded to its widest cell, aligned as its
+    separator row says (``---:`` right, else left): the same table to a Markdown renderer, and columns that line
+    up where it is read as text (a terminal, a code block)."""
+    rows = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])]  # `\|` is a cell's own
+            for line in table.strip().splitlines()]
+    if len(rows) < 2:
+        raise ValueError("a Markdown table has a header and a separator row")
+    header, separator, body = rows[0], rows[1], rows[2:]
+    widths = [max(3, *(len(r[i]) for r in (header, *body))) for i in range(len(header))]
+    right = [sep.endswith(":") and not sep.startswith(":") for sep in separator]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right,
+                                                                                   strict=True)) + " |"
+    rule = "|" + "|".join((":" + "-" * (w + 1)) if not r else ("-" * (w + 1) + ":") for w, r in zip(widths, right,
+                                                                                                   strict=True)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
