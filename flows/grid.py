@@ -34,7 +34,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.links import grid_label, label_flow_run
+from flows.links import grid_label, grid_run_name, label_flow_run
 from flows.pipeline import run_stages, stage_env
 from tasks.config import ExperimentsConfig, Params, ParamsError, load_params
 from tasks.grid import cluster as grid_cluster
@@ -74,7 +74,7 @@ def _inside(folder: Path) -> Iterator[None]:
         os.chdir(before)
 
 
-@flow(name="rain-grid", flow_run_name="experiments", log_prints=True, task_runner=_THREADS)
+@flow(name="rain-grid", flow_run_name=grid_run_name, log_prints=True, task_runner=_THREADS)
 def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[int] | None = None,
                 tables: list[TableKey] | None = None) -> dict[str, Any] | State:
     """The paper's Tables 1-4 and Figure 5 on `dataset` over `seeds` (defaults: params.yaml).

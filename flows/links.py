@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
-from tasks.config import Params
+from tasks.config import Params, load_params
 from tasks.infra.tracking import ui_route
 
 DEFAULT_UI = "http://127.0.0.1:5000"
@@ -40,6 +40,63 @@ def grid_label(params: Params, seeds: tuple[int, ...]) -> tuple[str, list[str]]:
                 "epochs": str(params.experiments.epochs), "seeds": joined}
     return f"experiments-{settings['dataset']}-{settings['epochs']}ep-seeds{joined}", [
         f"{k}:{v}" for k, v in {**settings, **_training_tags(params)}.items()]
+
+
+def _run_params() -> Params | None:
+    """params.yaml of the project the current flow run was given (`project_dir`); None when it cannot be read (the
+    flow then refuses it with its one-line error)."""
+    from prefect.runtime import flow_run
+
+    try:
+        return load_params(Path(str(flow_run.parameters.get("project_dir", "."))).resolve() / "params.yaml")
+    except Exception:  # any reason: the flow's own load_params reports it
+        return None
+
+
+def pipeline_run_name() -> str:
+    """The `rain` flow's run name (flow_run_name: Prefect sets it before its "Beginning flow run" line, so the
+    terminal and the UI show one name); the name Prefect drew when params.yaml cannot be read."""
+    from prefect.runtime import flow_run
+
+    params = _run_params()
+    return str(flow_run.name) if params is None else pipeline_label(params)[0]
+
+
+def grid_run_name() -> str:
+    """The `rain-grid` flow's run name, as pipeline_run_name (its seeds: the run's `seeds`, else params.yaml's)."""
+    from prefect.runtime import flow_run
+
+    params = _run_params()
+    if params is None:
+        return str(flow_run.name)
+    seeds = flow_run.parameters.get("seeds")
+    return grid_label(params, tuple(seeds) if seeds else params.experiments.seeds)[0]
+
+
+# Sections of params.yaml whose values decide a pipeline run's figures (paths, sources, worker counts do not), and
+# the keys of a section that do not.
+RESULT_SECTIONS = ("protocol", "model", "objective", "train", "evaluate", "ray")
+NOT_DECIDING = ("protocol.workers", "train.checkpoint_every_seconds", "train.checkpoint_every_epochs",
+                "train.loader_workers", "evaluate.batch_size", "evaluate.tsne_identities", "evaluate.sheet_queries",
+                "ray.address", "ray.cpus_per_worker", "ray.max_failures", "ray.keep_checkpoints", "ray.keep_runs")
+
+
+def settings_markdown(params: Params) -> str:
+    """The settings that decide a pipeline run's result, as a Markdown table of one row per params.yaml section
+    (`key value` pairs): the flow's own parameter is only the project folder, so its results artifact shows them."""
+    from tasks.config import param_values
+
+    values = param_values(params)
+    sections = {"dataset": {k: v for k, v in values.items()
+                            if k == "dataset.name" or k.startswith(f"{params.dataset.name}.")}}
+    for section in RESULT_SECTIONS:
+        sections[section] = {k: v for k, v in values.items() if k.startswith(f"{section}.") and k not in NOT_DECIDING}
+
+    def shown(value: object) -> str:
+        return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, tuple | list) else str(value)
+    rows = [f"| {section} | " + ", ".join(f"{k.partition('.')[2]} {shown(v)}" for k, v in chosen.items()) + " |"
+            for section, chosen in sections.items() if chosen]
+    return "\n".join(["| params.yaml | settings |", "|:---|:---|", *rows])
 
 
 def label_flow_run(name: str, tags: list[str]) -> None:

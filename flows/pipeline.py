@@ -30,7 +30,9 @@ from flows.links import (
     model_version_url,
     picture_links,
     pipeline_label,
+    pipeline_run_name,
     run_url,
+    settings_markdown,
 )
 from tasks.config import Params, load_params
 from tasks.download import TRANSIENT_MARKER
@@ -227,34 +229,73 @@ def run_stages(stages: tuple[str, ...], project_dir: Path, log_dir: Path) -> lis
     return results
 
 
-@flow(name="rain", log_prints=True)
+ALWAYS_RUNS = "fingerprint"  # re-hashes the data's sources on every repro (dvc.yaml: always_changed): no news
+
+
+def outcome(results: list[StageResult]) -> tuple[str, list[str]]:
+    """(what the run did in a few words, its tags): `outcome:trained` when the train stage trained a model,
+    `outcome:reused` when it kept the one it had (up to date or restored from DVC's run cache) but a later stage
+    ran, `outcome:up-to-date` when no stage had anything to do; and `ran:<stage>` for each stage that ran."""
+    ran = [r.stage for r in results if r.status == "ran" and r.stage != ALWAYS_RUNS]
+    train = next((r for r in results if r.stage == "train"), None)
+    if train is not None and train.status == "ran":
+        said, kind = f"trained a model (train ran {train.seconds:.0f} s)", "trained"
+    elif ran:
+        kept = train.status if train is not None else "no train stage"
+        said, kind = f"reused the trained model ({kept}); ran {', '.join(ran)}", "reused"
+    else:
+        said, kind = "nothing to do: every stage was up to date", "up-to-date"
+    return said, [f"outcome:{kind}", *(f"ran:{stage}" for stage in ran)]
+
+
+def results_markdown(params: Params, results: list[StageResult], table: str, links: list[tuple[str, str]],
+                     pictures: list[str], registration: dict[str, Any]) -> str:
+    """The flow run's results artifact: what it did (each stage ran or was up to date), the results table, links
+    to MLflow, and every setting that decided the result."""
+    said, _ = outcome(results)
+    stages = "\n".join(["| stage | status | seconds |", "|:---|:---|---:|",
+                        *(f"| {r.stage} | {r.status} | {r.seconds:.1f} |" for r in results)])
+    return (f"# {params.dataset.name}\n\n**This flow run {said}.**\n\n{table}\n\n"
+            + "".join(f"- [{text}]({url})\n" for text, url in links)
+            + f"\nModel `{registration['model_uri']}` (alias `{registration['alias']}`). The pictures, in the first "
+            "trial's MLflow run:\n\n" + "".join(f"- {link}\n" for link in pictures)
+            + f"\n## What each stage did\n\n{stages}\n\n## The settings that decide the result\n\n"
+            f"{settings_markdown(params)}\n")
+
+
+@flow(name="rain", flow_run_name=pipeline_run_name, log_prints=True)
 def rain(project_dir: str = ".") -> dict[str, Any] | State:
     """fingerprint -> download -> manifest -> synthesize -> decode -> train -> evaluate -> register, as DVC
-    decides."""
+    decides.
+
+    Args:
+        project_dir: The rain project folder (params.yaml, dvc.yaml); relative to where the flow runs. Every
+            setting is in its params.yaml; the run's results artifact lists those that decide the result.
+    """
     reaper.guard()  # nothing this flow starts outlives it (a killed flow run included)
     root = Path(project_dir).resolve()
     params = load_params(root / "params.yaml")  # refuses a bad params.yaml before any stage runs
-    label_flow_run(*pipeline_label(params))
+    name, tags = pipeline_label(params)
+    label_flow_run(name, tags)
     log_dir = root / params.paths.logs / time.strftime("%Y%m%d-%H%M%S")  # this run's stage logs
     results = run_stages(STAGES, root, log_dir)
     if isinstance(results, State):  # a stage failed: calling the flow raises its StageFailed
         return results
+    said, outcome_tags = outcome(results)
+    label_flow_run(name, outcome_tags)  # the runs list tells a training run from a no-op
+    get_run_logger().info("This flow run %s.", said)
     report_dir = root / params.report_dir()
     metrics = json.loads((report_dir / "metrics.json").read_text())
     registration = json.loads((report_dir / "registration.json").read_text())
     create_table_artifact(key="rain-stages", table=[r.__dict__ for r in results],
                           description="What DVC ran or skipped in this flow run")
     table = (report_dir / "table.md").read_text() if (report_dir / "table.md").exists() else ""
-    links, picture_list = _mlflow_links(root, params, registration, report_dir)
+    links, pictures = _mlflow_links(root, params, registration, report_dir)
     for text, url in links:
         get_run_logger().info("%s: %s", text, url)
-    pictures = "\n".join(f"- {link}" for link in picture_list)
     create_markdown_artifact(
         key=f"rain-results-{re.sub(r'[^a-z0-9-]', '-', params.dataset.name.lower())}",
-        markdown=f"# {params.dataset.name}\n\n{table}\n\n"
-                 + "".join(f"- [{text}]({url})\n" for text, url in links)
-                 + f"\nModel `{registration['model_uri']}` (alias `{registration['alias']}`). The pictures, in "
-                 f"the first trial's MLflow run:\n\n{pictures}\n",
+        markdown=results_markdown(params, results, table, links, pictures, registration),
         description=f"What the pipeline measured on {params.dataset.name}, with links to MLflow")
     return {"stages": [r.__dict__ for r in results], "metrics": metrics, "registration": registration}
 

@@ -20,9 +20,11 @@ from flows.links import (
     mlflow_ui,
     model_version_url,
     picture_links,
+    pipeline_label,
     run_url,
+    settings_markdown,
 )
-from flows.pipeline import flow_log_line
+from flows.pipeline import STAGES, StageResult, flow_log_line, outcome, results_markdown
 from tasks.config import load_params
 from tasks.evaluate import run_description
 from tasks.grid.tables import TABLES
@@ -142,3 +144,78 @@ def test_the_run_description_shows_the_results_table_as_aligned_text(tmp_path: P
     (tmp_path / "table.md").write_text(table + "\n")
     description = run_description({"protocol": {"cmc": "single-shot", "mAP": "all HR"}}, tmp_path, "3", "abc")
     assert f"```\n{table}\n```" in description
+
+
+def _stage(stage: str, status: str, seconds: float = 1.0) -> StageResult:
+    return StageResult(stage, status, seconds)
+
+
+def test_a_training_run_and_a_no_op_differ_in_tags_and_say_what_they_did() -> None:
+    """Issue 30: a run that retrained and one where every stage was up to date had the same name and tags."""
+    up_to_date = [_stage("fingerprint", "ran")] + [_stage(s, "up to date") for s in STAGES[1:]]
+    trained = [_stage(s, "ran", 126.0 if s == "train" else 1.0) for s in STAGES]
+    reevaluated = [*up_to_date[:6], _stage("evaluate", "ran"), _stage("register", "ran")]
+    said, tags = outcome(trained)
+    assert said == "trained a model (train ran 126 s)"
+    assert tags == ["outcome:trained", *(f"ran:{s}" for s in STAGES[1:])]  # fingerprint runs every time: no news
+    assert outcome(up_to_date) == ("nothing to do: every stage was up to date", ["outcome:up-to-date"])
+    said, tags = outcome(reevaluated)
+    assert tags == ["outcome:reused", "ran:evaluate", "ran:register"] and "up to date" in said
+    params = load_params(REPO / "params.yaml")
+    markdown = results_markdown(params, trained, "| t |\n|:--|\n| 1 |", [("MLflow run, trial 0", "http://x")], [],
+                                {"model_uri": "models:/rain-reid/1", "alias": "candidate"})
+    assert "**This flow run trained a model (train ran 126 s).**" in markdown
+    assert "| train | ran | 126.0 |" in markdown and "| register | ran | 1.0 |" in markdown
+
+
+def test_the_results_artifact_shows_every_setting_that_decides_the_result() -> None:
+    """The flow's only parameter is the project folder: its artifact lists the settings of params.yaml that decide
+    the result, every key the train stage depends on among them."""
+    from tasks.config import param_values, train_stage_params
+
+    params = load_params(REPO / "params.yaml")
+    table = settings_markdown(params)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"dataset", "protocol", "model", "objective", "train", "evaluate", "ray"}
+    wanted = [k for k in param_values(params) if any(k == w or k.startswith(w + ".") for w in train_stage_params())]
+    for key in wanted:
+        section, _, name = key.partition(".")
+        assert f" {name} " in rows[section] or f", {name} " in rows[section], key
+    assert "name synthetic" in rows["dataset"] and f"lr {params.objective.lr}" in rows["objective"]
+
+
+def test_flows_are_named_from_their_settings_before_their_first_log_line(prefect_server: None) -> None:
+    """Prefect names a flow run through `flow_run_name` before it logs "Beginning flow run '<name>'", so the
+    terminal and the UI show one name (the flow renaming itself later left the terminal with Prefect's drawn name);
+    a project whose params.yaml cannot be read keeps the drawn name and the flow reports the error itself."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows.grid import experiments as grid_flow
+    from flows.links import grid_run_name, pipeline_run_name
+    from flows.pipeline import rain
+
+    assert rain.flow_run_name is pipeline_run_name and grid_flow.flow_run_name is grid_run_name
+
+    @flow(flow_run_name=pipeline_run_name)
+    def named(project_dir: str = ".") -> None:
+        return None
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("prefect.flow_runs")
+    logger.addHandler(handler)
+    try:
+        state = named(project_dir=str(REPO), return_state=True)
+        missing = named(project_dir="/nonexistent-rain-project", return_state=True)
+    finally:
+        logger.removeHandler(handler)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+        other = client.read_flow_run(missing.state_details.flow_run_id)
+    expected, _ = pipeline_label(load_params(REPO / "params.yaml"))
+    beginnings = [r.getMessage() for r in records if r.getMessage().startswith("Beginning flow run")]
+    assert run.name == expected and beginnings[0].startswith(f"Beginning flow run {expected!r}")
+    assert state.is_completed() and missing.is_completed() and other.name != expected
+    assert beginnings[1].startswith(f"Beginning flow run {other.name!r}")

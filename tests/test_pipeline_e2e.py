@@ -134,6 +134,7 @@ def test_the_flow_run_is_named_and_tagged_by_its_settings_and_links_its_mlflow_r
         (run,) = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["rain"])))
                   if r.name == name]
         assert set(tags) <= set(run.tags) and "variant:rain" in run.tags
+        assert {"outcome:trained", "ran:train", "ran:register"} <= set(run.tags)  # what it did, in the runs list
         (artifact, *_) = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["rain-results-synthetic"])))
     markdown = str(artifact.data)
@@ -147,6 +148,8 @@ def test_the_flow_run_is_named_and_tagged_by_its_settings_and_links_its_mlflow_r
     assert re.search(rf"\[cmc\]\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}/artifacts/evaluation/"
                      rf"cmc\.png{ml}\)", markdown)
     assert "runs?workflowType=machine_learning)" in markdown  # the experiment on its training runs
+    assert "**This flow run trained a model (train ran " in markdown and "| train | ran |" in markdown
+    assert "## The settings that decide the result" in markdown and "| objective | variant rain," in markdown
 
 
 def test_the_flow_log_shows_one_line_per_epoch_and_no_dvc_git_hint(first_run: tuple[Path, dict[str, Any]]) -> None:
