@@ -92,29 +92,48 @@ _DVC_HINTS = re.compile(r"^(To track the changes with git, run:|\s+git add |To e
                         r"|\s+dvc config core\.autostage|Use `dvc push` to send your updates|\s*$)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAY_PREFIX = re.compile(r"^\((\w+) pid=\d+(?:, ip=[\d.]+)?\)\s?")  # Ray's prefix on a worker's or actor's line
-# Ray's driver-side notices (its logger's own format). INFO ones ("View the dashboard at ...": dead once the stage's
-# embedded cluster stops) and the token-auth notice (a loopback cluster that Ray secures, nothing to act on) stay in
-# the stage's log file.
-_RAY_NOTICE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|DEBUG) \w+\.py:\d+ -- "
-                         r"|^\d{4}-\d\d-\d\d [\d:,]+ WARNING authentication_token_setup\.py:\d+ -- "
+# Ray's driver-side notices (its logger's format: a tab after the time). INFO ones ("View the dashboard at ...": dead
+# once the stage's embedded cluster stops) and the token-auth notice (a loopback cluster that Ray secures, nothing to
+# act on; tasks/infra/raycluster.py sets RAY_AUTH_MODE so that Ray no longer prints it) stay in the stage's log file.
+_RAY_NOTICE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+(INFO|DEBUG) \S+\.py:\d+ -- "
+                         r"|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+WARNING authentication_token_setup\.py:\d+ -- "
                          r"Token authentication is enabled")
+# MLflow's own notices at INFO ("Creating initial MLflow database tables...", "Updating database tables", "Inferring
+# model signature from input example"; its logger's format) and its schema migrations' (alembic's): the log file's.
+_MLFLOW_NOTICE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (INFO|DEBUG) (mlflow|alembic)[\w.]*: "
+                            r"|^(INFO|DEBUG) {1,2}\[alembic[\w.]*\] ")
+# The stages' own lines (tasks/infra/logs.py setup_logging: `time LEVEL logger: message`): the flow's log shows the
+# message at that level, Prefect's record giving the time and level once.
+_OWN_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) tasks[\w.]*: ")
 _LEVELS = ((re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|^\w*Error: "), logging.ERROR),
            (re.compile(r"\bWARN(ING)?\b|Warning: "), logging.WARNING))
 
 
 def flow_log_line(line: str) -> tuple[int, str] | None:
     """(level, text) of a stage's output line in the flow's log, or None when it stays in the stage's log file
-    only: DVC's git hints, blank lines, and Ray's own worker and actor output (our loggers' lines, named
-    `tasks.*`, and warnings and errors are kept). Errors and warnings keep their level."""
+    only: DVC's git hints, blank lines, Ray's and MLflow's own notices and Ray's worker and actor output (our
+    loggers' lines, named `tasks.*`, and warnings and errors are kept). One prefix per line: a line of our loggers
+    loses Ray's `(RayTrainWorker pid=...)` and its own time, level and logger name, which Prefect's record shows.
+    Errors and warnings keep their level."""
     text = _ANSI.sub("", line).rstrip()
-    if _DVC_HINTS.match(text) or _RAY_NOTICE.match(text):
+    if _DVC_HINTS.match(text) or _RAY_NOTICE.match(text) or _MLFLOW_NOTICE.match(text):
         return None
+    ray = _RAY_PREFIX.match(text)
+    own = _OWN_LINE.match(text[ray.end():] if ray else text)
+    if own:
+        return logging.getLevelNamesMapping()[own.group(1)], own.string[own.end():]
     level = next((lvl for pattern, lvl in _LEVELS if pattern.search(text)), logging.INFO)
     if text.startswith(ERROR_MARKER):  # the stage's own one-line error
         level = logging.ERROR
-    if _RAY_PREFIX.match(text) and " tasks." not in text and level == logging.INFO:
+    if ray and level == logging.INFO:
         return None
     return level, text
+
+
+def left_out_note(count: int, log_file: Path) -> str:
+    """The last line of a stage in the flow's log when `count` lines were left out of it (flow_log_line)."""
+    lines = "1 line" if count == 1 else f"{count} lines"
+    return f"({lines} of DVC hints and Ray's and MLflow's own output only in {log_file})"
 
 
 def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], label: str, log_file: Path) -> list[str]:
@@ -158,8 +177,7 @@ def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], label: str, l
             if pending:
                 lines.append(pending.rstrip())
             if left_out:
-                logger.info("%s | (%d lines of DVC hints and Ray's own output are only in %s)", label, left_out,
-                            log_file)
+                logger.info("%s | %s", label, left_out_note(left_out, log_file))
         finally:
             if proc.poll() is None:
                 reaper.end_group(proc.pid)

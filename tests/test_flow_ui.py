@@ -24,7 +24,7 @@ from flows.links import (
     run_url,
     settings_markdown,
 )
-from flows.pipeline import STAGES, StageResult, flow_log_line, outcome, results_markdown
+from flows.pipeline import STAGES, StageResult, flow_log_line, left_out_note, outcome, results_markdown
 from tasks.config import load_params
 from tasks.evaluate import run_description
 from tasks.grid.tables import TABLES
@@ -78,8 +78,13 @@ def test_links_point_at_the_mlflow_ui_that_shows_the_store(monkeypatch: pytest.M
     ("   ", None),
     ("\x1b[36m(RayTrainWorker pid=4120)\x1b[0m Started training worker group of 2 workers", None),
     ("(TrainController pid=77, ip=10.0.0.3) TrainingReport(checkpoint=None, metrics={...})", None),
-    ("\x1b[36m(RayTrainWorker pid=4120)\x1b[0m 00:12:01 INFO tasks.training.loop: epoch 3/20 L_cls 4.1",
-     (logging.INFO, "(RayTrainWorker pid=4120) 00:12:01 INFO tasks.training.loop: epoch 3/20 L_cls 4.1")),
+    # One prefix per line: Prefect's record has the time and level, so Ray's and our logger's prefixes go.
+    ("\x1b[36m(RayTrainWorker pid=4120)\x1b[0m 00:12:01 INFO tasks.training.progress: epoch 3/20: L_cls 4.1",
+     (logging.INFO, "epoch 3/20: L_cls 4.1")),
+    ("(RayTrainWorker pid=4120, ip=10.0.0.3) 00:12:01 WARNING tasks.training.loop: features collapsed",
+     (logging.WARNING, "features collapsed")),
+    ("21:43:53 INFO tasks.evaluate: evaluate: LR rank-1 37.7%", (logging.INFO, "evaluate: LR rank-1 37.7%")),
+    ("21:43:53 ERROR tasks.register: no run", (logging.ERROR, "no run")),
     ("(TrainController pid=77) WARNING worker group shrank", (logging.WARNING, "(TrainController pid=77) WARNING "
                                                              "worker group shrank")),
     ("loop.py:207: UserWarning: Detected call of `lr_scheduler.step()`",
@@ -93,6 +98,18 @@ def test_links_point_at_the_mlflow_ui_that_shows_the_store(monkeypatch: pytest.M
      "Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. ", None),
     ("2026-11-27 15:03:22,885 WARNING worker.py:12 -- a Ray warning", (logging.WARNING, "2026-11-27 15:03:22,885 "
                                                                       "WARNING worker.py:12 -- a Ray warning")),
+    # Ray's own logger writes a tab after the time (ray/_private/log.py): its notices were shown (issue 30).
+    ("2026-11-27 15:03:33,326\tINFO worker.py:2029 -- Started a local Ray instance. View the dashboard at "
+     "\x1b[1m\x1b[32m127.0.0.1:8265 \x1b[39m\x1b[22m", None),
+    ("2026-11-27 15:03:22,885\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for "
+     "this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.", None),
+    # MLflow's own notices (its logger's format) and its schema migrations'.
+    ("2026/11/27 21:43:50 INFO mlflow.store.db.utils: Creating initial MLflow database tables...", None),
+    ("2026/11/27 21:43:50 INFO mlflow.store.db.utils: Updating database tables", None),
+    ("2026/11/27 21:44:10 INFO mlflow.pyfunc: Inferring model signature from input example", None),
+    ("INFO  [alembic.runtime.migration] Context impl SQLiteImpl.", None),
+    ("2026/11/27 21:44:10 WARNING mlflow.models.model: Model logged without a signature",
+     (logging.WARNING, "2026/11/27 21:44:10 WARNING mlflow.models.model: Model logged without a signature")),
 ])
 def test_stage_output_reaches_the_flow_log_without_hints_or_ray_noise_at_its_level(
         line: str, shown: tuple[int, str] | None) -> None:
@@ -219,3 +236,9 @@ def test_flows_are_named_from_their_settings_before_their_first_log_line(prefect
     assert run.name == expected and beginnings[0].startswith(f"Beginning flow run {expected!r}")
     assert state.is_completed() and missing.is_completed() and other.name != expected
     assert beginnings[1].startswith(f"Beginning flow run {other.name!r}")
+
+
+@pytest.mark.parametrize(("count", "said"), [(1, "(1 line of "), (2, "(2 lines of ")])
+def test_what_a_stage_left_out_of_the_flow_log_is_counted_in_good_english(count: int, said: str) -> None:
+    assert left_out_note(count, Path("logs/x/train.log")).startswith(said)
+    assert left_out_note(count, Path("logs/x/train.log")).endswith(" only in logs/x/train.log)")

@@ -165,7 +165,8 @@ def test_the_flow_log_shows_one_line_per_epoch_and_no_dvc_git_hint(first_run: tu
 
     project, _ = first_run
     name, _ = pipeline_label(load_params(project / "params.yaml"))
-    epoch_line = re.compile(r"tasks\.training\.progress: epoch (\d+)/(\d+): L_adv .* \| \d+ images/s, .* \| ")
+    # One prefix per line: the stage's label, then the epoch line (no Ray worker prefix, no second time and level).
+    epoch_line = re.compile(r"^train \| epoch (\d+)/(\d+): L_adv .* \| \d+ images/s, .* \| ")
     with get_client(sync_client=True) as client:
         (run,) = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["rain"])))
                   if r.name == name]
@@ -180,6 +181,10 @@ def test_the_flow_log_shows_one_line_per_epoch_and_no_dvc_git_hint(first_run: tu
     epochs = [match.groups() for m in messages if (match := epoch_line.search(m))]
     assert epochs == [("1", "2"), ("2", "2")], messages
     assert not [m for m in messages if re.search(r"git add|autostage|dvc push", m)]
+    # No tool's notices or dead URLs, and no line with a second prefix after the stage's label.
+    noise = re.compile(r"RAY_AUTH_MODE|View the dashboard|:8265|MLflow database tables|Updating database tables|"
+                       r"Inferring model signature|pid=\d+\)|\| \d\d:\d\d:\d\d (INFO|WARNING) |\(1 lines ")
+    assert not [m for m in messages if noise.search(m)], messages
 
 
 def _changed_pipeline_stages(project: Path) -> set[str]:
