@@ -242,3 +242,67 @@ def test_flows_are_named_from_their_settings_before_their_first_log_line(prefect
 def test_what_a_stage_left_out_of_the_flow_log_is_counted_in_good_english(count: int, said: str) -> None:
     assert left_out_note(count, Path("logs/x/train.log")).startswith(said)
     assert left_out_note(count, Path("logs/x/train.log")).endswith(" only in logs/x/train.log)")
+
+
+def test_the_grid_form_offers_the_accepted_dataset_names() -> None:
+    from flows.grid import DatasetName
+    from tasks.config import DATASETS
+
+    assert typing.get_args(DatasetName) == DATASETS
+    schema = experiments.parameters.model_dump()["properties"]
+    (named,) = [option for option in schema["dataset"]["anyOf"] if option.get("type") == "string"]
+    assert named["enum"] == list(DATASETS)
+
+
+def _served_grid_form(project: Path) -> dict[str, typing.Any]:
+    """The grid deployment's parameter schema as `rain serve` registers it (flows/cli.py)."""
+    from prefect.deployments.runner import RunnerDeployment
+
+    from flows.cli import _grid_form
+
+    deployment = typing.cast(RunnerDeployment, experiments.to_deployment(
+        name="experiments", parameters={"project_dir": str(project)}))
+    _grid_form(deployment, project)
+    return deployment._parameter_openapi_schema.model_dump()
+
+
+def _assert_opens_on_params_yaml(properties: dict[str, typing.Any], project: Path) -> None:
+    from tasks.config import DATASETS
+    from tasks.grid.tables import TABLES
+
+    params = load_params(project / "params.yaml")
+    expected = {"project_dir": str(project), "dataset": params.dataset.name, "seeds": list(params.experiments.seeds),
+                "tables": [t.key for t in TABLES]}
+    for name, default in expected.items():
+        prop = properties[name]
+        assert "anyOf" not in prop and prop["type"] in ("string", "array"), (name, prop)  # no "None" branch
+        assert prop["default"] == default, name  # the Parameters tab's Default, the form's first value
+    assert properties["dataset"]["enum"] == list(DATASETS)
+    assert properties["tables"]["items"]["enum"] == [t.key for t in TABLES]
+    for table in TABLES:  # the paper's titles beside the keys the multi-select lists
+        assert f"- `{table.key}`: {table.title}" in properties["tables"]["description"]
+
+
+def test_the_grid_run_form_opens_on_params_yaml_values_with_the_tables_titles(tmp_path: Path) -> None:
+    """Prefect's form opened every optional field on "None" (`Property is type "None"`) and the Parameters tab had
+    blank Type and Default: the served deployment types each field as its value, params.yaml's value first."""
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("seeds: [0, 1, 2]",
+                                                                                     "seeds: [4, 5]"))
+    _assert_opens_on_params_yaml(_served_grid_form(tmp_path)["properties"], tmp_path)
+
+
+def test_the_prefect_server_keeps_the_grid_form_as_served(prefect_server: None, tmp_path: Path) -> None:
+    """What the UI reads: the deployment's parameter schema as the Prefect API returns it."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments.runner import RunnerDeployment
+
+    from flows.cli import _grid_form
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    deployment = typing.cast(RunnerDeployment, experiments.to_deployment(
+        name="experiments", parameters={"project_dir": str(tmp_path)}))
+    _grid_form(deployment, tmp_path)
+    deployment.apply()
+    with get_client(sync_client=True) as client:
+        stored = client.read_deployment_by_name("rain-grid/experiments")
+    _assert_opens_on_params_yaml(stored.parameter_openapi_schema["properties"], tmp_path)
