@@ -18,7 +18,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -177,11 +177,13 @@ def plot_cmc(
     _tight(fig)
     # Once the axes have their final place (in pixels): room left of rank 1 for the widest label, and the labels
     # a line of small text apart.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.font_manager import FontProperties
 
     font, gap_pt = FontProperties(size="small"), 8.0
     texts = [f"{value:.1f}" for value in rank1]
-    widest = max(fig.canvas.get_renderer().get_text_width_height_descent(t, font, ismath=False)[0] for t in texts)
+    renderer = cast(FigureCanvasAgg, fig.canvas).get_renderer()  # _figure's canvas
+    widest = max(renderer.get_text_width_height_descent(t, font, ismath=False)[0] for t in texts)
     room = widest + (gap_pt + 4) * dpi / 72  # px left of the rank-1 marks
     width, right = max(ax.get_window_extent().width, 2 * room), max_n + 0.5
     ax.set_xlim((width - room * right) / (width - room), right)  # x = 1 sits `room` px right of the axes' edge
