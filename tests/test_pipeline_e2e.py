@@ -242,9 +242,23 @@ def test_a_train_param_makes_train_stale_and_nothing_upstream(first_run: tuple[P
 @pytest.mark.heavy
 def test_a_train_param_reruns_train_and_exactly_what_reads_its_output(first_run: tuple[Path, dict[str, Any]],
                                                                       tmp_path: Path) -> None:
-    """The real re-run, in a copy of the project (the session's stays as the other tests read it)."""
-    project = Path(shutil.copytree(first_run[0], tmp_path / "project", symlinks=True))
+    """The real re-run, in a copy of the project (the session's stays as the other tests read it). The copy trains
+    into its own store and artifacts: nothing new appears in the original (MLflow recorded absolute locations into
+    it, tasks/infra/tracking.py relocate_artifacts)."""
+    from mlflow import MlflowClient
+
+    original = first_run[0]
+    before = {p.relative_to(original).as_posix() for p in (original / "mlartifacts").rglob("*")}
+    project = Path(shutil.copytree(original, tmp_path / "project", symlinks=True))
     _with_epochs(project, 1)
     out = dvc(project, "repro")
     ran = set(re.findall(r"Running stage '(\w+)'", out))
     assert ran == {"fingerprint", "train", "evaluate", "register"}, out
+    assert {p.relative_to(original).as_posix() for p in (original / "mlartifacts").rglob("*")} == before
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("rain-reid", "candidate")
+    own = (project / "mlartifacts").resolve().as_uri()
+    assert client.get_run(version.run_id).info.artifact_uri.startswith(own)
+    assert (project / "mlartifacts" / client.get_run(version.run_id).info.artifact_uri.removeprefix(own + "/")
+            / "evaluation" / "cmc.png").is_file()
+    assert client.get_logged_model(version.source.removeprefix("models:/")).artifact_location.startswith(own)

@@ -93,11 +93,59 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
         client.log_batch(run_id, params=logged[start:start + PARAMS_PER_BATCH])
 
 
+ARTIFACTS_DIR = "mlartifacts"  # <project>/mlartifacts/<experiment>: the artifacts of the project's own store
+# Where the project's sqlite store records a location (MLflow 3.17's schema): experiments, runs, logged models and
+# model versions each keep an absolute file: URI, written when they were created.
+LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                    ("model_versions", "source"))
+
+
 def tracking_uri(project_dir: Path | None = None) -> str:
-    """MLFLOW_TRACKING_URI when set (a team server), else the project's own sqlite registry."""
+    """MLFLOW_TRACKING_URI when set (a team server), else the project's own sqlite registry, its artifact
+    locations made the project's own first (relocate_artifacts: a copied or moved project)."""
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
-    return f"sqlite:///{((project_dir or Path.cwd()) / DEFAULT_DB).resolve()}"
+    project = (project_dir or Path.cwd()).resolve()
+    relocate_artifacts(project / DEFAULT_DB, project / ARTIFACTS_DIR)
+    return f"sqlite:///{project / DEFAULT_DB}"
+
+
+def relocate_artifacts(db: Path, artifacts: Path) -> int:
+    """Point every location the sqlite store `db` records inside another folder's `mlartifacts/` into
+    `artifacts` instead; returns how many were changed (0: none pointed elsewhere, or no store yet).
+
+    MLflow writes absolute file: URIs into its store (a relative location is resolved against the working folder
+    when an experiment is created), so a project copied or moved with its `mlflow.db` and `mlartifacts/` read the
+    first folder's artifacts, and a training in the copy wrote its pictures and model there. Run on each opening
+    of the project's store, this makes the copy's store point at the copy's own files (copied with it) and its
+    new runs log there; the original is never touched. Only locations in an `mlartifacts/` folder, where this
+    project keeps its experiments' artifacts (mlflow_experiment_id), are moved."""
+    import sqlite3
+
+    if not db.is_file():
+        return 0
+    own = artifacts.resolve().as_uri() + "/"
+    marker = f"/{ARTIFACTS_DIR}/"
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        with con:  # one transaction: a reader sees the old locations or the new ones
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "experiments" not in tables:  # a store MLflow has not created yet
+                return 0
+            found = [row[0] for row in con.execute(
+                "SELECT artifact_location FROM experiments WHERE artifact_location LIKE 'file:%'") if row[0]]
+            elsewhere = {loc[:loc.rfind(marker) + len(marker)] for loc in found if marker in loc} - {own}
+            changed = 0
+            for old in elsewhere:
+                for table, column in LOCATION_COLUMNS:  # names from the tuple above, values as parameters
+                    if table in tables:
+                        changed += con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                               f"WHERE substr({column}, 1, ?) = ?",
+                                               (own, len(old) + 1, len(old), old)).rowcount
+    finally:
+        con.close()
+    return changed
 
 
 def mlflow_experiment_id(client: MlflowClient, name: str, description: str, project_dir: Path | None = None) -> str:
@@ -107,7 +155,7 @@ def mlflow_experiment_id(client: MlflowClient, name: str, description: str, proj
     tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: description}
     found = client.get_experiment_by_name(name)
     if found is None:
-        location = ((project_dir or Path.cwd()) / "mlartifacts" / name).resolve().as_uri()
+        location = ((project_dir or Path.cwd()) / ARTIFACTS_DIR / name).resolve().as_uri()
         return str(client.create_experiment(name, artifact_location=location, tags=tags))
     for key, value in tags.items():
         if key not in found.tags:
