@@ -131,11 +131,12 @@ def model_version_url(ui: str, name: str, version: int) -> str:
     return f"{ui}/{ui_route(f'models/{quote(name)}/versions/{version}')}"
 
 
-def experiment_url(ui: str, experiment_id: str) -> str:
-    """The experiment's training runs. MLflow 3.17's UI opens an experiment on its GenAI overview unless the
-    browser's "Model training" switch is on (it ignores the experiment's kind tag); the query sets it, as it
-    does on every link here (tasks/infra/tracking.py ui_route)."""
-    return f"{ui}/{ui_route(f'experiments/{experiment_id}/runs')}"
+def experiment_url(ui: str, experiment_id: str, query: str = "") -> str:
+    """The experiment's training runs (with `query`: results_view_query, the saved view of their figures). MLflow
+    3.17's UI opens an experiment on its GenAI overview unless the browser's "Model training" switch is on (it
+    ignores the experiment's kind tag); the query sets it, as it does on every link here (tasks/infra/tracking.py
+    ui_route)."""
+    return f"{ui}/{ui_route(f'experiments/{experiment_id}/runs', query)}"
 
 
 def picture_links(ui: str, experiment_id: str, run_id: str, report_dir: Path) -> list[str]:

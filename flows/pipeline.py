@@ -102,9 +102,10 @@ _RAY_NOTICE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+(INFO|DEBUG) 
 # model signature from input example"; its logger's format) and its schema migrations' (alembic's): the log file's.
 _MLFLOW_NOTICE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (INFO|DEBUG) (mlflow|alembic)[\w.]*: "
                             r"|^(INFO|DEBUG) {1,2}\[alembic[\w.]*\] ")
-# The stages' own lines (tasks/infra/logs.py setup_logging: `time LEVEL logger: message`): the flow's log shows the
-# message at that level, Prefect's record giving the time and level once.
-_OWN_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) tasks[\w.]*: ")
+# The stages' own lines (tasks/infra/logs.py setup_logging: `time LEVEL logger: message`; the stage module run by
+# `python -m` logs as __main__): the flow's log shows the message at that level, Prefect's record giving the time
+# and level once.
+_OWN_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) (tasks[\w.]*|__main__): ")
 _LEVELS = ((re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|^\w*Error: "), logging.ERROR),
            (re.compile(r"\bWARN(ING)?\b|Warning: "), logging.WARNING))
 
@@ -327,17 +328,19 @@ def _mlflow_links(root: Path, params: Params, registration: dict[str, Any], repo
     and Markdown links to the pictures in the first trial's run (each in the UI's training views)."""
     from mlflow import MlflowClient
 
-    from tasks.infra.tracking import tracking_uri
+    from tasks.infra.tracking import results_view_query, tracking_uri
 
     uri = tracking_uri(root)
     client, ui = MlflowClient(uri), mlflow_ui(uri)
     trials = trials_of(root, params)
     first_run = next(iter(trials.values()))["mlflow_run_id"]
     experiment_id = client.get_run(first_run).info.experiment_id
+    view = results_view_query(client.get_experiment(experiment_id).tags)
     links = [(f"{RUN_LINK}, trial {trial}", run_url(ui, experiment_id, info["mlflow_run_id"]))
              for trial, info in trials.items()]
     name, version = registration["model_name"], registration["version"]
-    return [(f"MLflow experiment rain-{params.dataset.name}, its training runs", experiment_url(ui, experiment_id)),
+    return [(f"MLflow experiment rain-{params.dataset.name}, its training runs",
+             experiment_url(ui, experiment_id, view)),
             *links, (f"Model {name} version {version}", model_version_url(ui, name, version))], picture_links(
         ui, experiment_id, first_run, report_dir)
 

@@ -85,6 +85,7 @@ def test_links_point_at_the_mlflow_ui_that_shows_the_store(monkeypatch: pytest.M
      (logging.WARNING, "features collapsed")),
     ("21:43:53 INFO tasks.evaluate: evaluate: LR rank-1 37.7%", (logging.INFO, "evaluate: LR rank-1 37.7%")),
     ("21:43:53 ERROR tasks.register: no run", (logging.ERROR, "no run")),
+    ("04:12:34 INFO __main__: register: rain-reid version 1", (logging.INFO, "register: rain-reid version 1")),
     ("(TrainController pid=77) WARNING worker group shrank", (logging.WARNING, "(TrainController pid=77) WARNING "
                                                              "worker group shrank")),
     ("loop.py:207: UserWarning: Detected call of `lr_scheduler.step()`",
@@ -126,6 +127,8 @@ def test_picture_and_experiment_links_open_in_the_mlflow_ui(tmp_path: Path) -> N
         f"[ranked gallery]({ui}/#/experiments/3/runs/abc/artifacts/evaluation/ranked_gallery.png"
         "?workflowType=machine_learning)"]
     assert experiment_url("http://h:5000", "3") == "http://h:5000/#/experiments/3/runs?workflowType=machine_learning"
+    assert experiment_url("http://h:5000", "3", "viewStateShareKey=rain-results") == (
+        "http://h:5000/#/experiments/3/runs?viewStateShareKey=rain-results&workflowType=machine_learning")
 
 
 def _opens_in_training_views(link: str) -> bool:
@@ -143,6 +146,7 @@ def test_every_kind_of_link_to_mlflow_opens_its_training_views(tmp_path: Path) -
     (tmp_path / "table.md").write_text("| Method | Rank 1 |\n|:---|---:|\n| LR | 37.7 |\n")
     ui = "http://127.0.0.1:5000"
     kinds = {"experiment": experiment_url(ui, "3"), "run": run_url(ui, "3", "abc"),
+             "experiment's results view": experiment_url(ui, "3", "viewStateShareKey=rain-results"),
              "artifact": artifact_url(ui, "3", "abc", "evaluation/cmc.png"),
              "model version": model_version_url(ui, "rain-reid", 2),
              "picture (flow log, artifact)": re.findall(r"\((.+?)\)", picture_links(ui, "3", "abc", tmp_path)[0])[0]}

@@ -94,6 +94,7 @@ def test_mlflow_store_shows_the_experiment_kind_grouped_metrics_readable_params_
     # The UI opens it on its training runs (not the GenAI overview), with a description of what it holds.
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "Training runs of the RAIN pipeline" in experiment.tags["mlflow.note.content"]
+    assert "mlflow.sharedViewState.rain-results" in experiment.tags  # the runs list with the figures as columns
 
     version = client.get_model_version_by_alias("rain-reid", "candidate")
     run = client.get_run(version.run_id)
@@ -147,7 +148,8 @@ def test_the_flow_run_is_named_and_tagged_by_its_settings_and_links_its_mlflow_r
     # Pictures as links a browser opens: the MLflow UI's view of the run's artifacts (not file: URLs).
     assert re.search(rf"\[cmc\]\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}/artifacts/evaluation/"
                      rf"cmc\.png{ml}\)", markdown)
-    assert "runs?workflowType=machine_learning)" in markdown  # the experiment on its training runs
+    # The experiment on its training runs, in the saved view that shows their figures.
+    assert "runs?viewStateShareKey=rain-results&workflowType=machine_learning)" in markdown
     assert "**This flow run trained a model (train ran " in markdown and "| train | ran |" in markdown
     assert "## The settings that decide the result" in markdown and "| objective | variant rain," in markdown
 

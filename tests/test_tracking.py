@@ -12,10 +12,13 @@ from tasks.infra.tracking import (
     EXPERIMENT_KIND_TAG,
     LOCATION_COLUMNS,
     NOTE_TAG,
+    RESULTS_VIEW,
     eval_metric,
     eval_metrics,
     mlflow_experiment_id,
     relocate_artifacts,
+    results_view,
+    results_view_query,
     tracking_uri,
 )
 
@@ -131,3 +134,26 @@ def test_a_copied_project_keeps_its_own_artifacts(tmp_path: Path, monkeypatch: p
         assert local.read_bytes() == b"a new picture"
     assert client.get_logged_model(new_model).artifact_location.startswith(own)
     assert relocate_artifacts(copy / "mlflow.db", copy / "mlartifacts") == 0  # done once
+
+
+def test_the_experiment_holds_a_saved_view_of_its_runs_figures_as_mlflows_ui_reads_one(client: Any,
+                                                                                        tmp_path: Path) -> None:
+    """MLflow's runs list shows no metric column until a user picks one; a saved view (an experiment tag, as the
+    UI's "Save as new view" writes it) lists the evaluation figures, best LR rank-1 first, and the experiment link
+    opens it. The envelope passes the UI's own check (a string name, a number createdAt, a string state)."""
+    import json
+
+    exp_id = mlflow_experiment_id(client, "rain-x", "x", tmp_path, views=results_view(now_ms=5))
+    tags = client.get_experiment(exp_id).tags
+    envelope = json.loads(tags[f"mlflow.sharedViewState.{RESULTS_VIEW}"])
+    assert isinstance(envelope["name"], str) and envelope["createdAt"] == 5 and isinstance(envelope["state"], str)
+    state = json.loads(envelope["state"])
+    assert state["orderByKey"] == "metrics.`eval/lr_rank1`" and state["orderByAsc"] is False
+    assert state["selectedColumns"][:3] == ["metrics.`eval/lr_rank1`", "metrics.`eval_std/lr_rank1`",
+                                            "metrics.`eval/lr_rank5`"]
+    assert results_view_query(tags) == "viewStateShareKey=rain-results"
+    assert results_view_query({}) == ""  # an experiment without it (older) gets no address the UI would refuse
+    edited = json.dumps({**envelope, "name": "mine"})
+    client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{RESULTS_VIEW}", edited)
+    mlflow_experiment_id(client, "rain-x", "x", tmp_path, views=results_view())
+    assert client.get_experiment(exp_id).tags[f"mlflow.sharedViewState.{RESULTS_VIEW}"] == edited  # a user's kept

@@ -47,10 +47,42 @@ NOTE_TAG = "mlflow.note.content"
 ML_VIEW = "workflowType=machine_learning"
 
 
-def ui_route(path: str) -> str:
+# A saved view of an experiment's runs list, as MLflow 3.17's UI keeps one ("Views" > "Save as new view", 3.15+): an
+# experiment tag `mlflow.sharedViewState.<id>` holding {name, createdAt, updatedAt, state}, the state being the JSON
+# of the list's search facets and columns (the UI's own keys and column names, read from its bundled
+# 5439.*.chunk.js and 6475.*.chunk.js). The runs list shows no metric until a user picks one; this view shows the
+# evaluation figures, the best run first, and the address `...#/experiments/<id>/runs?viewStateShareKey=<id>`
+# opens it (results_view_query).
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RESULTS_VIEW = "rain-results"
+RESULTS_COLUMNS = ("lr_rank1", "lr_rank5", "lr_mAP", "r8_rank1", "hr_rank1")  # after EVAL: the figures shown
+
+
+def results_view(now_ms: int | None = None) -> dict[str, str]:
+    """The experiment tag of the saved view RESULTS_VIEW: the runs list with each run's LR rank-1 (and its std),
+    rank-5, mAP, unseen-rate and HR rank-1 as columns, sorted by LR rank-1, best first."""
+    import json
+    import time
+
+    columns = [EVAL + RESULTS_COLUMNS[0], EVAL_STD + RESULTS_COLUMNS[0], *(EVAL + c for c in RESULTS_COLUMNS[1:])]
+    state = {"orderByKey": f"metrics.`{EVAL}{RESULTS_COLUMNS[0]}`", "orderByAsc": False,
+             "selectedColumns": [f"metrics.`{c}`" for c in columns] + ["attributes.`Models`", "attributes.`Dataset`"]}
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    envelope = {"name": "Results: LR rank-1, rank-5, mAP (fractions)", "createdAt": now, "updatedAt": now,
+                "state": json.dumps(state)}
+    return {VIEW_TAG_PREFIX + RESULTS_VIEW: json.dumps(envelope)}
+
+
+def results_view_query(experiment_tags: dict[str, str]) -> str:
+    """`viewStateShareKey=rain-results` where the experiment holds the view, else "" (MLflow's UI answers an address
+    naming a view the experiment lacks with an error)."""
+    return f"viewStateShareKey={RESULTS_VIEW}" if VIEW_TAG_PREFIX + RESULTS_VIEW in experiment_tags else ""
+
+
+def ui_route(path: str, query: str = "") -> str:
     """`#/<path>?workflowType=machine_learning`: the MLflow UI's page `path` (its routes follow `#`) in the
-    training views. Alone it is a link relative to the UI's own address (a run description's)."""
-    return f"#/{path.strip('/')}?{ML_VIEW}"
+    training views, with `query` too. Alone it is a link relative to the UI's own address (a run description's)."""
+    return f"#/{path.strip('/')}?{'&'.join(q for q in (query, ML_VIEW) if q)}"
 
 
 def figure_name(row: str, metric: str) -> str:
@@ -148,11 +180,13 @@ def relocate_artifacts(db: Path, artifacts: Path) -> int:
     return changed
 
 
-def mlflow_experiment_id(client: MlflowClient, name: str, description: str, project_dir: Path | None = None) -> str:
+def mlflow_experiment_id(client: MlflowClient, name: str, description: str, project_dir: Path | None = None,
+                         views: dict[str, str] | None = None) -> str:
     """Id of experiment `name`, created with its artifacts under <project>/mlartifacts when new. It carries the
-    experiment kind and `description` (what it holds): set at creation, and added to an existing experiment
-    that lacks them (one made by an older version); a description someone wrote in the UI is kept."""
-    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: description}
+    experiment kind, `description` (what it holds) and the saved runs-list `views` (results_view): set at
+    creation, and added to an existing experiment that lacks them (one made by an older version); a description
+    or view someone edited in the UI is kept."""
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: description, **(views or {})}
     found = client.get_experiment_by_name(name)
     if found is None:
         location = ((project_dir or Path.cwd()) / ARTIFACTS_DIR / name).resolve().as_uri()
