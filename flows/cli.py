@@ -223,6 +223,7 @@ def serve(project: ProjectOption = Path("."),
     # Called outside an event loop, `to_deployment` returns the deployment itself (typed as either).
     deployments = [cast(RunnerDeployment, f.to_deployment(name=name, parameters={"project_dir": str(project)}))
                    for f, name in ((rain, "full"), (experiments, "experiments"))]
+    _grid_form(deployments[1], project)
     try:
         serve_deployments(*deployments)
     finally:
@@ -252,6 +253,21 @@ def registry_errors(uri: str) -> Iterator[None]:
         cause = getattr(exc, "orig", None) or exc
         typer.echo(f"error: {uri}: cannot read the tracking database: {_first_line(str(cause))}", err=True)
         raise typer.Exit(2) from exc
+
+
+def _grid_form(deployment: Any, project: Path) -> None:
+    """The grid deployment's run form opens on params.yaml's values, with the paper's table titles
+    (flows/grid.py deployment_form); a params.yaml that cannot be read leaves the flow's plain form."""
+    from flows.grid import deployment_form
+    from tasks.config import ParamsError, load_params
+
+    try:
+        params = load_params(project / "params.yaml")
+    except (ParamsError, OSError) as exc:
+        typer.echo(f"warning: the rain-grid/experiments form shows no defaults: {exc}", err=True)
+        return
+    schema = deployment._parameter_openapi_schema
+    schema.properties = deployment_form(schema.properties, params, project)
 
 
 def _tracking(project: Path) -> str:

@@ -34,7 +34,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.links import grid_label, label_flow_run
+from flows.links import grid_label, grid_run_name, label_flow_run
 from flows.pipeline import run_stages, stage_env
 from tasks.config import ExperimentsConfig, Params, ParamsError, load_params
 from tasks.grid import cluster as grid_cluster
@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 # The grid's tables by key (tasks/grid/tables.py TABLES; tests/test_flow_ui.py keeps the two equal): a Literal, so
 # the deployment's form in the Prefect UI offers exactly these.
 TableKey = Literal["table1", "table2", "table3", "table4", "figure5", "adv_sweep", "choices"]
+# The dataset names params.yaml accepts (tasks/config.py DATASETS; tests/test_flow_ui.py keeps the two equal): the
+# form offers them as a choice.
+DatasetName = Literal["synthetic", "viper", "cuhk03", "cuhk03-detected", "caviar", "market1501", "custom"]
 GRID_FILE = "grid/dvc.yaml"  # the grid's stages, outside the pipeline's dvc.yaml
 DATA_STAGES = ("fingerprint", "download", "manifest", "synthesize", "decode", f"{GRID_FILE}:grid_data")
 MAX_WAITING = 64  # Prefect tasks waiting on their Ray task at once; all runs are queued on the cluster at once
@@ -75,8 +78,8 @@ def _inside(folder: Path) -> Iterator[None]:
         os.chdir(before)
 
 
-@flow(name="rain-grid", flow_run_name="experiments", log_prints=True, task_runner=_THREADS)
-def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[int] | None = None,
+@flow(name="rain-grid", flow_run_name=grid_run_name, log_prints=True, task_runner=_THREADS)
+def experiments(project_dir: str = ".", dataset: DatasetName | None = None, seeds: list[int] | None = None,
                 tables: list[TableKey] | None = None) -> dict[str, Any] | State:
     """The paper's Tables 1-4 and Figure 5 on `dataset` over `seeds` (defaults: params.yaml).
 
@@ -143,6 +146,28 @@ def experiments(project_dir: str = ".", dataset: str | None = None, seeds: list[
          **{m: f"{100 * r[m]:.1f} ± {100 * r[m + '_std']:.1f}" for m in grid_tables.RANK1_AND_MAP if m in r}}
         for rows in summary["tables"].values() for r in rows], description="Mean ± std over seeds (%)")
     return summary | {"grid": record}
+
+
+def deployment_form(properties: dict[str, Any], params: Params, project: Path) -> dict[str, Any]:
+    """The run form of deployment `rain-grid/experiments` (`properties`: the flow's parameter schema): each optional
+    field typed as its value with params.yaml's value as its default (the flow's own default, None, opens Prefect's
+    form on "None" with `Property is type "None"` and leaves the Parameters tab's Type and Default blank), and the
+    table choice listing each table's title beside its key (Prefect's multi-select shows the keys alone). The
+    defaults are params.yaml's when `rain serve` read it; the flow itself still reads params.yaml for a run that
+    does not set them (`prefect deployment run` without -p)."""
+    def value_branch(prop: dict[str, Any]) -> dict[str, Any]:
+        branch = next(o for o in prop.get("anyOf", [prop]) if o.get("type") != "null")
+        return {k: v for k, v in prop.items() if k not in ("anyOf", "default")} | branch
+
+    titles = "\n".join(f"- `{t.key}`: {t.title}" for t in grid_tables.TABLES)
+    form = dict(properties)
+    form["project_dir"] = {**properties["project_dir"], "default": str(project)}
+    form["dataset"] = value_branch(properties["dataset"]) | {"default": params.dataset.name}
+    form["seeds"] = value_branch(properties["seeds"]) | {"default": list(params.experiments.seeds)}
+    form["tables"] = value_branch(properties["tables"]) | {
+        "default": [t.key for t in grid_tables.TABLES],
+        "description": f"{properties['tables'].get('description', '')}\n\n{titles}".strip()}
+    return form
 
 
 def _run_all(todo: list[tuple[str, int]], root: Path, parent: str, params: Params

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
-from tasks.config import Params
+from tasks.config import Params, load_params
+from tasks.infra.tracking import ui_route
 
 DEFAULT_UI = "http://127.0.0.1:5000"
 
@@ -41,6 +42,63 @@ def grid_label(params: Params, seeds: tuple[int, ...]) -> tuple[str, list[str]]:
         f"{k}:{v}" for k, v in {**settings, **_training_tags(params)}.items()]
 
 
+def _run_params() -> Params | None:
+    """params.yaml of the project the current flow run was given (`project_dir`); None when it cannot be read (the
+    flow then refuses it with its one-line error)."""
+    from prefect.runtime import flow_run
+
+    try:
+        return load_params(Path(str(flow_run.parameters.get("project_dir", "."))).resolve() / "params.yaml")
+    except Exception:  # any reason: the flow's own load_params reports it
+        return None
+
+
+def pipeline_run_name() -> str:
+    """The `rain` flow's run name (flow_run_name: Prefect sets it before its "Beginning flow run" line, so the
+    terminal and the UI show one name); the name Prefect drew when params.yaml cannot be read."""
+    from prefect.runtime import flow_run
+
+    params = _run_params()
+    return str(flow_run.name) if params is None else pipeline_label(params)[0]
+
+
+def grid_run_name() -> str:
+    """The `rain-grid` flow's run name, as pipeline_run_name (its seeds: the run's `seeds`, else params.yaml's)."""
+    from prefect.runtime import flow_run
+
+    params = _run_params()
+    if params is None:
+        return str(flow_run.name)
+    seeds = flow_run.parameters.get("seeds")
+    return grid_label(params, tuple(seeds) if seeds else params.experiments.seeds)[0]
+
+
+# Sections of params.yaml whose values decide a pipeline run's figures (paths, sources, worker counts do not), and
+# the keys of a section that do not.
+RESULT_SECTIONS = ("protocol", "model", "objective", "train", "evaluate", "ray")
+NOT_DECIDING = ("protocol.workers", "train.checkpoint_every_seconds", "train.checkpoint_every_epochs",
+                "train.loader_workers", "evaluate.batch_size", "evaluate.tsne_identities", "evaluate.sheet_queries",
+                "ray.address", "ray.cpus_per_worker", "ray.max_failures", "ray.keep_checkpoints", "ray.keep_runs")
+
+
+def settings_markdown(params: Params) -> str:
+    """The settings that decide a pipeline run's result, as a Markdown table of one row per params.yaml section
+    (`key value` pairs): the flow's own parameter is only the project folder, so its results artifact shows them."""
+    from tasks.config import param_values
+
+    values = param_values(params)
+    sections = {"dataset": {k: v for k, v in values.items()
+                            if k == "dataset.name" or k.startswith(f"{params.dataset.name}.")}}
+    for section in RESULT_SECTIONS:
+        sections[section] = {k: v for k, v in values.items() if k.startswith(f"{section}.") and k not in NOT_DECIDING}
+
+    def shown(value: object) -> str:
+        return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, tuple | list) else str(value)
+    rows = [f"| {section} | " + ", ".join(f"{k.partition('.')[2]} {shown(v)}" for k, v in chosen.items()) + " |"
+            for section, chosen in sections.items() if chosen]
+    return "\n".join(["| params.yaml | settings |", "|:---|:---|", *rows])
+
+
 def label_flow_run(name: str, tags: list[str]) -> None:
     """Rename the current flow run and add `tags` (kept: the tags it had); nothing outside a flow run."""
     from prefect.client.orchestration import get_client
@@ -61,22 +119,28 @@ def mlflow_ui(tracking_uri: str) -> str:
 
 
 def run_url(ui: str, experiment_id: str, run_id: str) -> str:
-    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui}/{ui_route(f'experiments/{experiment_id}/runs/{run_id}')}"
+
+
+def artifact_url(ui: str, experiment_id: str, run_id: str, path: str) -> str:
+    """The run's artifact `path` (`evaluation/cmc.png`) on the run's artifacts page."""
+    return f"{ui}/{ui_route(f'experiments/{experiment_id}/runs/{run_id}/artifacts/{path}')}"
 
 
 def model_version_url(ui: str, name: str, version: int) -> str:
-    return f"{ui}/#/models/{quote(name)}/versions/{version}"
+    return f"{ui}/{ui_route(f'models/{quote(name)}/versions/{version}')}"
 
 
-def experiment_url(ui: str, experiment_id: str) -> str:
-    """The experiment's training runs. MLflow 3.17's UI opens an experiment on its GenAI overview unless the
-    browser's "Model training" switch is on (it ignores the experiment's kind tag); the query sets it."""
-    return f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+def experiment_url(ui: str, experiment_id: str, query: str = "") -> str:
+    """The experiment's training runs (with `query`: results_view_query, the saved view of their figures). MLflow
+    3.17's UI opens an experiment on its GenAI overview unless the browser's "Model training" switch is on (it
+    ignores the experiment's kind tag); the query sets it, as it does on every link here (tasks/infra/tracking.py
+    ui_route)."""
+    return f"{ui}/{ui_route(f'experiments/{experiment_id}/runs', query)}"
 
 
-def picture_links(run_link: str, report_dir: Path) -> list[str]:
-    """Markdown links to the report's pictures where the MLflow UI shows them: the run `run_link` (a
-    `run_url`) holds them under its artifacts `evaluation/`. Not file: URLs, which browsers refuse to open
-    from a web page."""
-    return [f"[{p.stem.replace('_', ' ')}]({run_link}/artifacts/evaluation/{p.name})"
+def picture_links(ui: str, experiment_id: str, run_id: str, report_dir: Path) -> list[str]:
+    """Markdown links to the report's pictures where the MLflow UI shows them: run `run_id` holds them under
+    its artifacts `evaluation/`. Not file: URLs, which browsers refuse to open from a web page."""
+    return [f"[{p.stem.replace('_', ' ')}]({artifact_url(ui, experiment_id, run_id, f'evaluation/{p.name}')})"
             for p in sorted(report_dir.glob("*.png"))]

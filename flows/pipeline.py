@@ -30,7 +30,9 @@ from flows.links import (
     model_version_url,
     picture_links,
     pipeline_label,
+    pipeline_run_name,
     run_url,
+    settings_markdown,
 )
 from tasks.config import Params, load_params
 from tasks.download import TRANSIENT_MARKER
@@ -90,29 +92,49 @@ _DVC_HINTS = re.compile(r"^(To track the changes with git, run:|\s+git add |To e
                         r"|\s+dvc config core\.autostage|Use `dvc push` to send your updates|\s*$)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAY_PREFIX = re.compile(r"^\((\w+) pid=\d+(?:, ip=[\d.]+)?\)\s?")  # Ray's prefix on a worker's or actor's line
-# Ray's driver-side notices (its logger's own format). INFO ones ("View the dashboard at ...": dead once the stage's
-# embedded cluster stops) and the token-auth notice (a loopback cluster that Ray secures, nothing to act on) stay in
-# the stage's log file.
-_RAY_NOTICE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|DEBUG) \w+\.py:\d+ -- "
-                         r"|^\d{4}-\d\d-\d\d [\d:,]+ WARNING authentication_token_setup\.py:\d+ -- "
+# Ray's driver-side notices (its logger's format: a tab after the time). INFO ones ("View the dashboard at ...": dead
+# once the stage's embedded cluster stops) and the token-auth notice (a loopback cluster that Ray secures, nothing to
+# act on; tasks/infra/raycluster.py sets RAY_AUTH_MODE so that Ray no longer prints it) stay in the stage's log file.
+_RAY_NOTICE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+(INFO|DEBUG) \S+\.py:\d+ -- "
+                         r"|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+WARNING authentication_token_setup\.py:\d+ -- "
                          r"Token authentication is enabled")
+# MLflow's own notices at INFO ("Creating initial MLflow database tables...", "Updating database tables", "Inferring
+# model signature from input example"; its logger's format) and its schema migrations' (alembic's): the log file's.
+_MLFLOW_NOTICE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (INFO|DEBUG) (mlflow|alembic)[\w.]*: "
+                            r"|^(INFO|DEBUG) {1,2}\[alembic[\w.]*\] ")
+# The stages' own lines (tasks/infra/logs.py setup_logging: `time LEVEL logger: message`; the stage module run by
+# `python -m` logs as __main__): the flow's log shows the message at that level, Prefect's record giving the time
+# and level once.
+_OWN_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) (tasks[\w.]*|__main__): ")
 _LEVELS = ((re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|^\w*Error: "), logging.ERROR),
            (re.compile(r"\bWARN(ING)?\b|Warning: "), logging.WARNING))
 
 
 def flow_log_line(line: str) -> tuple[int, str] | None:
     """(level, text) of a stage's output line in the flow's log, or None when it stays in the stage's log file
-    only: DVC's git hints, blank lines, and Ray's own worker and actor output (our loggers' lines, named
-    `tasks.*`, and warnings and errors are kept). Errors and warnings keep their level."""
+    only: DVC's git hints, blank lines, Ray's and MLflow's own notices and Ray's worker and actor output (our
+    loggers' lines, named `tasks.*`, and warnings and errors are kept). One prefix per line: a line of our loggers
+    loses Ray's `(RayTrainWorker pid=...)` and its own time, level and logger name, which Prefect's record shows.
+    Errors and warnings keep their level."""
     text = _ANSI.sub("", line).rstrip()
-    if _DVC_HINTS.match(text) or _RAY_NOTICE.match(text):
+    if _DVC_HINTS.match(text) or _RAY_NOTICE.match(text) or _MLFLOW_NOTICE.match(text):
         return None
+    ray = _RAY_PREFIX.match(text)
+    own = _OWN_LINE.match(text[ray.end():] if ray else text)
+    if own:
+        return logging.getLevelNamesMapping()[own.group(1)], own.string[own.end():]
     level = next((lvl for pattern, lvl in _LEVELS if pattern.search(text)), logging.INFO)
     if text.startswith(ERROR_MARKER):  # the stage's own one-line error
         level = logging.ERROR
-    if _RAY_PREFIX.match(text) and " tasks." not in text and level == logging.INFO:
+    if ray and level == logging.INFO:
         return None
     return level, text
+
+
+def left_out_note(count: int, log_file: Path) -> str:
+    """The last line of a stage in the flow's log when `count` lines were left out of it (flow_log_line)."""
+    lines = "1 line" if count == 1 else f"{count} lines"
+    return f"({lines} of DVC hints and Ray's and MLflow's own output only in {log_file})"
 
 
 def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], label: str, log_file: Path) -> list[str]:
@@ -156,8 +178,7 @@ def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], label: str, l
             if pending:
                 lines.append(pending.rstrip())
             if left_out:
-                logger.info("%s | (%d lines of DVC hints and Ray's own output are only in %s)", label, left_out,
-                            log_file)
+                logger.info("%s | %s", label, left_out_note(left_out, log_file))
         finally:
             if proc.poll() is None:
                 reaper.end_group(proc.pid)
@@ -227,35 +248,73 @@ def run_stages(stages: tuple[str, ...], project_dir: Path, log_dir: Path) -> lis
     return results
 
 
-@flow(name="rain", log_prints=True)
+ALWAYS_RUNS = "fingerprint"  # re-hashes the data's sources on every repro (dvc.yaml: always_changed): no news
+
+
+def outcome(results: list[StageResult]) -> tuple[str, list[str]]:
+    """(what the run did in a few words, its tags): `outcome:trained` when the train stage trained a model,
+    `outcome:reused` when it kept the one it had (up to date or restored from DVC's run cache) but a later stage
+    ran, `outcome:up-to-date` when no stage had anything to do; and `ran:<stage>` for each stage that ran."""
+    ran = [r.stage for r in results if r.status == "ran" and r.stage != ALWAYS_RUNS]
+    train = next((r for r in results if r.stage == "train"), None)
+    if train is not None and train.status == "ran":
+        said, kind = f"trained a model (train ran {train.seconds:.0f} s)", "trained"
+    elif ran:
+        kept = train.status if train is not None else "no train stage"
+        said, kind = f"reused the trained model ({kept}); ran {', '.join(ran)}", "reused"
+    else:
+        said, kind = "nothing to do: every stage was up to date", "up-to-date"
+    return said, [f"outcome:{kind}", *(f"ran:{stage}" for stage in ran)]
+
+
+def results_markdown(params: Params, results: list[StageResult], table: str, links: list[tuple[str, str]],
+                     pictures: list[str], registration: dict[str, Any]) -> str:
+    """The flow run's results artifact: what it did (each stage ran or was up to date), the results table, links
+    to MLflow, and every setting that decided the result."""
+    said, _ = outcome(results)
+    stages = "\n".join(["| stage | status | seconds |", "|:---|:---|---:|",
+                        *(f"| {r.stage} | {r.status} | {r.seconds:.1f} |" for r in results)])
+    return (f"# {params.dataset.name}\n\n**This flow run {said}.**\n\n{table}\n\n"
+            + "".join(f"- [{text}]({url})\n" for text, url in links)
+            + f"\nModel `{registration['model_uri']}` (alias `{registration['alias']}`). The pictures, in the first "
+            "trial's MLflow run:\n\n" + "".join(f"- {link}\n" for link in pictures)
+            + f"\n## What each stage did\n\n{stages}\n\n## The settings that decide the result\n\n"
+            f"{settings_markdown(params)}\n")
+
+
+@flow(name="rain", flow_run_name=pipeline_run_name, log_prints=True)
 def rain(project_dir: str = ".") -> dict[str, Any] | State:
     """fingerprint -> download -> manifest -> synthesize -> decode -> train -> evaluate -> register, as DVC
-    decides."""
+    decides.
+
+    Args:
+        project_dir: The rain project folder (params.yaml, dvc.yaml); relative to where the flow runs. Every
+            setting is in its params.yaml; the run's results artifact lists those that decide the result.
+    """
     reaper.guard()  # nothing this flow starts outlives it (a killed flow run included)
     root = Path(project_dir).resolve()
     params = load_params(root / "params.yaml")  # refuses a bad params.yaml before any stage runs
-    label_flow_run(*pipeline_label(params))
+    name, tags = pipeline_label(params)
+    label_flow_run(name, tags)
     log_dir = new_run_folder(root / params.paths.logs)  # this run's stage logs, a folder of its own
     results = run_stages(STAGES, root, log_dir)
     if isinstance(results, State):  # a stage failed: calling the flow raises its StageFailed
         return results
+    said, outcome_tags = outcome(results)
+    label_flow_run(name, outcome_tags)  # the runs list tells a training run from a no-op
+    get_run_logger().info("This flow run %s.", said)
     report_dir = root / params.report_dir()
     metrics = json.loads((report_dir / "metrics.json").read_text())
     registration = json.loads((report_dir / "registration.json").read_text())
     create_table_artifact(key="rain-stages", table=[r.__dict__ for r in results],
                           description="What DVC ran or skipped in this flow run")
     table = (report_dir / "table.md").read_text() if (report_dir / "table.md").exists() else ""
-    links = _mlflow_links(root, params, registration)
+    links, pictures = _mlflow_links(root, params, registration, report_dir)
     for text, url in links:
         get_run_logger().info("%s: %s", text, url)
-    first_run = next(url for text, url in links if text.startswith(RUN_LINK))
-    pictures = "\n".join(f"- {link}" for link in picture_links(first_run, report_dir))
     create_markdown_artifact(
         key=f"rain-results-{re.sub(r'[^a-z0-9-]', '-', params.dataset.name.lower())}",
-        markdown=f"# {params.dataset.name}\n\n{table}\n\n"
-                 + "".join(f"- [{text}]({url})\n" for text, url in links)
-                 + f"\nModel `{registration['model_uri']}` (alias `{registration['alias']}`). The pictures, in "
-                 f"the first trial's MLflow run:\n\n{pictures}\n",
+        markdown=results_markdown(params, results, table, links, pictures, registration),
         description=f"What the pipeline measured on {params.dataset.name}, with links to MLflow")
     return {"stages": [r.__dict__ for r in results], "metrics": metrics, "registration": registration}
 
@@ -263,21 +322,27 @@ def rain(project_dir: str = ".") -> dict[str, Any] | State:
 RUN_LINK = "MLflow run"  # how a trial's run link starts (text of the log line and of the artifact's link)
 
 
-def _mlflow_links(root: Path, params: Params, registration: dict[str, Any]) -> list[tuple[str, str]]:
-    """(text, URL) of each trial's MLflow run and of the registered model version, in the MLflow UI."""
+def _mlflow_links(root: Path, params: Params, registration: dict[str, Any], report_dir: Path
+                  ) -> tuple[list[tuple[str, str]], list[str]]:
+    """(text, URL) of the experiment, each trial's MLflow run and the registered model version in the MLflow UI,
+    and Markdown links to the pictures in the first trial's run (each in the UI's training views)."""
     from mlflow import MlflowClient
 
-    from tasks.infra.tracking import tracking_uri
+    from tasks.infra.tracking import results_view_query, tracking_uri
 
     uri = tracking_uri(root)
     client, ui = MlflowClient(uri), mlflow_ui(uri)
     trials = trials_of(root, params)
-    experiment_id = client.get_run(next(iter(trials.values()))["mlflow_run_id"]).info.experiment_id
+    first_run = next(iter(trials.values()))["mlflow_run_id"]
+    experiment_id = client.get_run(first_run).info.experiment_id
+    view = results_view_query(client.get_experiment(experiment_id).tags)
     links = [(f"{RUN_LINK}, trial {trial}", run_url(ui, experiment_id, info["mlflow_run_id"]))
              for trial, info in trials.items()]
     name, version = registration["model_name"], registration["version"]
-    return [(f"MLflow experiment rain-{params.dataset.name}, its training runs", experiment_url(ui, experiment_id)),
-            *links, (f"Model {name} version {version}", model_version_url(ui, name, version))]
+    return [(f"MLflow experiment rain-{params.dataset.name}, its training runs",
+             experiment_url(ui, experiment_id, view)),
+            *links, (f"Model {name} version {version}", model_version_url(ui, name, version))], picture_links(
+        ui, experiment_id, first_run, report_dir)
 
 
 def trials_of(root: Path, params: Params) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, report
         "evaluations_per_row": len(results["lr"]), "std_over": spread, "protocol": PROTOCOL_NOTE}
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))  # rows in table order
     cmc = {name: np.stack([c for _, c, _ in evals]).mean(axis=0) for name, evals in results.items()}  # (20,) each
-    _write_pictures(params, report_dir, rows, cmc, len(results["lr"]), pictures)
+    _write_pictures(params, report_dir, rows, cmc, pictures)
     _log_to_mlflow(train_summary, metrics, report_dir, cmc)
     log.info("evaluate: LR rank-1 %.1f%%, HR rank-1 %.1f%%, mAP %.1f%%", 100 * rows["lr"]["rank1"],
              100 * rows.get("hr", rows["lr"])["rank1"], 100 * rows["lr"]["mAP"])
@@ -70,12 +70,14 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, report
 
 
 def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc: dict[str, np.ndarray],
-                    draws: int, pictures: dict[str, Any]) -> None:
-    """`cmc`: each row's mean CMC curve over its `draws` evaluations (trials x gallery draws)."""
+                    pictures: dict[str, Any]) -> None:
+    """`cmc`: each row's mean CMC curve over its evaluations (trials x gallery draws)."""
     from PIL import Image
 
     from tasks.evaluation.reporting import (
+        aligned_markdown,
         cmc_plot_rows,
+        cmc_title,
         distinct_people,
         plot_cmc,
         plot_tsne,
@@ -86,7 +88,7 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc
     unseen = params.protocol.unseen_rates
     cfg = params.evaluate
     plot_cmc({row_label(n, unseen): curve.tolist() for n, curve in cmc.items()}, report_dir / "cmc.png",
-             title=f"CMC on {params.dataset.name}, single-shot gallery (mean of {draws} trial x gallery draws)")
+             title=cmc_title(params.dataset.name, len(params.train.trials), cfg.gallery_repeats))
     # Columns keyed by row name (lr, r2, ..., hr): stable names dvc.yaml's plot definition can name.
     plot_rows = cmc_plot_rows({n: curve.tolist() for n, curve in cmc.items()})
     with (report_dir / "cmc.csv").open("w", newline="") as fh:
@@ -94,7 +96,7 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc
         writer.writeheader()
         writer.writerows(plot_rows)
     table_rows = [{k: v for k, v in r.items() if k != "label"} | {"row": r["label"]} for r in rows.values()]
-    (report_dir / "table.md").write_text(table1_markdown(table_rows) + "\n")
+    (report_dir / "table.md").write_text(aligned_markdown(table1_markdown(table_rows)) + "\n")
 
     # Figure 3: test features of a few identities, HR gallery plus every query variant.
     queries, gallery = pictures["queries"], pictures["gallery"]
@@ -128,11 +130,27 @@ def _write_pictures(params: Params, report_dir: Path, rows: dict[str, dict], cmc
                          labels=[f"r={queries[i]['rate']} #{queries[i]['person_id']}" for i in chosen])
 
 
+def run_description(metrics: dict[str, Any], report_dir: Path, experiment_id: str, run_id: str) -> str:
+    """A training run's description (the run page shows it): the results table and links to the pictures among
+    its artifacts, relative to the UI's own address (its routes follow `#`), so they work wherever it runs, and
+    in its training views (ui_route). The table (table.md, columns padded) is a code block: MLflow 3.17 draws a
+    Markdown table with no cell padding, which ran the cells of a row together."""
+    from tasks.infra.tracking import ui_route
+
+    pictures = sorted(f.name for f in report_dir.iterdir() if f.suffix == ".png")
+    route = f"experiments/{experiment_id}/runs/{run_id}/artifacts/evaluation"
+    return "\n".join([
+        "## Results (percent)", "", "```", (report_dir / "table.md").read_text().strip(), "```", "",
+        f"CMC: {metrics['protocol']['cmc']}", f"mAP: {metrics['protocol']['mAP']}", "",
+        "Pictures (the run's artifacts, `evaluation/`): "
+        + ", ".join(f"[{name}]({ui_route(f'{route}/{name}')})" for name in pictures)])
+
+
 def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], report_dir: Path,
                    cmc: dict[str, np.ndarray]) -> None:
     """Metrics (`eval/<row>_<metric>`, each std as `eval_std/<row>_<metric>`), each row's CMC as metric
     `cmc/<row>` stepped by rank (MLflow draws the curve), every report file, and a run description holding the
-    results table, go to each trial's training run."""
+    results table (run_description), go to each trial's training run."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -141,15 +159,6 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
     client = MlflowClient(tracking_uri())
     flat = eval_metrics(metrics["rows"])
     files = sorted(report_dir.iterdir())
-
-    def description(run_id: str) -> str:
-        # Links relative to the UI's own address (its routes are after `#`), so they work wherever it runs.
-        route = f"#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}/artifacts/evaluation"
-        return "\n".join([
-            "## Results (percent)", "", (report_dir / "table.md").read_text().strip(), "",
-            f"CMC: {metrics['protocol']['cmc']}", f"mAP: {metrics['protocol']['mAP']}", "",
-            "Pictures (the run's artifacts, `evaluation/`): "
-            + ", ".join(f"[{f.name}]({route}/{f.name})" for f in files if f.suffix == ".png")])
     now = int(time.time() * 1000)
     batch = [Metric(key, value, now, 0) for key, value in flat.items()] + [
         Metric(CMC + row, float(value), now, rank) for row, curve in cmc.items()
@@ -159,7 +168,8 @@ def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], repor
         log_metrics(client, run_id, batch)
         for file in files:
             client.log_artifact(run_id, str(file), artifact_path="evaluation")
-        client.set_tag(run_id, NOTE_TAG, description(run_id))  # the run page's description
+        description = run_description(metrics, report_dir, client.get_run(run_id).info.experiment_id, run_id)
+        client.set_tag(run_id, NOTE_TAG, description)  # the run page's description
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -63,7 +64,16 @@ from rain_model.config import ModelConfig
 from rain_model.metrics import METRIC_KEYS
 from tasks.config import PROMOTED_ALIASES, Params, is_promoted_alias, load_params
 from tasks.infra.logs import setup_logging
-from tasks.infra.tracking import CMC, HEADLINE_ROW, figure_name, file_hash, git_commit, log_metrics, tracking_uri
+from tasks.infra.tracking import (
+    CMC,
+    HEADLINE_ROW,
+    NOTE_TAG,
+    figure_name,
+    file_hash,
+    git_commit,
+    log_metrics,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +219,49 @@ def link_figures(client: Any, run_id: str, model_id: str, figures: list[Any]) ->
     log_metrics(client, run_id, linked)
 
 
-def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int = 0) -> Any:
+def logged_model_name(params: Params, trial: str) -> str:
+    """The logged model's name in the experiment's Models tab (`rain-reid-synthetic-trial0`): whose model, on
+    which data. MLflow refuses / : . % and quotes in it."""
+    return re.sub(r"[/:.%\"']", "-", f"{params.register.model_name}-{params.dataset.name}-trial{trial}")
+
+
+def figures_line(lr: dict[str, Any]) -> str:
+    """`LR queries: rank-1 37.7% (std 1.2), rank-5 80.0%, rank-10 92.2%, rank-20 98.0%, mAP 46.6%`: the headline
+    row of metrics.json (fractions) in percent, as the results table shows it."""
+    parts = [f"{k.replace('rank', 'rank-')} {100 * lr[k]:.1f}%"
+             + (f" (std {100 * lr[k + '_std']:.1f})" if k == "rank1" and k + "_std" in lr else "")
+             for k in METRIC_KEYS if k in lr]
+    return "LR queries: " + ", ".join(parts)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def version_description(params: Params, trial: str, run_id: str, lr: dict[str, Any]) -> str:
+    """The model version's description: the LR queries' figures first, then what it is and where it came from."""
+    return (f"{figures_line(lr)}. {params.objective.variant} ({params.model.backbone}, levels "
+            f"{list(params.model.levels)}) trained on {params.dataset.name} trial {trial}; the tags hold the LR "
+            f"queries' figures as fractions (`{figure_name(HEADLINE_ROW, 'rank1')}`, ...) and where the model came "
+            f"from (git commit, data and params hashes, MLflow run {run_id}).")
+
+
+def model_description(params: Params, trial: str, run_id: str, metrics: dict[str, Any], table: str) -> str:
+    """The logged model's description (its page's first section): the LR queries' figures first, the results
+    table of every query set, then what the model is and where it came from."""
+    return "\n".join([
+        f"**{figures_line(metrics['rows'][HEADLINE_ROW])}** (mean of {_count(metrics['trials'], 'trial')} x "
+        f"{_count(metrics['gallery_draws'], 'gallery draw')}; rank-k on a single-shot HR gallery, mAP over every HR "
+        "image).",
+        "", "```", table.strip(), "```", "",
+        f"{params.objective.variant} ({params.model.backbone}, levels {list(params.model.levels)}) trained on "
+        f"{params.dataset.name} trial {trial} by MLflow run {run_id}. {MODEL_DESCRIPTION}"])
+
+
+def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int = 0, name: str = "model") -> Any:
     """The pyfunc (tasks/registry/pyfunc_model.py, from code) with `weights` and `settings`, logged to the
-    active MLflow run as its output at `step` (model_figures); returns MLflow's ModelInfo (its `model_uri` is
-    what gets registered)."""
+    active MLflow run as its output at `step` (model_figures) under `name` (logged_model_name); returns MLflow's
+    ModelInfo (its `model_uri` is what gets registered)."""
     import mlflow
     import pandas as pd
 
@@ -221,7 +270,7 @@ def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int
         config.write_text(json.dumps(settings, default=list))
         # The signature is inferred by running the logged model on the example: a free smoke test.
         return mlflow.pyfunc.log_model(
-            name="model", python_model=str(PACKAGE_ROOT / "tasks" / "registry" / "pyfunc_model.py"),
+            name=name, python_model=str(PACKAGE_ROOT / "tasks" / "registry" / "pyfunc_model.py"),
             artifacts={"weights": str(weights), "config": str(config)},
             code_paths=[str(PACKAGE_ROOT / "rain_model"), str(PACKAGE_ROOT / "tasks")],
             input_example=pd.DataFrame({"image": [_example_image(params)]}),
@@ -274,8 +323,11 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
     if existing is None:
         step, figures = model_figures(client, info["mlflow_run_id"])
         with mlflow.start_run(run_id=info["mlflow_run_id"]):
-            logged = log_model(params, weights, settings, step)
+            logged = log_model(params, weights, settings, step, name=logged_model_name(params, trial))
         link_figures(client, info["mlflow_run_id"], logged.model_id, figures)
+        table = (report_dir / "table.md").read_text() if (report_dir / "table.md").exists() else ""
+        client.set_logged_model_tags(logged.model_id, {NOTE_TAG: model_description(
+            params, trial, info["mlflow_run_id"], metrics, table)})  # the logged model page's description
     lr = metrics["rows"][HEADLINE_ROW]
     tags = {
         "git_commit": git_commit(), "git_dirty": git_dirty(), "dataset": params.dataset.name, "trial": trial,
@@ -296,12 +348,8 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
                  "MLflow run %s: reused", name, mv.version, weights_sha256[:12], settings_sha256[:12],
                  info["mlflow_run_id"])
     client.update_registered_model(name, description=MODEL_DESCRIPTION)
-    client.update_model_version(name, mv.version, description=(
-        f"{params.objective.variant} ({params.model.backbone}, levels {list(params.model.levels)}) trained on "
-        f"{params.dataset.name} trial {trial}. LR queries: rank-1 {100 * lr['rank1']:.1f}%, mAP "
-        f"{100 * lr['mAP']:.1f}%; the tags hold the LR queries' figures (`{figure_name(HEADLINE_ROW, 'rank1')}`, "
-        f"...) and where the model came from (git commit, data and params hashes, MLflow run "
-        f"{info['mlflow_run_id']})."))
+    client.update_model_version(name, mv.version,
+                                description=version_description(params, trial, info["mlflow_run_id"], lr))
     client.set_registered_model_alias(name, params.register.alias, mv.version)
     registration = {"model_name": name, "version": int(mv.version), "alias": params.register.alias,
                     "model_uri": f"models:/{name}/{mv.version}", "tags": tags}

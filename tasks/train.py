@@ -38,6 +38,7 @@ from tasks.infra.tracking import (
     git_commit,
     log_params,
     mlflow_experiment_id,
+    results_view,
     tracking_uri,
 )
 from tasks.training import resume, weights
@@ -71,7 +72,8 @@ def run(params: Params, mlr_path: Path, store_dir: Path, model_dir: Path, runs_d
     model_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri()
     client = mlflow.MlflowClient(uri)
-    exp_id = mlflow_experiment_id(client, f"rain-{params.dataset.name}", experiment_description(params))
+    exp_id = mlflow_experiment_id(client, f"rain-{params.dataset.name}", experiment_description(params),
+                                  views=results_view())
 
     summary: dict[str, Any] = {"trials": {}}
     reads = resume.inputs(mlr_path, store_dir, params.model.pretrained_path)

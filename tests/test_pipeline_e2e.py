@@ -71,8 +71,8 @@ def test_mlflow_shows_the_results_table_the_cmc_curve_and_described_models(
     run = client.get_run(version.run_id)
     note = run.data.tags["mlflow.note.content"]  # the run page's description
     assert (project / "reports/synthetic/table.md").read_text().strip() in note
-    assert f"[cmc.png](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/evaluation/cmc.png)" \
-        in note  # a link the UI opens, wherever it runs
+    assert f"[cmc.png](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/evaluation/cmc.png" \
+        "?workflowType=machine_learning)" in note  # a link the UI opens, wherever it runs, in its training views
     cmc = client.get_metric_history(run.info.run_id, "cmc/lr")
     assert [m.step for m in cmc] == list(range(1, 21))  # a curve over rank, 1 to 20
     values = [m.value for m in cmc]
@@ -94,6 +94,7 @@ def test_mlflow_store_shows_the_experiment_kind_grouped_metrics_readable_params_
     # The UI opens it on its training runs (not the GenAI overview), with a description of what it holds.
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "Training runs of the RAIN pipeline" in experiment.tags["mlflow.note.content"]
+    assert "mlflow.sharedViewState.rain-results" in experiment.tags  # the runs list with the figures as columns
 
     version = client.get_model_version_by_alias("rain-reid", "candidate")
     run = client.get_run(version.run_id)
@@ -134,16 +135,23 @@ def test_the_flow_run_is_named_and_tagged_by_its_settings_and_links_its_mlflow_r
         (run,) = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["rain"])))
                   if r.name == name]
         assert set(tags) <= set(run.tags) and "variant:rain" in run.tags
+        assert {"outcome:trained", "ran:train", "ran:register"} <= set(run.tags)  # what it did, in the runs list
         (artifact, *_) = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["rain-results-synthetic"])))
     markdown = str(artifact.data)
     run_id = json.loads((project / "models/synthetic/train.json").read_text())["trials"]["0"]["mlflow_run_id"]
-    assert re.search(rf"\[MLflow run, trial 0\]\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}\)", markdown)
+    ml = r"\?workflowType=machine_learning"  # every link opens the MLflow UI's training views
+    assert re.search(rf"\[MLflow run, trial 0\]\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}{ml}\)",
+                     markdown)
     version = result["registration"]["version"]
-    assert f"(http://127.0.0.1:5000/#/models/rain-reid/versions/{version})" in markdown
+    assert f"(http://127.0.0.1:5000/#/models/rain-reid/versions/{version}?workflowType=machine_learning)" in markdown
     # Pictures as links a browser opens: the MLflow UI's view of the run's artifacts (not file: URLs).
-    assert "[cmc](http://127.0.0.1:5000/#/experiments/" in markdown and "/artifacts/evaluation/cmc.png)" in markdown
-    assert "runs?workflowType=machine_learning)" in markdown  # the experiment on its training runs
+    assert re.search(rf"\[cmc\]\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}/artifacts/evaluation/"
+                     rf"cmc\.png{ml}\)", markdown)
+    # The experiment on its training runs, in the saved view that shows their figures.
+    assert "runs?viewStateShareKey=rain-results&workflowType=machine_learning)" in markdown
+    assert "**This flow run trained a model (train ran " in markdown and "| train | ran |" in markdown
+    assert "## The settings that decide the result" in markdown and "| objective | variant rain," in markdown
 
 
 def test_the_flow_log_shows_one_line_per_epoch_and_no_dvc_git_hint(first_run: tuple[Path, dict[str, Any]]) -> None:
@@ -159,7 +167,8 @@ def test_the_flow_log_shows_one_line_per_epoch_and_no_dvc_git_hint(first_run: tu
 
     project, _ = first_run
     name, _ = pipeline_label(load_params(project / "params.yaml"))
-    epoch_line = re.compile(r"tasks\.training\.progress: epoch (\d+)/(\d+): L_adv .* \| \d+ images/s, .* \| ")
+    # One prefix per line: the stage's label, then the epoch line (no Ray worker prefix, no second time and level).
+    epoch_line = re.compile(r"^train \| epoch (\d+)/(\d+): L_adv .* \| \d+ images/s, .* \| ")
     with get_client(sync_client=True) as client:
         (run,) = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["rain"])))
                   if r.name == name]
@@ -174,6 +183,10 @@ def test_the_flow_log_shows_one_line_per_epoch_and_no_dvc_git_hint(first_run: tu
     epochs = [match.groups() for m in messages if (match := epoch_line.search(m))]
     assert epochs == [("1", "2"), ("2", "2")], messages
     assert not [m for m in messages if re.search(r"git add|autostage|dvc push", m)]
+    # No tool's notices or dead URLs, and no line with a second prefix after the stage's label.
+    noise = re.compile(r"RAY_AUTH_MODE|View the dashboard|:8265|MLflow database tables|Updating database tables|"
+                       r"Inferring model signature|pid=\d+\)|\| \d\d:\d\d:\d\d (INFO|WARNING) |\(1 lines ")
+    assert not [m for m in messages if noise.search(m)], messages
 
 
 def _changed_pipeline_stages(project: Path) -> set[str]:
@@ -231,9 +244,23 @@ def test_a_train_param_makes_train_stale_and_nothing_upstream(first_run: tuple[P
 @pytest.mark.heavy
 def test_a_train_param_reruns_train_and_exactly_what_reads_its_output(first_run: tuple[Path, dict[str, Any]],
                                                                       tmp_path: Path) -> None:
-    """The real re-run, in a copy of the project (the session's stays as the other tests read it)."""
-    project = Path(shutil.copytree(first_run[0], tmp_path / "project", symlinks=True))
+    """The real re-run, in a copy of the project (the session's stays as the other tests read it). The copy trains
+    into its own store and artifacts: nothing new appears in the original (MLflow recorded absolute locations into
+    it, tasks/infra/tracking.py relocate_artifacts)."""
+    from mlflow import MlflowClient
+
+    original = first_run[0]
+    before = {p.relative_to(original).as_posix() for p in (original / "mlartifacts").rglob("*")}
+    project = Path(shutil.copytree(original, tmp_path / "project", symlinks=True))
     _with_epochs(project, 1)
     out = dvc(project, "repro")
     ran = set(re.findall(r"Running stage '(\w+)'", out))
     assert ran == {"fingerprint", "train", "evaluate", "register"}, out
+    assert {p.relative_to(original).as_posix() for p in (original / "mlartifacts").rglob("*")} == before
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("rain-reid", "candidate")
+    own = (project / "mlartifacts").resolve().as_uri()
+    assert client.get_run(version.run_id).info.artifact_uri.startswith(own)
+    assert (project / "mlartifacts" / client.get_run(version.run_id).info.artifact_uri.removeprefix(own + "/")
+            / "evaluation" / "cmc.png").is_file()
+    assert client.get_logged_model(version.source.removeprefix("models:/")).artifact_location.startswith(own)

@@ -101,7 +101,11 @@ def test_the_logged_model_shows_the_runs_final_figures_not_its_first_steps(proje
     version = client.get_model_version(MODEL, "1")
     run = client.get_run(version.run_id)
     assert version.source.startswith("models:/m-")  # the LoggedModel (the sqlite store leaves `model_id` unset)
-    linked = client.get_logged_model(version.source.removeprefix("models:/")).metrics
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    linked = logged.metrics
+    # Named for its model, data and trial, and described by its figures first (not "model", no description).
+    assert logged.name == f"{MODEL}-synthetic-trial{version.tags['trial']}"
+    assert logged.tags["mlflow.note.content"].startswith("**LR queries: rank-1 ")
     shown = {m.key: m for m in linked}
     figures = {k: v for k, v in run.data.metrics.items() if not k.startswith(("cmc/", "system/"))}
     assert {"train/L_cls", "epoch/L_cls", "eval/lr_rank1", "eval_std/lr_rank1"} <= set(shown)

@@ -3,6 +3,8 @@ showing the data given (read back from each matplotlib figure as it was saved)."
 
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 from matplotlib.axes import Axes
 from matplotlib.container import BarContainer, ErrorbarContainer
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from PIL import Image
 
 from tasks.evaluation.reporting import (
@@ -18,7 +21,9 @@ from tasks.evaluation.reporting import (
     SHEET_GAP,
     SHEET_LABEL_H,
     SHEET_PAD,
+    aligned_markdown,
     cmc_plot_rows,
+    cmc_title,
     distinct_people,
     plot_cmc,
     plot_label_fraction,
@@ -26,6 +31,7 @@ from tasks.evaluation.reporting import (
     plot_tsne,
     ranked_gallery_sheet,
     ranked_gallery_sheet_size,
+    spread_apart,
     table1_markdown,
 )
 
@@ -98,6 +104,43 @@ def test_plot_cmc_shows_ranks_to_20_marks_rank_1_and_starts_the_axis_near_the_da
     assert ax.get_ylim()[0] == 50  # 5 points under the lowest value shown (62), rounded down to 10
     assert sorted(t.get_text() for t in ax.texts) == ["62.0", "80.0"]  # each curve's rank-1, written
     assert all(len(line.get_xdata()) <= 20 for line in ax.get_lines())
+
+
+def test_rank1_labels_of_close_values_do_not_overlap(tmp_path, saved_axes):
+    """make run's query sets reached rank-1 37.7 / 35.3 / 34.3 (issue 30): each label is written apart from the
+    others, inside the picture, and says its own curve's value."""
+    rank1 = {"LR": 0.377, "r=2": 0.353, "r=3": 0.343, "r=4": 0.350, "r=8": 0.2, "HR": 0.6}
+    curves = {label: np.linspace(value, 0.95, 20).tolist() for label, value in rank1.items()}
+    for size in ((800, 600), (400, 300)):
+        saved_axes.clear()
+        plot_cmc(curves, tmp_path / "cmc.png", size_px=size)
+        (ax,) = saved_axes
+        renderer = ax.figure.canvas.get_renderer()
+        boxes = {t.get_text(): Text.get_window_extent(t, renderer) for t in ax.texts}  # the words, not the line
+        assert sorted(boxes) == sorted(f"{100 * v:.1f}" for v in rank1.values())
+        texts = list(boxes.items())
+        for i, (a, box_a) in enumerate(texts):
+            assert box_a.x0 >= 0 and box_a.y0 >= 0 and box_a.x1 <= size[0] and box_a.y1 <= size[1], (a, box_a)
+            for b, box_b in texts[i + 1:]:
+                assert not box_a.overlaps(box_b), (size, a, b)
+        # Left of the rank-1 marks, within the axes: not over the curves.
+        assert all(box.x1 < ax.transData.transform((1, 0))[0] for box in boxes.values())
+        assert all(box.x0 >= ax.get_window_extent().x0 for box in boxes.values())
+
+
+def test_spread_apart_keeps_order_and_gap_and_leaves_distant_labels_where_they_are():
+    assert spread_apart([10.0, 50.0, 90.0], 5.0) == [10.0, 50.0, 90.0]
+    placed = spread_apart([37.7, 35.3, 34.3, 35.0], 3.0)
+    order = sorted(range(4), key=[37.7, 35.3, 34.3, 35.0].__getitem__)
+    assert [placed[i] for i in order] == sorted(placed)  # the same order as the values
+    assert all(b - a >= 3.0 - 1e-9 for a, b in itertools.pairwise(sorted(placed)))
+    assert np.mean(placed) == pytest.approx(np.mean([37.7, 35.3, 34.3, 35.0]))  # around where they belong
+
+
+@pytest.mark.parametrize(("trials", "draws", "said"), [(1, 10, "mean of 1 trial x 10 gallery draws"),
+                                                       (3, 1, "mean of 3 trials x 1 gallery draw")])
+def test_the_cmc_title_says_what_each_curve_is_the_mean_of(trials, draws, said):
+    assert cmc_title("synthetic", trials, draws) == f"CMC on synthetic, single-shot gallery ({said})"
 
 
 def test_cmc_plot_rows_wide_format():
@@ -288,6 +331,24 @@ def test_table1_markdown_rejects_bad_rows():
         table1_markdown([{"row": "a", "rank5_std": 0.1}])
     with pytest.raises(ValueError, match="'row'"):
         table1_markdown([{"rank1": 0.5}])
+
+
+def test_an_aligned_table_lines_up_its_columns_and_keeps_every_cell():
+    """Read as text (a terminal, a run description's code block), the cells of a row stand apart in columns:
+    every line is as long and has its `|` at the same places; numbers are right-aligned; nothing else changes."""
+    rows = [{"row": "LR (MLR, r in {2,3,4})", "rank1": 0.377, "rank1_std": 0.012, "rank5": 0.8, "rank10": 0.922,
+             "rank10_std": 0.007, "mAP": 0.466}, {"row": "a|b", "rank1": 0.9}]
+    plain = table1_markdown(rows)
+    aligned = aligned_markdown(plain).splitlines()
+    assert len({len(line) for line in aligned}) == 1
+    bars = {tuple(i for i, ch in enumerate(line) if ch == "|" and line[i - 1] != "\\") for line in aligned}
+    assert len(bars) == 1
+    assert aligned[2].startswith("| LR (MLR, r in {2,3,4}) | 37.7 ± 1.2 |   80.0 | 92.2 ± 0.7 |")
+    assert aligned[1].startswith("|:----") and aligned[1].endswith("-:|")
+
+    def cells(table: list[str]) -> list[list[str]]:
+        return [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in table]
+    assert cells(aligned)[2:] == cells(plain.splitlines())[2:] and cells(aligned)[0] == cells(plain.splitlines())[0]
 
 
 def test_label_fraction_and_rate_bar_plots_have_the_requested_size(tmp_path):

@@ -10,10 +10,16 @@ import pytest
 from tasks.infra.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
+    LOCATION_COLUMNS,
     NOTE_TAG,
+    RESULTS_VIEW,
     eval_metric,
     eval_metrics,
     mlflow_experiment_id,
+    relocate_artifacts,
+    results_view,
+    results_view_query,
+    tracking_uri,
 )
 
 
@@ -54,3 +60,100 @@ def test_evaluation_figures_and_their_std_go_to_sections_of_their_own() -> None:
     rows = {"lr": {"row": "lr", "label": "LR queries", "rank1": 0.5, "rank1_std": 0.1, "mAP": 0.3, "mAP_std": 0.0}}
     assert eval_metrics(rows) == {"eval/lr_rank1": 0.5, "eval_std/lr_rank1": 0.1, "eval/lr_mAP": 0.3,
                                   "eval_std/lr_mAP": 0.0}
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def _locations(db: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return [value for table, column in LOCATION_COLUMNS
+                for (value,) in con.execute(f"SELECT {column} FROM {table}") if value and value.startswith("file:")]
+
+
+def _train_like_the_stages(project: Path, picture: Path, run_id: str | None = None) -> tuple[str, str]:
+    """What train, evaluate and register write to the project's store: a run (or `run_id`'s) with a picture, a
+    logged model with a file, and a model version of it; returns (run id, model id)."""
+    import os
+
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    # Each stage is a process of its own: without MLflow's tracking URI (set_tracking_uri sets the variable) and
+    # without its per-process cache of each run's artifact location.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    utils._artifact_repos_cache.clear()
+    mlflow.set_tracking_uri(tracking_uri(project))  # as register does: a version of a logged model reads it there
+    client = mlflow.MlflowClient()
+    experiment = mlflow_experiment_id(client, "rain-x", "Training runs of x", project)
+    run_id = run_id or client.create_run(experiment).info.run_id
+    client.log_artifact(run_id, str(picture), artifact_path="evaluation")
+    model = client.create_logged_model(experiment, name="rain-reid-x-trial0", source_run_id=run_id)
+    client.log_model_artifacts(model.model_id, str(picture.parent))
+    if not client.search_registered_models(filter_string="name = 'rain-reid'"):
+        client.create_registered_model("rain-reid")
+    client.create_model_version("rain-reid", f"models:/{model.model_id}", run_id=run_id)
+    return run_id, model.model_id
+
+
+def test_a_copied_project_keeps_its_own_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow records absolute file: locations: a copy of a project that had run read the first folder's artifacts
+    and trained into it. Once the copy opens its store, every location is its own, and a training in the copy
+    (new run, pictures added to an earlier run, logged model, model version) writes nothing in the original."""
+    import shutil
+
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # set_tracking_uri below: undone after
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    (pictures / "cmc.png").write_bytes(b"a picture")
+    original = tmp_path / "original"
+    original.mkdir()
+    first_run, _ = _train_like_the_stages(original, pictures / "cmc.png")
+    copy = Path(shutil.copytree(original, tmp_path / "copy"))
+    before, recorded = _files(original), _locations(original / "mlflow.db")
+    assert all(loc.startswith(original.resolve().as_uri() + "/mlartifacts/") for loc in recorded)
+
+    (pictures / "cmc.png").write_bytes(b"a new picture")
+    new_run, new_model = _train_like_the_stages(copy, pictures / "cmc.png")
+    _train_like_the_stages(copy, pictures / "cmc.png", run_id=first_run)  # evaluate again, on the first run
+
+    assert _files(original) == before  # nothing new, nothing rewritten in the original
+    assert _locations(original / "mlflow.db") == recorded
+    own = copy.resolve().as_uri() + "/mlartifacts/"
+    assert recorded and all(loc.startswith(own) for loc in _locations(copy / "mlflow.db"))
+    client = MlflowClient(tracking_uri(copy))
+    for run_id in (first_run, new_run):  # what the copy's UI shows: its own files
+        local = Path(client.download_artifacts(run_id, "evaluation/cmc.png", str(tmp_path / run_id)))
+        assert local.read_bytes() == b"a new picture"
+    assert client.get_logged_model(new_model).artifact_location.startswith(own)
+    assert relocate_artifacts(copy / "mlflow.db", copy / "mlartifacts") == 0  # done once
+
+
+def test_the_experiment_holds_a_saved_view_of_its_runs_figures_as_mlflows_ui_reads_one(client: Any,
+                                                                                        tmp_path: Path) -> None:
+    """MLflow's runs list shows no metric column until a user picks one; a saved view (an experiment tag, as the
+    UI's "Save as new view" writes it) lists the evaluation figures, best LR rank-1 first, and the experiment link
+    opens it. The envelope passes the UI's own check (a string name, a number createdAt, a string state)."""
+    import json
+
+    exp_id = mlflow_experiment_id(client, "rain-x", "x", tmp_path, views=results_view(now_ms=5))
+    tags = client.get_experiment(exp_id).tags
+    envelope = json.loads(tags[f"mlflow.sharedViewState.{RESULTS_VIEW}"])
+    assert isinstance(envelope["name"], str) and envelope["createdAt"] == 5 and isinstance(envelope["state"], str)
+    state = json.loads(envelope["state"])
+    assert state["orderByKey"] == "metrics.`eval/lr_rank1`" and state["orderByAsc"] is False
+    assert state["selectedColumns"][:3] == ["metrics.`eval/lr_rank1`", "metrics.`eval_std/lr_rank1`",
+                                            "metrics.`eval/lr_rank5`"]
+    assert results_view_query(tags) == "viewStateShareKey=rain-results"
+    assert results_view_query({}) == ""  # an experiment without it (older) gets no address the UI would refuse
+    edited = json.dumps({**envelope, "name": "mine"})
+    client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{RESULTS_VIEW}", edited)
+    mlflow_experiment_id(client, "rain-x", "x", tmp_path, views=results_view())
+    assert client.get_experiment(exp_id).tags[f"mlflow.sharedViewState.{RESULTS_VIEW}"] == edited  # a user's kept

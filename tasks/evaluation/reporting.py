@@ -18,7 +18,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -36,7 +36,9 @@ __all__ = [
     "SHEET_PAD",
     "TABLE1_COLUMNS",
     "TSNE_EXACT_MAX",
+    "aligned_markdown",
     "cmc_plot_rows",
+    "cmc_title",
     "distinct_people",
     "plot_cmc",
     "plot_label_fraction",
@@ -44,6 +46,7 @@ __all__ = [
     "plot_tsne",
     "ranked_gallery_sheet",
     "ranked_gallery_sheet_size",
+    "spread_apart",
     "table1_markdown",
 ]
 
@@ -113,6 +116,32 @@ def cmc_plot_rows(curves: Mapping[str, Sequence[float]]) -> list[dict[str, float
     return rows
 
 
+def cmc_title(dataset: str, trials: int, gallery_draws: int) -> str:
+    """The CMC picture's title: what each curve is the mean of (`1 trial x 10 gallery draws`)."""
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}{'' if n == 1 else 's'}"
+    return (f"CMC on {dataset}, single-shot gallery (mean of {count(trials, 'trial')} x "
+            f"{count(gallery_draws, 'gallery draw')})")
+
+
+def spread_apart(positions: Sequence[float], gap: float) -> list[float]:
+    """Positions as near to `positions` as they can be (least squares) with at least `gap` between any two, in
+    the same order: labels that would overlap are moved apart around where they belong, not all one way."""
+    order = sorted(range(len(positions)), key=lambda i: positions[i])
+    blocks: list[tuple[float, list[int]]] = []  # (first position, members in order): labels `gap` apart
+    for i in order:
+        blocks.append((positions[i], [i]))
+        while len(blocks) > 1 and blocks[-2][0] + len(blocks[-2][1]) * gap > blocks[-1][0]:
+            members = blocks[-2][1] + blocks[-1][1]  # they overlap: one block, centred on its members
+            start = float(np.mean([positions[m] - j * gap for j, m in enumerate(members)]))
+            blocks[-2:] = [(start, members)]
+    placed = [0.0] * len(positions)
+    for start, members in blocks:
+        for j, m in enumerate(members):
+            placed[m] = start + j * gap
+    return placed
+
+
 def plot_cmc(
     curves: Mapping[str, Sequence[float]],
     path: str | Path,
@@ -122,32 +151,51 @@ def plot_cmc(
     max_rank: int = 20,
 ) -> Path:
     """CMC curves: rank 1..``max_rank`` on x, matching rate (%) on y, one line per label (values are
-    fractions). Each curve's rank-1 is marked and written beside it; the y-axis starts 5 points below the
-    lowest value shown (rounded down to 10), so curves that all end near 100 % stay apart."""
-    from matplotlib.ticker import MaxNLocator
-
+    fractions). Each curve's rank-1 is marked and written left of it, in the curve's colour; labels of close
+    values are moved apart (spread_apart) with a line to their mark, so none covers another. The y-axis starts 5
+    points below the lowest value shown (rounded down to 10), so curves that all end near 100 % stay apart."""
     if not curves:
         raise ValueError("no CMC curves given")
     fig = _figure(size_px, dpi)
     ax = fig.add_subplot()
-    max_n, lowest = 1, 100.0
+    max_n, lowest, rank1 = 1, 100.0, []
     for i, (label, values) in enumerate(curves.items()):
         y = 100.0 * np.asarray(values, dtype=np.float64)[:max_rank]  # (N,) percent
         ranks = np.arange(1, y.shape[0] + 1)
         max_n, lowest = max(max_n, y.shape[0]), min(lowest, float(y.min()))
         ax.plot(ranks, y, marker="o", markersize=3, linewidth=1.5, label=str(label), color=f"C{i}")
         ax.plot([1], y[:1], marker="o", markersize=8, fillstyle="none", color=f"C{i}")  # rank-1, marked
-        ax.annotate(f"{y[0]:.1f}", (1, y[0]), xytext=(4, 7), textcoords="offset points", fontsize="small",
-                    color=f"C{i}")
+        rank1.append(float(y[0]))
     ax.set_xlim(0.5, max_n + 0.5)
+    ax.set_xticks([1, *range(5, max_n + 1, 5)])
     ax.set_ylim(max(0.0, 10 * math.floor((lowest - 5) / 10)), 101)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     _tight(fig)
+    # Once the axes have their final place (in pixels): room left of rank 1 for the widest label, and the labels
+    # a line of small text apart.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.font_manager import FontProperties
+
+    font, gap_pt = FontProperties(size="small"), 8.0
+    texts = [f"{value:.1f}" for value in rank1]
+    renderer = cast(FigureCanvasAgg, fig.canvas).get_renderer()  # _figure's canvas
+    widest = max(renderer.get_text_width_height_descent(t, font, ismath=False)[0] for t in texts)
+    room = widest + (gap_pt + 4) * dpi / 72  # px left of the rank-1 marks
+    width, right = max(ax.get_window_extent().width, 2 * room), max_n + 0.5
+    ax.set_xlim((width - room * right) / (width - room), right)  # x = 1 sits `room` px right of the axes' edge
+    line_px = 1.25 * font.get_size_in_points() * dpi / 72
+    marks_px = [float(ax.transData.transform((1, v))[1]) for v in rank1]
+    for i, (value, text, mark_px, label_px) in enumerate(zip(rank1, texts, marks_px,
+                                                              spread_apart(marks_px, line_px), strict=True)):
+        moved = abs(label_px - mark_px) > 0.5
+        ax.annotate(text, (1, value), xytext=(-gap_pt, (label_px - mark_px) * 72 / dpi), textcoords="offset points",
+                    ha="right", va="center", fontproperties=font, color=f"C{i}", annotation_clip=False,
+                    arrowprops={"arrowstyle": "-", "color": f"C{i}", "linewidth": 0.6, "shrinkB": 4} if moved
+                    else None)
     return _save_figure(fig, path, dpi)
 
 
@@ -506,3 +554,23 @@ def table1_markdown(
             texts.append(text)
         lines.append("| " + " | ".join(texts) + " |")
     return "\n".join(lines)
+
+
+def aligned_markdown(table: str) -> str:
+    """A Markdown table (``table1_markdown``'s) with every column padded to its widest cell, aligned as its
+    separator row says (``---:`` right, else left): the same table to a Markdown renderer, and columns that line
+    up where it is read as text (a terminal, a code block)."""
+    rows = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])]  # `\|` is a cell's own
+            for line in table.strip().splitlines()]
+    if len(rows) < 2:
+        raise ValueError("a Markdown table has a header and a separator row")
+    header, separator, body = rows[0], rows[1], rows[2:]
+    widths = [max(3, *(len(r[i]) for r in (header, *body))) for i in range(len(header))]
+    right = [sep.endswith(":") and not sep.startswith(":") for sep in separator]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right,
+                                                                                   strict=True)) + " |"
+    rule = "|" + "|".join((":" + "-" * (w + 1)) if not r else ("-" * (w + 1) + ":") for w, r in zip(widths, right,
+                                                                                                   strict=True)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in body)])

@@ -22,6 +22,9 @@ def connect(address: str | None) -> None:
         # Every ray.train.report waits for the controller's next poll (2 s by default): per epoch that
         # is pure overhead on short epochs. The embedded cluster's processes inherit this environment.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        # Token authentication, as Ray turns it on for a new local cluster, but asked for: Ray then does not print
+        # its notice ("Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out") at WARNING.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 

@@ -36,12 +36,53 @@ HEADLINE_ROW = "lr"
 # Experiment tags MLflow's UI reads. experimentKind says what the experiment holds (custom_model_development:
 # training runs; the value MLflow's front end and onboarding skill use, with no constant in mlflow_tags). The
 # MLflow 3.17 UI does not open on it: an experiment opens on the GenAI overview until the browser's "Model
-# training" switch is on (checked in Chromium, 2026-11-27), so the links the flows print carry
-# `?workflowType=machine_learning` (flows/links.py). The note is the description the experiment page shows,
-# the same tag MLflow uses for a run's description.
+# training" switch is on (checked in Chromium, 2026-11-27), so every link to the UI carries ML_VIEW (ui_route).
+# The note is the description the experiment page shows, the same tag MLflow uses for a run's description.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
+# The query that puts the MLflow UI in its training views on any page (run, artifact, model version): its
+# front end reads `workflowType` from the address before the switch it keeps in the browser (GenAI by default),
+# and the sidebar lists the model registry only in these views (MLflow 3.17's bundled main.js).
+ML_VIEW = "workflowType=machine_learning"
+
+
+# A saved view of an experiment's runs list, as MLflow 3.17's UI keeps one ("Views" > "Save as new view", 3.15+): an
+# experiment tag `mlflow.sharedViewState.<id>` holding {name, createdAt, updatedAt, state}, the state being the JSON
+# of the list's search facets and columns (the UI's own keys and column names, read from its bundled
+# 5439.*.chunk.js and 6475.*.chunk.js). The runs list shows no metric until a user picks one; this view shows the
+# evaluation figures, the best run first, and the address `...#/experiments/<id>/runs?viewStateShareKey=<id>`
+# opens it (results_view_query).
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RESULTS_VIEW = "rain-results"
+RESULTS_COLUMNS = ("lr_rank1", "lr_rank5", "lr_mAP", "r8_rank1", "hr_rank1")  # after EVAL: the figures shown
+
+
+def results_view(now_ms: int | None = None) -> dict[str, str]:
+    """The experiment tag of the saved view RESULTS_VIEW: the runs list with each run's LR rank-1 (and its std),
+    rank-5, mAP, unseen-rate and HR rank-1 as columns, sorted by LR rank-1, best first."""
+    import json
+    import time
+
+    columns = [EVAL + RESULTS_COLUMNS[0], EVAL_STD + RESULTS_COLUMNS[0], *(EVAL + c for c in RESULTS_COLUMNS[1:])]
+    state = {"orderByKey": f"metrics.`{EVAL}{RESULTS_COLUMNS[0]}`", "orderByAsc": False,
+             "selectedColumns": [f"metrics.`{c}`" for c in columns] + ["attributes.`Models`", "attributes.`Dataset`"]}
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    envelope = {"name": "Results: LR rank-1, rank-5, mAP (fractions)", "createdAt": now, "updatedAt": now,
+                "state": json.dumps(state)}
+    return {VIEW_TAG_PREFIX + RESULTS_VIEW: json.dumps(envelope)}
+
+
+def results_view_query(experiment_tags: dict[str, str]) -> str:
+    """`viewStateShareKey=rain-results` where the experiment holds the view, else "" (MLflow's UI answers an address
+    naming a view the experiment lacks with an error)."""
+    return f"viewStateShareKey={RESULTS_VIEW}" if VIEW_TAG_PREFIX + RESULTS_VIEW in experiment_tags else ""
+
+
+def ui_route(path: str, query: str = "") -> str:
+    """`#/<path>?workflowType=machine_learning`: the MLflow UI's page `path` (its routes follow `#`) in the
+    training views, with `query` too. Alone it is a link relative to the UI's own address (a run description's)."""
+    return f"#/{path.strip('/')}?{'&'.join(q for q in (query, ML_VIEW) if q)}"
 
 
 def figure_name(row: str, metric: str) -> str:
@@ -84,21 +125,71 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
         client.log_batch(run_id, params=logged[start:start + PARAMS_PER_BATCH])
 
 
+ARTIFACTS_DIR = "mlartifacts"  # <project>/mlartifacts/<experiment>: the artifacts of the project's own store
+# Where the project's sqlite store records a location (MLflow 3.17's schema): experiments, runs, logged models and
+# model versions each keep an absolute file: URI, written when they were created.
+LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                    ("model_versions", "source"))
+
+
 def tracking_uri(project_dir: Path | None = None) -> str:
-    """MLFLOW_TRACKING_URI when set (a team server), else the project's own sqlite registry."""
+    """MLFLOW_TRACKING_URI when set (a team server), else the project's own sqlite registry, its artifact
+    locations made the project's own first (relocate_artifacts: a copied or moved project)."""
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
-    return f"sqlite:///{((project_dir or Path.cwd()) / DEFAULT_DB).resolve()}"
+    project = (project_dir or Path.cwd()).resolve()
+    relocate_artifacts(project / DEFAULT_DB, project / ARTIFACTS_DIR)
+    return f"sqlite:///{project / DEFAULT_DB}"
 
 
-def mlflow_experiment_id(client: MlflowClient, name: str, description: str, project_dir: Path | None = None) -> str:
+def relocate_artifacts(db: Path, artifacts: Path) -> int:
+    """Point every location the sqlite store `db` records inside another folder's `mlartifacts/` into
+    `artifacts` instead; returns how many were changed (0: none pointed elsewhere, or no store yet).
+
+    MLflow writes absolute file: URIs into its store (a relative location is resolved against the working folder
+    when an experiment is created), so a project copied or moved with its `mlflow.db` and `mlartifacts/` read the
+    first folder's artifacts, and a training in the copy wrote its pictures and model there. Run on each opening
+    of the project's store, this makes the copy's store point at the copy's own files (copied with it) and its
+    new runs log there; the original is never touched. Only locations in an `mlartifacts/` folder, where this
+    project keeps its experiments' artifacts (mlflow_experiment_id), are moved."""
+    import sqlite3
+
+    if not db.is_file():
+        return 0
+    own = artifacts.resolve().as_uri() + "/"
+    marker = f"/{ARTIFACTS_DIR}/"
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        with con:  # one transaction: a reader sees the old locations or the new ones
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "experiments" not in tables:  # a store MLflow has not created yet
+                return 0
+            found = [row[0] for row in con.execute(
+                "SELECT artifact_location FROM experiments WHERE artifact_location LIKE 'file:%'") if row[0]]
+            elsewhere = {loc[:loc.rfind(marker) + len(marker)] for loc in found if marker in loc} - {own}
+            changed = 0
+            for old in elsewhere:
+                for table, column in LOCATION_COLUMNS:  # names from the tuple above, values as parameters
+                    if table in tables:
+                        changed += con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                               f"WHERE substr({column}, 1, ?) = ?",
+                                               (own, len(old) + 1, len(old), old)).rowcount
+    finally:
+        con.close()
+    return changed
+
+
+def mlflow_experiment_id(client: MlflowClient, name: str, description: str, project_dir: Path | None = None,
+                         views: dict[str, str] | None = None) -> str:
     """Id of experiment `name`, created with its artifacts under <project>/mlartifacts when new. It carries the
-    experiment kind and `description` (what it holds): set at creation, and added to an existing experiment
-    that lacks them (one made by an older version); a description someone wrote in the UI is kept."""
-    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: description}
+    experiment kind, `description` (what it holds) and the saved runs-list `views` (results_view): set at
+    creation, and added to an existing experiment that lacks them (one made by an older version); a description
+    or view someone edited in the UI is kept."""
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: description, **(views or {})}
     found = client.get_experiment_by_name(name)
     if found is None:
-        location = ((project_dir or Path.cwd()) / "mlartifacts" / name).resolve().as_uri()
+        location = ((project_dir or Path.cwd()) / ARTIFACTS_DIR / name).resolve().as_uri()
         return str(client.create_experiment(name, artifact_location=location, tags=tags))
     for key, value in tags.items():
         if key not in found.tags:
