@@ -637,16 +637,17 @@ def test_register_after_a_kill_right_after_mlflow_created_the_version_reuses_it(
     (model_dir / "train.json").write_text(json.dumps(
         {"trials": {"0": {"weights": "weights.safetensors", "mlflow_run_id": run_id, "num_classes": 4}}}))
     figures = {k: 0.5 for k in METRIC_KEYS} | {"rank1_std": 0.01}
-    (report_dir / "metrics.json").write_text(json.dumps({"rows": {"lr": figures}}))
+    (report_dir / "metrics.json").write_text(json.dumps({"rows": {"lr": figures}, "trials": 1, "gallery_draws": 10}))
     for file in ("hr.parquet", "mlr.parquet", "params.yaml"):
         (root / file).write_text(file)
     code = root / "rows_model.py"
     code.write_text(ROWS_MODEL)
     logged: list[Path] = []
 
-    def log_model(params: Any, weights: Path, settings: Any, step: int = 0) -> Any:  # the pyfunc, in miniature
+    def log_model(params: Any, weights: Path, settings: Any, step: int = 0,
+                  name: str = "model") -> Any:  # the pyfunc, in miniature
         logged.append(weights)
-        return mlflow.pyfunc.log_model(name="model", python_model=str(code), step=step)
+        return mlflow.pyfunc.log_model(name=name, python_model=str(code), step=step)
 
     def stage() -> dict[str, Any]:
         return register.run(params, model_dir, report_dir, root / "mlr.parquet", root / "params.yaml",

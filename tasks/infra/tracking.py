@@ -161,8 +161,11 @@ def relocate_artifacts(db: Path, artifacts: Path) -> int:
     marker = f"/{ARTIFACTS_DIR}/"
     con = sqlite3.connect(db, timeout=60)
     try:
-        with con:  # one transaction: a reader sees the old locations or the new ones
+        try:
             tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError:
+            return 0  # not a store this can read: MLflow, opening it next, says so in its own one-line error
+        with con:  # one transaction: a reader sees the old locations or the new ones
             if "experiments" not in tables:  # a store MLflow has not created yet
                 return 0
             found = [row[0] for row in con.execute(
