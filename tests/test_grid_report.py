@@ -58,6 +58,16 @@ def _write_result(params: Params, config: str, seed: int, run_id: str,
                                 "validation": validation, "final_game": game}))
 
 
+def _write_favouring(params: Params, configs: list[str], seeds: tuple[int, ...], favoured: str) -> None:
+    """Every run's result, with test figures that favour `favoured` (0.9 against 0.1 for the others)."""
+    def test_score(config: str, seed: int, query_set: str) -> float:
+        return 0.9 if config == favoured else 0.1
+
+    for config in configs:
+        for seed in seeds:
+            _write_result(params, config, seed, "x", test_score)
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
     monkeypatch.chdir(tmp_path)
@@ -173,12 +183,7 @@ def test_the_sweep_chooses_on_the_validation_split_whatever_the_test_figures(pro
     """The choice reads validation figures only: test figures that favour each other weight change nothing."""
     seeds = (0, 1)
     for favoured in SWEEP:
-        def test_score(config: str, seed: int, query_set: str, favoured: str = favoured) -> float:
-            return 0.9 if config == favoured else 0.1
-
-        for config in SWEEP:
-            for seed in seeds:
-                _write_result(project, config, seed, "x", test_score)
+        _write_favouring(project, list(SWEEP), seeds, favoured)
         assert choose_adv_weight(collect(project, seeds, list(SWEEP)), seeds) == "adv_0.3"
 
 
@@ -193,12 +198,7 @@ def test_the_choices_read_the_validation_split_only_whatever_the_test_figures(tm
     groups = grid_tables.CHOICE_GROUPS
     configs = sorted({c for _, group in groups for _, c in group})
     for favoured in configs:
-        def test_score(config: str, seed: int, query_set: str, favoured: str = favoured) -> float:
-            return 0.9 if config == favoured else 0.1
-
-        for config in configs:
-            for seed in seeds:
-                _write_result(params, config, seed, "x", test_score)
+        _write_favouring(params, configs, seeds, favoured)
         results = collect(params, seeds, configs)
         chosen = [choose(results, seeds, group) for _, group in groups]
         assert [c for c, _ in chosen] == ["x3", "x1", "sum"], favoured

@@ -88,8 +88,13 @@ def strong(cfg: Configuration) -> Configuration:
 LR_FACTORS = (0.3, 3.0)  # the learning rates the choice tries beside params.yaml's (x1: the configuration itself)
 
 
+def lr_choice(base: str, factor: float) -> str:
+    """The configuration that tries `factor` x the rate of `base` (multi_level or strong_multi_level); x1 is `base`."""
+    return base if factor == 1 else f"{base.removesuffix('multi_level')}lr_x{factor:g}"
+
+
 def _lr_choice(base: Configuration, factor: float) -> Configuration:
-    return Configuration(f"{base.name.removesuffix('multi_level')}lr_x{factor:g}", base.overrides, validation=True,
+    return Configuration(lr_choice(base.name, factor), base.overrides, validation=True,
                          test=False, scaled={"objective.lr": factor},
                          description=f"{base.description}, objective.lr x {factor:g} (chooses the rate on validation)")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from rain_model.metrics import METRIC_KEYS
 from tasks.config import ParamsError
-from tasks.grid.configs import ADV_SWEEP, CONFIGS, LR_FACTORS, STRONG_PREFIX, sweep_config
+from tasks.grid.configs import ADV_SWEEP, CONFIGS, LR_FACTORS, STRONG_PREFIX, lr_choice, sweep_config
 
 RANK1_AND_MAP = (METRIC_KEYS[0], METRIC_KEYS[-1])  # rank1, mAP: the tables where the paper gives only those
 
@@ -85,10 +85,9 @@ TABLES: tuple[Table, ...] = (
 # Each candidate group names the configurations it compares; tasks/grid_report.py picks the best mean validation LR
 # rank-1 of each group and says so.
 CHOICE_GROUPS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
-    ("objective.lr (the paper's recipe)", tuple((f"x{f:g}", c) for f, c in (
-        (LR_FACTORS[0], "lr_x0.3"), (1.0, "multi_level"), (LR_FACTORS[1], "lr_x3")))),
-    ("objective.lr (with the strong-baseline options)", tuple((f"x{f:g}", c) for f, c in (
-        (LR_FACTORS[0], "strong_lr_x0.3"), (1.0, "strong_multi_level"), (LR_FACTORS[1], "strong_lr_x3")))),
+    *((what, tuple((f"x{f:g}", lr_choice(base, f)) for f in sorted((*LR_FACTORS, 1.0)))) for what, base in (
+        ("objective.lr (the paper's recipe)", "multi_level"),
+        ("objective.lr (with the strong-baseline options)", STRONG_PREFIX + "multi_level"))),
     ("objective.adv_levels", (("sum", "multi_level"), ("mean", "adv_mean"))),
 )
 TABLES += (Table("choices", "The choice runs: validation LR rank 1 per candidate", tuple(
