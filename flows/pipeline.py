@@ -94,7 +94,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAY_PREFIX = re.compile(r"^\((\w+) pid=\d+(?:, ip=[\d.]+)?\)\s?")  # Ray's prefix on a worker's or actor's line
 # Ray's driver-side notices (its logger's format: a tab after the time). INFO ones ("View the dashboard at ...": dead
 # once the stage's embedded cluster stops) and the token-auth notice (a loopback cluster that Ray secures, nothing to
-# act on; tasks/infra/raycluster.py sets RAY_AUTH_MODE so that Ray no longer prints it) stay in the stage's log file.
+# act on; tasks/infra/raycluster.py quiets that logger so that Ray no longer prints it) stay in the stage's log file.
 _RAY_NOTICE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+(INFO|DEBUG) \S+\.py:\d+ -- "
                          r"|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+WARNING authentication_token_setup\.py:\d+ -- "
                          r"Token authentication is enabled")

@@ -22,9 +22,6 @@ def connect(address: str | None) -> None:
         # Every ray.train.report waits for the controller's next poll (2 s by default): per epoch that
         # is pure overhead on short epochs. The embedded cluster's processes inherit this environment.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-        # Token authentication, as Ray turns it on for a new local cluster, but asked for: Ray then does not print
-        # its notice ("Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out") at WARNING.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -37,6 +34,11 @@ def connect(address: str | None) -> None:
         # "local": a cluster of this process's own. With no address, ray.init joins the last cluster that `ray start`
         # (or ray.cluster_utils) started on the machine, whoever's it is and however long it lives. The dashboard
         # (Train's state API needs it) stays on loopback too.
+        # Ray turns token authentication on for a new local cluster and says so at WARNING ("... Set
+        # RAY_AUTH_MODE=disabled to opt out"): wanted here, nothing to act on. Setting RAY_AUTH_MODE=token ourselves
+        # would silence it too, but only before `ray` is first imported: a process that imported it earlier keeps
+        # 'disabled' in Ray's cached config while its cluster's GCS wants the token, and refuses its own driver.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
 
 
