@@ -151,6 +151,7 @@ def test_the_experiment_holds_a_saved_view_of_its_runs_figures_as_mlflows_ui_rea
     assert state["orderByKey"] == "metrics.`eval/lr_rank1`" and state["orderByAsc"] is False
     assert state["selectedColumns"][:3] == ["metrics.`eval/lr_rank1`", "metrics.`eval_std/lr_rank1`",
                                             "metrics.`eval/lr_rank5`"]
+    assert state["columnOrder"][:2] == ["attributes.`Run Name`", "metrics.`eval/lr_rank1`"]  # figures first
     assert results_view_query(tags) == "viewStateShareKey=rain-results"
     assert results_view_query({}) == ""  # an experiment without it (older) gets no address the UI would refuse
     edited = json.dumps({**envelope, "name": "mine"})

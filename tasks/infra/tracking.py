@@ -64,9 +64,15 @@ def results_view(now_ms: int | None = None) -> dict[str, str]:
     import json
     import time
 
-    columns = [EVAL + RESULTS_COLUMNS[0], EVAL_STD + RESULTS_COLUMNS[0], *(EVAL + c for c in RESULTS_COLUMNS[1:])]
+    columns = [f"metrics.`{c}`" for c in (EVAL + RESULTS_COLUMNS[0], EVAL_STD + RESULTS_COLUMNS[0],
+                                          *(EVAL + c for c in RESULTS_COLUMNS[1:]))]
+    name, models, dataset = "attributes.`Run Name`", "attributes.`Models`", "attributes.`Dataset`"
+    # The figures right after the run's name, which is wide enough to read whole; the (empty) Dataset column, which
+    # the list always shows, last: at its default width it pushed the figures out of a 1600 px window. The UI
+    # applied the order and widths only with every column it shows in the order (Chromium, MLflow 3.17.2).
+    order = [name, *columns, "attributes.`Created`", "attributes.`Duration`", models, dataset]
     state = {"orderByKey": f"metrics.`{EVAL}{RESULTS_COLUMNS[0]}`", "orderByAsc": False,
-             "selectedColumns": [f"metrics.`{c}`" for c in columns] + ["attributes.`Models`", "attributes.`Dataset`"]}
+             "selectedColumns": [*columns, models], "columnOrder": order, "columnWidths": {name: 260, dataset: 90}}
     now = int(time.time() * 1000) if now_ms is None else now_ms
     envelope = {"name": "Results: LR rank-1, rank-5, mAP (fractions)", "createdAt": now, "updatedAt": now,
                 "state": json.dumps(state)}
