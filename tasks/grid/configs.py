@@ -90,7 +90,12 @@ LR_FACTORS = (0.3, 3.0)  # the learning rates the choice tries beside params.yam
 
 def lr_choice(base: str, factor: float) -> str:
     """The configuration that tries `factor` x the rate of `base` (multi_level or strong_multi_level); x1 is `base`."""
-    return base if factor == 1 else f"{base.removesuffix('multi_level')}lr_x{factor:g}"
+    return base if factor == 1 else choice_name(base, f"lr_x{factor:g}")
+
+
+def choice_name(base: str, candidate: str) -> str:
+    """The name of the candidate `candidate` beside `base` (multi_level or strong_multi_level): strong_ kept."""
+    return base.removesuffix("multi_level") + candidate
 
 
 def _lr_choice(base: Configuration, factor: float) -> Configuration:
@@ -99,11 +104,30 @@ def _lr_choice(base: Configuration, factor: float) -> Configuration:
                          description=f"{base.description}, objective.lr x {factor:g} (chooses the rate on validation)")
 
 
+# D's pace against F's: at d_steps 1 and lr_d_ratio 0.5, D ended every RAIN run on the CUHK03 crops at a coin flip
+# while a probe still told HR from LR features (RESULTS.md). Two ways to let D keep up with a moving F, each a
+# candidate beside the configuration itself (label: the overrides it adds).
+D_PACE: dict[str, dict[str, Any]] = {"d_steps3": {"objective.d_steps": 3},
+                                     "lr_d_x4": {"objective.lr_d_ratio": 2.0}}
+
+
+def _d_pace(base: Configuration, name: str) -> Configuration:
+    settings = D_PACE[name]
+    return Configuration(choice_name(base.name, name), {**base.overrides, **settings},
+                         validation=True, test=False,
+                         description=f"{base.description}, {spelled(settings)} (chooses D's pace on validation)")
+
+
+def spelled(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in settings.items())
+
+
 MULTI_LEVEL = TABLE1[-1]
 CHOICES = (
     *(_lr_choice(base, f) for base in (MULTI_LEVEL, strong(MULTI_LEVEL)) for f in LR_FACTORS),
     Configuration("adv_mean", {**MULTI_LEVEL.overrides, "objective.adv_levels": "mean"}, validation=True, test=False,
                   description="RAIN multi-level with L_adv averaged over the levels (chooses objective.adv_levels)"),
+    *(_d_pace(base, name) for base in (MULTI_LEVEL, strong(MULTI_LEVEL)) for name in D_PACE),
 )
 
 CONFIGS: dict[str, Configuration] = {c.name: c for c in (

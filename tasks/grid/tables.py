@@ -10,7 +10,17 @@ from dataclasses import dataclass, field
 
 from rain_model.metrics import METRIC_KEYS
 from tasks.config import ParamsError
-from tasks.grid.configs import ADV_SWEEP, CONFIGS, LR_FACTORS, STRONG_PREFIX, lr_choice, sweep_config
+from tasks.grid.configs import (
+    ADV_SWEEP,
+    CONFIGS,
+    D_PACE,
+    LR_FACTORS,
+    STRONG_PREFIX,
+    choice_name,
+    lr_choice,
+    spelled,
+    sweep_config,
+)
 
 RANK1_AND_MAP = (METRIC_KEYS[0], METRIC_KEYS[-1])  # rank1, mAP: the tables where the paper gives only those
 
@@ -89,6 +99,9 @@ CHOICE_GROUPS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("objective.lr (the paper's recipe)", "multi_level"),
         ("objective.lr (with the strong-baseline options)", STRONG_PREFIX + "multi_level"))),
     ("objective.adv_levels", (("sum", "multi_level"), ("mean", "adv_mean"))),
+    *((what, (("as is", base), *((spelled(D_PACE[name]), choice_name(base, name)) for name in D_PACE)))
+      for what, base in (("D's pace (the paper's recipe)", "multi_level"),
+                         ("D's pace (with the strong-baseline options)", STRONG_PREFIX + "multi_level"))),
 )
 TABLES += (Table("choices", "The choice runs: validation LR rank 1 per candidate", tuple(
     Row(f"{what}: {label}", config, "val") for what, group in CHOICE_GROUPS for label, config in group),
