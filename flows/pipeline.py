@@ -47,8 +47,19 @@ class StageFailed(RuntimeError):
 
     def __init__(self, stage: str, returncode: int, tail: str, log: Path | None = None) -> None:
         where = f" (full log: {log})" if log is not None else ""
+        returncode = stage_exit_code(tail, returncode)
         super().__init__(f"stage {stage!r} failed (exit {returncode}): {error_line(tail)}{where}")
         self.stage, self.returncode, self.tail, self.log = stage, returncode, tail, log
+
+
+_DVC_CMD_FAILED = re.compile(r"failed to run: .*, exited with (-?\d+)\s*$")
+
+
+def stage_exit_code(output: str, returncode: int) -> int:
+    """The stage command's own exit code, which DVC's last ERROR line gives ("failed to run: <cmd>, exited with 1"),
+    while DVC itself exits 255 for any failed stage; else `returncode` (the command was run without DVC)."""
+    codes = [m.group(1) for line in output.splitlines() if (m := _DVC_CMD_FAILED.search(line))]
+    return int(codes[-1]) if codes else returncode
 
 
 def error_line(output: str) -> str:

@@ -30,9 +30,25 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}{more}"
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The error that started it, not a wrapper's summary of it: a Ray Train worker's own exception behind
+    `WorkerGroupError` (its `worker_failures`, lowest rank first) and behind a `RayTaskError` (its `cause`).
+    Read by attribute, so this module imports no Ray."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        cause = getattr(exc, "cause", None)
+        if isinstance(failures, dict) and failures:
+            exc = failures[min(failures)]
+        elif isinstance(cause, BaseException):
+            exc = cause
+    return exc
+
+
 def _print_with_summary(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
     traceback.print_exception(kind, exc, tb)
-    print(f"{ERROR_MARKER} {one_line(exc)}", file=sys.stderr, flush=True)
+    print(f"{ERROR_MARKER} {one_line(root_cause(exc))}", file=sys.stderr, flush=True)
 
 
 def new_run_folder(logs: Path, stamp: str | None = None) -> Path:
