@@ -299,6 +299,8 @@ def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int
     import mlflow
     import pandas as pd
 
+    from tasks.registry.runtime import DEFAULT_RUNTIME
+
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "model.json"
         config.write_text(json.dumps(settings, default=list))
@@ -310,6 +312,8 @@ def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int
             code_paths=[str(PACKAGE_ROOT / "rain_model"), str(PACKAGE_ROOT / "tasks")],
             input_example=pd.DataFrame({"image": [_example_image(params)]}),
             pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS], step=step,
+            # MLflow lets a load choose only the config keys the model was logged with (tasks/registry/runtime.py)
+            model_config={"runtime": DEFAULT_RUNTIME},
         )
 
 

@@ -114,11 +114,10 @@ class RainEmbedder(PythonModel):
 
     def _load_onnx(self, artifacts: dict[str, str]) -> None:
         from tasks.registry.onnx_model import OnnxEmbedder
-        from tasks.registry.runtime import NoOnnxModel
+        from tasks.registry.runtime import NO_ONNX, NoOnnxModel
 
         if "onnx" not in artifacts:
-            raise NoOnnxModel("holds no ONNX model (registered before the register stage exported one): use "
-                              "--runtime torch, or register the model again")
+            raise NoOnnxModel(NO_ONNX)
         self.embed = OnnxEmbedder(Path(artifacts["onnx"]))  # the flip average is in the graph
         self.fingerprint = fingerprint(artifacts["weights"], artifacts["config"], str(self.embed.path))
 

@@ -40,10 +40,28 @@ def load_pyfunc(model_uri: str, runtime: str) -> Any:
     `onnx`, raises NoOnnxModel naming the version (an alias resolved to it)."""
     import mlflow.pyfunc
 
+    if check_runtime(runtime) == DEFAULT_RUNTIME:  # loaded as before runtimes existed: the model's default
+        return mlflow.pyfunc.load_model(model_uri)
     try:
-        return mlflow.pyfunc.load_model(model_uri, model_config={"runtime": check_runtime(runtime)})
+        if not takes_runtime(model_uri):
+            raise NoOnnxModel(NO_ONNX)
+        return mlflow.pyfunc.load_model(model_uri, model_config={"runtime": runtime})
     except NoOnnxModel as exc:
         raise NoOnnxModel(f"{_version_uri(model_uri)}: {exc.message}") from exc
+
+
+NO_ONNX = ("holds no ONNX model (registered before the register stage exported one): use --runtime torch, or "
+           "register the model again")
+
+
+def takes_runtime(model_uri: str) -> bool:
+    """Whether the model at `model_uri` was logged to take a runtime (its MLmodel's pyfunc `config`). MLflow ignores,
+    with a warning, a model_config key the model was not logged with: a version from before the ONNX export would
+    silently embed with PyTorch."""
+    from mlflow.models import get_model_info
+
+    pyfunc = get_model_info(model_uri).flavors.get("python_function", {})
+    return "runtime" in (pyfunc.get("config") or {})
 
 
 def _version_uri(model_uri: str) -> str:
