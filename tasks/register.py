@@ -209,12 +209,12 @@ def model_settings(params: Params, num_classes: int, pretrained: dict[str, str |
 
 def onnx_settings(params: Params) -> dict[str, Any]:
     """What the ONNX export is (its settings' entry `onnx`): where it lies in the model, what goes in and out. In the
-    settings, so a version registered before the export (same weights, no `onnx`) is never reused for this one."""
+    settings, so a version registered before the export (same weights, no `onnx`) is never reused for this one. The
+    tolerance it was checked with is not: it changes no embedding, so a new one makes no new version."""
     from tasks.registry.onnx_model import INPUT, ONNX_FILE, OUTPUT
 
     return {"artifact": f"{ONNX_ARTIFACT}/{ONNX_FILE}", "input": INPUT, "output": OUTPUT,
-            "input_shape": [-1, 3, params.train.height, params.train.width], "input_range": [0.0, 1.0],
-            "atol": params.register.onnx_atol}
+            "input_shape": [-1, 3, params.train.height, params.train.width], "input_range": [0.0, 1.0]}
 
 
 def export_onnx(params: Params, weights: Path, num_classes: int, folder: Path) -> Any:
