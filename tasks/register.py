@@ -217,7 +217,7 @@ def onnx_settings(params: Params) -> dict[str, Any]:
             "input_shape": [-1, 3, params.train.height, params.train.width], "input_range": [0.0, 1.0]}
 
 
-def export_onnx(params: Params, weights: Path, num_classes: int, folder: Path) -> Any:
+def checked_onnx_export(params: Params, weights: Path, num_classes: int, folder: Path) -> Any:
     """The ONNX export of `weights` (onnx_model.Exported) in MLflow's onnx flavor under `folder`, checked within
     `register.onnx_atol`; raises OnnxExportError before anything is logged."""
     from tasks.registry.embed import load_model
@@ -294,7 +294,7 @@ def model_description(params: Params, trial: str, run_id: str, metrics: dict[str
 def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int = 0, name: str = "model",
               onnx: Path | None = None) -> Any:
     """The pyfunc (tasks/registry/pyfunc_model.py, from code) with `weights`, `settings` and the ONNX flavor folder
-    `onnx` (export_onnx), logged to the active MLflow run as its output at `step` (model_figures) under `name`
+    `onnx` (checked_onnx_export), logged to the active MLflow run as its output at `step` (model_figures) under `name`
     (logged_model_name); returns MLflow's ModelInfo (its `model_uri` is what gets registered)."""
     import mlflow
     import pandas as pd
@@ -362,7 +362,7 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
     if existing is None:
         with tempfile.TemporaryDirectory() as tmp:
             # Before the run is resumed: a failed export must not even end the training run as FAILED.
-            exported = export_onnx(params, weights, info["num_classes"], Path(tmp) / ONNX_ARTIFACT)
+            exported = checked_onnx_export(params, weights, info["num_classes"], Path(tmp) / ONNX_ARTIFACT)
             onnx_tags = {"onnx_max_abs_diff": f"{exported.max_abs_diff:.3g}", "onnx_opset": str(exported.opset)}
             step, figures = model_figures(client, info["mlflow_run_id"])
             with mlflow.start_run(run_id=info["mlflow_run_id"]):

@@ -650,7 +650,7 @@ def test_register_after_a_kill_right_after_mlflow_created_the_version_reuses_it(
         logged.append(weights)
         return mlflow.pyfunc.log_model(name=name, python_model=str(code), step=step)
 
-    def export_onnx(params: Any, weights: Path, num_classes: int, folder: Path) -> Any:  # the weights are no network
+    def checked_onnx_export(params: Any, weights: Path, num_classes: int, folder: Path) -> Any:  # bytes, no network
         return SimpleNamespace(folder=folder, max_abs_diff=0.0, opset=20)
 
     def stage() -> dict[str, Any]:
@@ -658,7 +658,7 @@ def test_register_after_a_kill_right_after_mlflow_created_the_version_reuses_it(
                             manifest_path=root / "hr.parquet", lock_file=root / "dvc.lock")  # no lock: stale
 
     monkeypatch.setattr(register, "log_model", log_model)
-    monkeypatch.setattr(register, "export_onnx", export_onnx)
+    monkeypatch.setattr(register, "checked_onnx_export", checked_onnx_export)
     real_register = mlflow.register_model
 
     def register_then_die(*args: Any, **kwargs: Any) -> Any:
