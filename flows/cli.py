@@ -21,6 +21,21 @@ app = typer.Typer(help="RAIN cross-resolution person re-ID pipeline (Prefect + D
                   no_args_is_help=True, add_completion=False)
 
 ProjectOption = Annotated[Path, typer.Option("--project", "-C", help="Project folder (holds params.yaml).")]
+RuntimeOption = Annotated[str, typer.Option(
+    help="What embeds: torch (the version's weights through PyTorch) or onnx (its ONNX export through onnxruntime).")]
+
+
+def check_runtime(runtime: str) -> None:
+    """A --runtime that is neither torch nor onnx: one line naming it (exit 2), before anything is loaded. A plain
+    string, not a Typer choice: Click's refusal is a usage box of several lines."""
+    from tasks.registry.runtime import UnknownRuntime
+    from tasks.registry.runtime import check_runtime as known
+
+    try:
+        known(runtime)
+    except UnknownRuntime as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def configure_environment(project: Path) -> None:
@@ -414,11 +429,13 @@ def search(
         help="Embedding cache; default <project>/.cache/embeddings.")] = None,
     embed_images: Annotated[bool, typer.Option(
         help="Put thumbnails inside the page, so it can be moved or sent on its own.")] = False,
+    runtime: RuntimeOption = "torch",
     project: ProjectOption = Path("."),
 ) -> None:
     """Rank a gallery folder for query images with a registered model; write an HTML page and a PNG sheet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    check_runtime(runtime)
     project = project.resolve()
     configure_environment(project)
     uri = _tracking(project)
@@ -429,7 +446,7 @@ def search(
         queries = expand_queries([*query, *(more_queries or [])])
         cfg = SearchConfig(model_uri=model, gallery_dir=gallery, queries=queries, out_html=out, top_k=top_k,
                            cache_dir=cache_dir or project / ".cache" / "embeddings",
-                           id_pattern=id_pattern, embed_images=embed_images)
+                           id_pattern=id_pattern, embed_images=embed_images, runtime=runtime)
         with registry_errors(uri), Progress(TextColumn("Embedding gallery"), BarColumn(), MofNCompleteColumn(),
                                             TimeRemainingColumn(), transient=False) as bar:
             task = bar.add_task("gallery", total=None)
@@ -439,7 +456,7 @@ def search(
         raise typer.Exit(2) from exc
     typer.echo(f"{len(result.results)} queries, {result.gallery_images} gallery images "
                f"({result.embedded} embedded, {result.cached} from the cache, {len(result.skipped)} skipped) "
-               f"with {result.model_uri}")
+               f"with {result.model_uri} ({runtime})")
     if result.rank1 is not None:
         typer.echo(f"rank-1: {100 * result.rank1:.1f}%")
     typer.echo(f"wrote {result.html} and {result.sheet}")
@@ -453,6 +470,7 @@ def serve_model(
     port: Annotated[int, typer.Option(help="Port (not 5000: `mlflow ui` listens there, README).")] = 5001,
     max_connections: Annotated[int, typer.Option(
         help="Requests in flight at most (more get 503): bounds memory to about this many request bodies.")] = 16,
+    runtime: RuntimeOption = "torch",
     project: ProjectOption = Path("."),
 ) -> None:
     """Serve a registered model on POST /invocations like `mlflow models serve`, refusing an oversized body
@@ -463,15 +481,21 @@ def serve_model(
             typer.echo(f"error: {name} {value}: expected {low}..{high}" if high else
                        f"error: {name} {value}: expected >= {low}", err=True)
             raise typer.Exit(2)
+    check_runtime(runtime)
     project = project.resolve()
     configure_environment(project)
     uri = _tracking(project)
     from tasks.infra.logs import setup_logging
+    from tasks.registry.runtime import NoOnnxModel
     from tasks.registry.serve import serve
 
     setup_logging()
     with registry_errors(f"{uri}: {model}"):  # no such model, version or alias: one line, not a traceback
-        serve(model, host, port, max_connections)
+        try:
+            serve(model, host, port, max_connections, runtime)
+        except NoOnnxModel as exc:  # its message names the version already
+            typer.echo(f"error: {exc.message}", err=True)
+            raise typer.Exit(2) from exc
 
 
 if __name__ == "__main__":

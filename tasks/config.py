@@ -368,6 +368,9 @@ def is_promoted_alias(alias: str) -> bool:
 class RegisterConfig:
     model_name: str = "rain-reid"
     alias: str = "candidate"
+    # The exported ONNX network must give v within this of PyTorch's (max abs, fp32) on an example batch, or the
+    # stage fails before anything is logged: a version never carries an ONNX model that ranks differently.
+    onnx_atol: float = 1e-4
 
     def __post_init__(self) -> None:
         _require(bool(self.model_name.strip()) and "/" not in self.model_name, "register.model_name",
@@ -379,6 +382,8 @@ class RegisterConfig:
         _require(not is_promoted_alias(self.alias), "register.alias", self.alias,
                  f"an alias other than {', '.join(PROMOTED_ALIASES)}: only `rain promote` moves that one, "
                  f"through its gate")
+        _require(0 < self.onnx_atol <= 1e-2, "register.onnx_atol", self.onnx_atol,
+                 "> 0 and at most 0.01 (embeddings are unit-norm: more would let the ONNX model rank differently)")
 
 
 @dataclass(frozen=True)

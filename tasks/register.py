@@ -32,6 +32,13 @@ The lineage hashes, each under one name wherever it appears (the training run ca
 The logged model (MLflow 3's LoggedModel, the version's source) shows the training run's final figures as its
 metrics (`model_figures`), not those of the run's first step.
 
+The model carries its embedding network as ONNX too (tasks/registry/onnx_model.py): exported, checked against
+PyTorch (max abs difference of v within `register.onnx_atol` on example batches) and saved in MLflow's onnx flavor
+with its signature as the pyfunc's artifact `onnx` (``artifacts/onnx/model.onnx`` of the version's model), so
+`rain search` and `rain serve-model` can run it with `--runtime onnx`. The export comes before anything is logged: a
+failed export or parity check fails the stage with one line and leaves the registry and the training run as they
+were. The version's tags `onnx_max_abs_diff` and `onnx_opset` say how close it came and which opset it uses.
+
 The model is self-contained: its settings (`model_settings`) never name a file outside it, so it loads on
 any machine, and they carry the `serve` request limits, which it enforces wherever it is served.
 
@@ -85,7 +92,7 @@ MODEL_DESCRIPTION = (
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ("torch", "torchvision", "mlflow", "pillow", "numpy", "pandas", "safetensors", "pyyaml",
-                "pyarrow")
+                "pyarrow", "onnxruntime")
 # Stages whose parameters shaped the model and its figures (register's own do not).
 UPSTREAM_STAGES = ("download", "manifest", "synthesize", "decode", "train", "evaluate")
 # Run metrics whose latest value is no figure of the model: a CMC curve's last point is its rank 20, and system/ is
@@ -94,6 +101,8 @@ NOT_MODEL_FIGURES = (CMC, "system/")
 # The figures a version is tagged with (figure_name(HEADLINE_ROW, ...)): the LR queries' CMC and mAP, and the
 # spread of its rank-1 (`rain promote --list` shows rank-1 ± std).
 VERSION_FIGURES = (*METRIC_KEYS, "rank1_std")
+ONNX_ARTIFACT = "onnx"  # the pyfunc's artifact holding the ONNX export: artifacts/onnx/ in the logged model
+ONNX_TAGS = ("onnx_max_abs_diff", "onnx_opset")
 
 
 def _example_image(params: Params) -> str:
@@ -194,7 +203,31 @@ def model_settings(params: Params, num_classes: int, pretrained: dict[str, str |
     """
     return {"model": dataclasses.asdict(dataclasses.replace(params.model, pretrained=None, pretrained_path=None)),
             "num_classes": num_classes, "height": params.train.height, "width": params.train.width,
-            "flip": params.evaluate.flip, "pretrained": pretrained, "serve": dataclasses.asdict(params.serve)}
+            "flip": params.evaluate.flip, "pretrained": pretrained, "serve": dataclasses.asdict(params.serve),
+            "onnx": onnx_settings(params)}
+
+
+def onnx_settings(params: Params) -> dict[str, Any]:
+    """What the ONNX export is (its settings' entry `onnx`): where it lies in the model, what goes in and out. In the
+    settings, so a version registered before the export (same weights, no `onnx`) is never reused for this one. The
+    tolerance it was checked with is not: it changes no embedding, so a new one makes no new version."""
+    from tasks.registry.onnx_model import INPUT, ONNX_FILE, OUTPUT
+
+    return {"artifact": f"{ONNX_ARTIFACT}/{ONNX_FILE}", "input": INPUT, "output": OUTPUT,
+            "input_shape": [-1, 3, params.train.height, params.train.width], "input_range": [0.0, 1.0]}
+
+
+def checked_onnx_export(params: Params, weights: Path, num_classes: int, folder: Path) -> Any:
+    """The ONNX export of `weights` (onnx_model.Exported) in MLflow's onnx flavor under `folder`, checked within
+    `register.onnx_atol`; raises OnnxExportError before anything is logged."""
+    from tasks.registry.embed import load_model
+    from tasks.registry.onnx_model import export_checked
+
+    model = load_model(weights, params.model, num_classes)
+    exported = export_checked(model, (params.train.height, params.train.width), params.evaluate.flip,
+                              params.register.onnx_atol, folder)
+    log.info("register: ONNX export (opset %d) within %.2g of PyTorch's v", exported.opset, exported.max_abs_diff)
+    return exported
 
 
 def model_figures(client: Any, run_id: str) -> tuple[int, list[Any]]:
@@ -258,12 +291,15 @@ def model_description(params: Params, trial: str, run_id: str, metrics: dict[str
         f"{params.dataset.name} trial {trial} by MLflow run {run_id}. {MODEL_DESCRIPTION}"])
 
 
-def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int = 0, name: str = "model") -> Any:
-    """The pyfunc (tasks/registry/pyfunc_model.py, from code) with `weights` and `settings`, logged to the
-    active MLflow run as its output at `step` (model_figures) under `name` (logged_model_name); returns MLflow's
-    ModelInfo (its `model_uri` is what gets registered)."""
+def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int = 0, name: str = "model",
+              onnx: Path | None = None) -> Any:
+    """The pyfunc (tasks/registry/pyfunc_model.py, from code) with `weights`, `settings` and the ONNX flavor folder
+    `onnx` (checked_onnx_export), logged to the active MLflow run as its output at `step` (model_figures) under `name`
+    (logged_model_name); returns MLflow's ModelInfo (its `model_uri` is what gets registered)."""
     import mlflow
     import pandas as pd
+
+    from tasks.registry.runtime import DEFAULT_RUNTIME
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "model.json"
@@ -271,10 +307,13 @@ def log_model(params: Params, weights: Path, settings: dict[str, Any], step: int
         # The signature is inferred by running the logged model on the example: a free smoke test.
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(PACKAGE_ROOT / "tasks" / "registry" / "pyfunc_model.py"),
-            artifacts={"weights": str(weights), "config": str(config)},
+            artifacts={"weights": str(weights), "config": str(config)}
+            | ({ONNX_ARTIFACT: str(onnx)} if onnx is not None else {}),
             code_paths=[str(PACKAGE_ROOT / "rain_model"), str(PACKAGE_ROOT / "tasks")],
             input_example=pd.DataFrame({"image": [_example_image(params)]}),
             pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS], step=step,
+            # MLflow lets a load choose only the config keys the model was logged with (tasks/registry/runtime.py)
+            model_config={"runtime": DEFAULT_RUNTIME},
         )
 
 
@@ -321,13 +360,20 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
     # one, not a reason for a second version of the same model.
     existing = registered_version(client, name, weights_sha256, settings_sha256, info["mlflow_run_id"])
     if existing is None:
-        step, figures = model_figures(client, info["mlflow_run_id"])
-        with mlflow.start_run(run_id=info["mlflow_run_id"]):
-            logged = log_model(params, weights, settings, step, name=logged_model_name(params, trial))
+        with tempfile.TemporaryDirectory() as tmp:
+            # Before the run is resumed: a failed export must not even end the training run as FAILED.
+            exported = checked_onnx_export(params, weights, info["num_classes"], Path(tmp) / ONNX_ARTIFACT)
+            onnx_tags = {"onnx_max_abs_diff": f"{exported.max_abs_diff:.3g}", "onnx_opset": str(exported.opset)}
+            step, figures = model_figures(client, info["mlflow_run_id"])
+            with mlflow.start_run(run_id=info["mlflow_run_id"]):
+                logged = log_model(params, weights, settings, step, name=logged_model_name(params, trial),
+                                   onnx=exported.folder)
         link_figures(client, info["mlflow_run_id"], logged.model_id, figures)
         table = (report_dir / "table.md").read_text() if (report_dir / "table.md").exists() else ""
         client.set_logged_model_tags(logged.model_id, {NOTE_TAG: model_description(
             params, trial, info["mlflow_run_id"], metrics, table)})  # the logged model page's description
+    else:
+        onnx_tags = {k: existing.tags[k] for k in ONNX_TAGS if k in existing.tags}
     lr = metrics["rows"][HEADLINE_ROW]
     tags = {
         "git_commit": git_commit(), "git_dirty": git_dirty(), "dataset": params.dataset.name, "trial": trial,
@@ -336,7 +382,8 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
         "mlr_manifest_sha256": file_hash(mlr_path), "params_yaml_sha256": file_hash(params_file),
         "weights_sha256": weights_sha256, "settings_sha256": settings_sha256, "mlflow_run_id": info["mlflow_run_id"],
         "pretrained_sha256": "none" if pretrained is None else pretrained["sha256"] or "unknown",
-    } | dvc_lineage(lock_file, params) | {figure_name(HEADLINE_ROW, k): f"{lr[k]:.6f}" for k in VERSION_FIGURES}
+    } | dvc_lineage(lock_file, params) | {figure_name(HEADLINE_ROW, k): f"{lr[k]:.6f}" for k in VERSION_FIGURES} \
+        | onnx_tags
     if existing is None:  # tags go in with the version: no reader ever sees one without its lineage and metrics
         mv = mlflow.register_model(logged.model_uri, name, tags=tags)
     else:

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -645,15 +646,19 @@ def test_register_after_a_kill_right_after_mlflow_created_the_version_reuses_it(
     logged: list[Path] = []
 
     def log_model(params: Any, weights: Path, settings: Any, step: int = 0,
-                  name: str = "model") -> Any:  # the pyfunc, in miniature
+                  name: str = "model", onnx: Path | None = None) -> Any:  # the pyfunc, in miniature
         logged.append(weights)
         return mlflow.pyfunc.log_model(name=name, python_model=str(code), step=step)
+
+    def checked_onnx_export(params: Any, weights: Path, num_classes: int, folder: Path) -> Any:  # bytes, no network
+        return SimpleNamespace(folder=folder, max_abs_diff=0.0, opset=20)
 
     def stage() -> dict[str, Any]:
         return register.run(params, model_dir, report_dir, root / "mlr.parquet", root / "params.yaml",
                             manifest_path=root / "hr.parquet", lock_file=root / "dvc.lock")  # no lock: stale
 
     monkeypatch.setattr(register, "log_model", log_model)
+    monkeypatch.setattr(register, "checked_onnx_export", checked_onnx_export)
     real_register = mlflow.register_model
 
     def register_then_die(*args: Any, **kwargs: Any) -> Any:

@@ -12,6 +12,11 @@ resized exactly like the training loader does, so a served embedding equals the 
 of the same file. Output: an (N, d) float32 array of unit-norm embeddings; rank a gallery by Euclidean
 distance or, equivalently, by dot product.
 
+Runtime (MLflow's model_config ``{"runtime": "torch" | "onnx"}`` at load, tasks/registry/runtime.py): `torch`
+(the default) embeds with the safetensors weights through PyTorch; `onnx` with the model's ONNX export (its artifact
+``onnx``, tasks/registry/onnx_model.py) through onnxruntime. Decoding, limits and normalisation are the same code for
+both. A version registered before the export, loaded with `onnx`, raises ``NoOnnxModel``.
+
 Limits (``serve`` in params.yaml, carried in the model's settings): at most ``max_images`` rows per call
 and ``max_pixels`` pixels per image. Both are checked before any pixel is decoded (the size comes from
 each image's header), so an oversized request costs milliseconds, not the seconds and gigabytes that
@@ -30,6 +35,8 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import mlflow.models
@@ -63,10 +70,12 @@ def image_bytes(value: object, row: int) -> bytes:
                        f"got {type(value).__name__}")
 
 
-def fingerprint(weights_path: str, config_path: str) -> str:
-    """sha256 of the weights and the settings: what an embedding depends on (the search cache key)."""
+def fingerprint(weights_path: str, config_path: str, runtime_file: str | None = None) -> str:
+    """sha256 of the weights and the settings (and of the ONNX file the `onnx` runtime runs): what an embedding
+    depends on (the search cache key). The runtimes' embeddings differ in their last digits, so a search with one
+    never reads the other's cached vectors."""
     digest = hashlib.sha256()
-    for path in (weights_path, config_path):
+    for path in (weights_path, config_path, *([runtime_file] if runtime_file else [])):
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
@@ -74,27 +83,47 @@ def fingerprint(weights_path: str, config_path: str) -> str:
 
 
 class RainEmbedder(PythonModel):
+    embed: Callable[[Any], Any]  # (B, 3, H, W) uint8 tensor -> (B, d) float32 tensor, in the loaded runtime
+
     def load_context(self, context: Any) -> None:
-        from rain_model.config import ModelConfig
         from tasks.config import ServeConfig, parse
-        from tasks.registry.embed import load_model
+        from tasks.registry.runtime import runtime_of
 
         with open(context.artifacts["config"]) as fh:
             meta = json.load(fh)
         self.size = (int(meta["height"]), int(meta["width"]))
         self.flip = bool(meta["flip"])
         self.limits = parse(ServeConfig, meta.get("serve"), "serve")
+        self.runtime = runtime_of(getattr(context, "model_config", None))
+        if self.runtime == "onnx":
+            self._load_onnx(context.artifacts)
+        else:
+            self._load_torch(context.artifacts, meta)
+
+    def _load_torch(self, artifacts: dict[str, str], meta: dict[str, Any]) -> None:
+        from rain_model.config import ModelConfig
+        from tasks.config import parse
+        from tasks.registry.embed import embed_batch, load_model
+
         # load_model ignores pretrained_path (embed.py); a model registered before `base_channels` existed
         # was trained at torchvision's width
         cfg = parse(ModelConfig, {"base_channels": 64, **meta["model"]}, "model")
-        self.model = load_model(context.artifacts["weights"], cfg, int(meta["num_classes"]))
-        self.fingerprint = fingerprint(context.artifacts["weights"], context.artifacts["config"])
+        self.model = load_model(Path(artifacts["weights"]), cfg, int(meta["num_classes"]))
+        self.embed = lambda x_uint8: embed_batch(self.model, x_uint8, self.flip)
+        self.fingerprint = fingerprint(artifacts["weights"], artifacts["config"])
+
+    def _load_onnx(self, artifacts: dict[str, str]) -> None:
+        from tasks.registry.onnx_model import OnnxEmbedder
+        from tasks.registry.runtime import NO_ONNX, NoOnnxModel
+
+        if "onnx" not in artifacts:
+            raise NoOnnxModel(NO_ONNX)
+        self.embed = OnnxEmbedder(Path(artifacts["onnx"]))  # the flip average is in the graph
+        self.fingerprint = fingerprint(artifacts["weights"], artifacts["config"], str(self.embed.path))
 
     # pd.DataFrame is a hint MLflow infers no schema from: the signature comes from the input example.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         import torch
-
-        from tasks.registry.embed import embed_batch
 
         if not isinstance(model_input, pd.DataFrame):
             raise InvalidInput(f"input must be a table with one column `image`, got {type(model_input).__name__}")
@@ -113,7 +142,7 @@ class RainEmbedder(PythonModel):
         tensors = [self._tensor(blob, row) for row, blob in enumerate(blobs)]  # decode all before any work
         out = []
         for start in range(0, len(tensors), CHUNK):
-            v = embed_batch(self.model, torch.stack(tensors[start:start + CHUNK]), self.flip)  # (B, d)
+            v = self.embed(torch.stack(tensors[start:start + CHUNK]))  # (B, d)
             out.append(torch.nn.functional.normalize(v, dim=1))
         return torch.cat(out).numpy().astype(np.float32)  # (N, d)
 

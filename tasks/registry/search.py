@@ -3,10 +3,12 @@
 The model is any version of the registered pyfunc (tasks/registry/pyfunc_model.py), loaded by URI
 (``models:/rain-reid@champion``); an alias is resolved to its version first, so the whole search uses
 one version even if the alias moves meanwhile. Every image goes through the model's own ``predict``,
-so a search ranks exactly as the served model would.
+so a search ranks exactly as the served model would, with the runtime it is asked for (``runtime``:
+``torch`` or ``onnx``, the version's ONNX export through onnxruntime).
 
 Gallery embeddings are cached by content: ``<cache_dir>/<model key>/<sha256 of the file's bytes>.npy``,
-where the model key is the sha256 of the model's weights and settings (``RainEmbedder.fingerprint``).
+where the model key is the sha256 of the model's weights and settings, and of its ONNX file with the
+``onnx`` runtime (``RainEmbedder.fingerprint``).
 A second search over the same gallery with the same model embeds nothing; a renamed or copied file is
 not embedded again; a different model (even under the same alias) never reads another model's vectors.
 Cache files are written whole (temporary file + rename), so concurrent searches can share the folder.
@@ -63,8 +65,13 @@ class SearchConfig:
     batch_size: int = 32
     id_pattern: str | None = None
     embed_images: bool = False  # thumbnails inside the page (data: URIs), so it can be moved or mailed alone
+    runtime: str = "torch"  # what embeds: the weights through PyTorch, or the ONNX export (tasks/registry/runtime.py)
 
     def __post_init__(self) -> None:
+        from tasks.registry.runtime import RUNTIMES
+
+        if self.runtime not in RUNTIMES:
+            raise SearchError(f"--runtime {self.runtime!r}: expected one of {', '.join(RUNTIMES)}")
         if self.top_k < 1:
             raise SearchError(f"top_k must be >= 1, got {self.top_k}")
         if self.batch_size < 1:
@@ -282,9 +289,9 @@ class _GalleryVectors:
 
 def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
     """Rank the gallery for every query with one pinned model version; write the HTML page and the sheet."""
-    import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
+    from tasks.registry.runtime import NoOnnxModel, load_pyfunc
     from tasks.registry.serve import image_byte_limit, model_limits
 
     folder = scan(cfg.gallery_dir)
@@ -299,7 +306,9 @@ def run(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
         raise SearchError(f"--cache-dir {cfg.cache_dir}: not a folder that can be made ({_why(exc)})") from exc
     uri = resolve_model_uri(cfg.model_uri)
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        model = load_pyfunc(uri, cfg.runtime)
+    except NoOnnxModel as exc:
+        raise SearchError(f"model {exc.message}") from exc
     except MlflowException as exc:
         raise SearchError(f"model {uri}: {' '.join(exc.message.split())}") from exc
     except OSError as exc:  # a local path that is no model

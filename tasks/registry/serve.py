@@ -323,17 +323,20 @@ async def _answer(send: Send, status: int, code: str, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def build_app(model_uri: str, max_busy: int | None = None) -> tuple[ASGIApp, ServeConfig]:
+def build_app(model_uri: str, max_busy: int | None = None, runtime: str = "torch") -> tuple[ASGIApp, ServeConfig]:
     """MLflow's scoring app for `model_uri` behind :class:`RequestGuard`, with the model's own limits; `max_busy`
-    requests worked on at once (None: the cores of this machine)."""
+    requests worked on at once (None: the cores of this machine); the model embeds with `runtime` (torch, onnx:
+    tasks/registry/runtime.py)."""
     from mlflow.pyfunc import scoring_server
 
-    model = scoring_server.load_model_with_mlflow_config(model_uri)
+    from tasks.registry.runtime import load_pyfunc
+
+    model = load_pyfunc(model_uri, runtime)
     limits = model_limits(model)
     busy = max_busy or os.cpu_count() or 1
     app = RequestGuard(scoring_server.init(model), body_limit(limits), max_rows=limits.max_images, max_busy=busy)
-    log.info("serve: %s, at most %d images of %d pixels per request, bodies up to %d bytes, %d worked on at once",
-             model_uri, limits.max_images, limits.max_pixels, app.max_body_bytes, busy)
+    log.info("serve: %s (runtime %s), at most %d images of %d pixels per request, bodies up to %d bytes, %d worked "
+             "on at once", model_uri, runtime, limits.max_images, limits.max_pixels, app.max_body_bytes, busy)
     return app, limits
 
 
@@ -344,9 +347,10 @@ def uvicorn_limit(max_connections: int) -> int:
     return max_connections + 1
 
 
-def serve(model_uri: str, host: str, port: int, max_connections: int) -> None:
-    """Serve `model_uri` on POST /invocations (and /ping, /health, /version) until interrupted."""
+def serve(model_uri: str, host: str, port: int, max_connections: int, runtime: str = "torch") -> None:
+    """Serve `model_uri` on POST /invocations (and /ping, /health, /version) until interrupted, embedding with
+    `runtime`."""
     import uvicorn
 
-    app, _ = build_app(model_uri, min(max_connections, os.cpu_count() or 1))
+    app, _ = build_app(model_uri, min(max_connections, os.cpu_count() or 1), runtime)
     uvicorn.run(app, host=host, port=port, limit_concurrency=uvicorn_limit(max_connections), log_level="info")
