@@ -85,6 +85,21 @@ def check_params(project: Path, preset: str | None = None) -> None:
         raise typer.Exit(2) from exc
 
 
+def check_services(prefect: bool = True) -> None:
+    """Before anything is written: a tracking server or database (MLFLOW_TRACKING_URI) or a Prefect server
+    (PREFECT_API_URL) that is down or refuses us, one line naming it, within SERVICE_TIMEOUT_S (exit 2)."""
+    from tasks.infra.tracking import ServiceUnreachable, check_prefect, check_tracking
+
+    try:
+        if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+            check_tracking(uri)
+        if prefect and (api := os.environ.get("PREFECT_API_URL")):
+            check_prefect(api)
+    except ServiceUnreachable as exc:
+        typer.echo(f"error: {exc}; nothing was run", err=True)
+        raise typer.Exit(2) from exc
+
+
 @app.command()
 def preset(name: Annotated[str, typer.Argument(help="Preset name: a file presets/<name>.yaml (e.g. paper).")],
            project: ProjectOption = Path(".")) -> None:
@@ -99,6 +114,7 @@ def run(project: ProjectOption = Path("."), preset: PresetOption = None) -> None
     project = project.resolve()
     configure_environment(project)
     check_params(project, preset)
+    check_services()
     from tasks.infra import reaper
 
     reaper.guard()  # before the temporary Prefect server starts: a killed `rain run` takes it down too
@@ -136,6 +152,7 @@ def experiments(
     project = project.resolve()
     configure_environment(project)
     check_params(project, preset)
+    check_services()
     from tasks.config import ParamsError, load_params
 
     params = load_params(project / "params.yaml")
@@ -272,6 +289,7 @@ def _grid_form(deployment: Any, project: Path) -> None:
 
 def _tracking(project: Path) -> str:
     """Point MLflow at the project's registry (or MLFLOW_TRACKING_URI) and return the URI."""
+    check_services(prefect=False)
     import mlflow
 
     from tasks.infra.tracking import tracking_uri
