@@ -390,6 +390,11 @@ def down(team_dir: Path) -> list[str]:
                              "-t", str(int(STOP_TIMEOUT_S)), "stop"], team, timeout=STOP_TIMEOUT_S + 10)
         if done.returncode != 0 and _alive(pid):
             os.kill(pid, signal.SIGQUIT)  # PostgreSQL's immediate shutdown; the next start recovers from its WAL
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
         stopped.append("postgres")
     return stopped
 
