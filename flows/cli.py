@@ -113,8 +113,8 @@ def run(project: ProjectOption = Path("."), preset: PresetOption = None) -> None
     """Run the whole pipeline (flow `rain`) in this process; DVC skips stages that are up to date."""
     project = project.resolve()
     configure_environment(project)
+    check_services()  # first: a preset would write params.yaml, weights would be fetched
     check_params(project, preset)
-    check_services()
     from tasks.infra import reaper
 
     reaper.guard()  # before the temporary Prefect server starts: a killed `rain run` takes it down too
@@ -151,8 +151,8 @@ def experiments(
         raise typer.Exit(2)
     project = project.resolve()
     configure_environment(project)
+    check_services()  # first: a preset would write params.yaml, weights would be fetched
     check_params(project, preset)
-    check_services()
     from tasks.config import ParamsError, load_params
 
     params = load_params(project / "params.yaml")
