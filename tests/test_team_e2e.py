@@ -104,7 +104,7 @@ def test_two_clones_share_runs_models_and_data_through_the_team_services(
     # Clone B: pulls; trains nothing, and DVC finds every stage up to date.
     b = tmp_path / "b"
     git(tmp_path, "clone", "-q", str(a), str(b))
-    dvc(b, "pull")
+    dvc(b, "pull", "dvc.yaml")  # the pipeline's stages: the grid's (grid/dvc.yaml) never ran, nothing to pull
     dvc(b, "repro", "fingerprint")  # its outputs are not cached (so not pushed): it reads the dataset's sources
     status = dvc(b, "status", "dvc.yaml")
     assert set(re.findall(r"^(\w+):", status, flags=re.M)) <= {"fingerprint"}, status  # `always changed`, alone
