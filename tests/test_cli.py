@@ -20,7 +20,8 @@ from flows.cli import app
 from tests.micro_project import MICRO, make_project, write_params
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["serve"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["serve"], ["team"], ["team", "up"], ["team", "down"],
+                                     ["team", "status"]])
 def test_every_command_has_help(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0

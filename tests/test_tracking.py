@@ -158,3 +158,47 @@ def test_the_experiment_holds_a_saved_view_of_its_runs_figures_as_mlflows_ui_rea
     client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{RESULTS_VIEW}", edited)
     mlflow_experiment_id(client, "rain-x", "x", tmp_path, views=results_view())
     assert client.get_experiment(exp_id).tags[f"mlflow.sharedViewState.{RESULTS_VIEW}"] == edited  # a user's kept
+
+
+# Each process imports MLflow first (seconds), says so, and opens the store when every one has: at the same moment.
+_OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+project, ready, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+from mlflow import MlflowClient
+import mlflow.store.model_registry.sqlalchemy_store, mlflow.store.tracking.sqlalchemy_store
+from tasks.infra.tracking import mlflow_experiment_id, tracking_uri
+ready.touch()
+while not go.exists():
+    time.sleep(0.01)
+client = MlflowClient(tracking_uri(project))
+print(mlflow_experiment_id(client, "rain-race", "two at once", project))
+client.search_registered_models()
+"""
+
+
+def test_processes_opening_a_fresh_store_at_once_all_get_it(tmp_path: Path) -> None:
+    """Before: each ran MLflow's migrations on the new mlflow.db and all but one died (`duplicate column name: step`,
+    or alembic's `expected to match one row`), as two grid runs started together on a fresh project did."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.micro_project import REPO
+
+    project = tmp_path / "project"
+    project.mkdir()
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(project), str(tmp_path / f"ready{i}"),
+                               str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(3)]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    go.touch()
+    results = [(*p.communicate(timeout=300), p.returncode) for p in procs]
+    assert all(code == 0 for _, _, code in results), [err[-2000:] for _, err, _ in results]
+    assert len({out.strip() for out, _, _ in results}) == 1  # one experiment, the same id for each

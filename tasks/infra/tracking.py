@@ -145,8 +145,150 @@ def tracking_uri(project_dir: Path | None = None) -> str:
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
     project = (project_dir or Path.cwd()).resolve()
+    create_store(project / DEFAULT_DB, project / ".cache" / f"{DEFAULT_DB}.lock")
     relocate_artifacts(project / DEFAULT_DB, project / ARTIFACTS_DIR)
     return f"sqlite:///{project / DEFAULT_DB}"
+
+
+CREATE_TIMEOUT_S = 600.0  # MLflow's ~50 migrations of a new store: seconds, a minute or more on 2 busy cores
+
+
+def create_store(db: Path, lock: Path) -> bool:
+    """Create MLflow's tables in the sqlite store `db` if it has none, one process at a time (an flock on `lock`);
+    returns whether this call created them. Two processes opening a fresh store at once each ran MLflow's
+    migrations on it, and one died (`duplicate column name: step`): now the first creates it while the others wait
+    for it, then find it made. A store with tables is left as it is (MLflow checks its version on opening)."""
+    import fcntl
+    import time
+
+    # Checked under the lock only: alembic writes its version after each migration, so a store half-way through its
+    # creation already has one.
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + CREATE_TIMEOUT_S
+    with lock.open("a") as fh:
+        while True:  # non-blocking tries: a process stuck behind a dead holder still ends, at the deadline
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{lock}: another process has been creating {db} for "
+                                       f"{CREATE_TIMEOUT_S:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            if _has_tables(db):
+                return False
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            # The tracking store's migrations create the registry's tables too (one schema, one alembic history).
+            SqlAlchemyStore(f"sqlite:///{db}", (db.parent / ARTIFACTS_DIR).resolve().as_uri())
+            return True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _has_tables(db: Path) -> bool:
+    """Whether `db` holds MLflow's tables (an alembic version): called under create_store's lock, where no one is
+    half-way through creating them."""
+    import sqlite3
+
+    if not db.is_file() or db.stat().st_size == 0:
+        return False
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+    except sqlite3.Error:
+        return True  # not a store this can read: MLflow, opening it next, says so in its own one-line error
+    try:
+        return bool(con.execute("SELECT version_num FROM alembic_version").fetchall())
+    except sqlite3.OperationalError as exc:
+        return "no such table" not in str(exc)  # anything else (not a database): left to MLflow's error
+    except sqlite3.DatabaseError:
+        return True
+    finally:
+        con.close()
+
+
+# How long the entry points wait for a tracking server, a tracking database or a Prefect server before saying it does
+# not answer (MLflow's client alone retries a dead server for minutes, with a traceback at the end).
+SERVICE_TIMEOUT_S = 10.0
+SERVER_SCHEMES = ("http://", "https://")
+DATABASE_SCHEMES = ("postgresql", "mysql")
+
+
+class ServiceUnreachable(Exception):
+    """A tracking server, tracking database or Prefect server that is down or refuses us: one line naming it."""
+
+
+def redact(uri: str) -> str:
+    """`uri` with its password, if it holds one, written as ***: safe to print."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+        if parts.password is None:
+            return uri
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    except ValueError:
+        return uri
+
+
+def is_shared(uri: str) -> bool:
+    """A tracking store other machines reach (a server or a database), not the project's own sqlite file."""
+    return uri.startswith(SERVER_SCHEMES) or uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES
+
+
+def _http_check(url: str, what: str, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            if resp.status == 200:
+                return
+            raise ServiceUnreachable(f"{what} answers HTTP {resp.status} at {url}")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ServiceUnreachable(f"{what} refuses the credentials (HTTP {exc.code})") from exc
+        raise ServiceUnreachable(f"{what} answers HTTP {exc.code} at {url}") from exc
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, TimeoutError):
+            raise ServiceUnreachable(f"{what} gave no answer within {timeout:g} s") from exc
+        raise ServiceUnreachable(f"{what} does not answer ({getattr(reason, 'strerror', None) or reason})") from exc
+    except TimeoutError as exc:
+        raise ServiceUnreachable(f"{what} gave no answer within {timeout:g} s") from exc
+    except (OSError, ValueError) as exc:
+        raise ServiceUnreachable(f"{what} does not answer ({exc})") from exc
+
+
+def check_tracking(uri: str, timeout: float = SERVICE_TIMEOUT_S) -> None:
+    """Raise ServiceUnreachable, naming `uri` (its password hidden), when the tracking server or database at `uri`
+    is down, does not answer within `timeout` seconds or refuses the credentials; the project's own sqlite store
+    is not checked (MLflow creates it)."""
+    named = f"MLFLOW_TRACKING_URI={redact(uri)}"
+    if uri.startswith(SERVER_SCHEMES):
+        _http_check(uri.rstrip("/") + "/health", f"{named}: the tracking server", timeout)
+    elif is_shared(uri):
+        from sqlalchemy import create_engine
+        from sqlalchemy.exc import SQLAlchemyError
+        from sqlalchemy.pool import NullPool
+
+        try:
+            engine = create_engine(uri, poolclass=NullPool, connect_args={"connect_timeout": max(1, int(timeout))})
+            with engine.connect():
+                pass
+        except ImportError as exc:
+            raise ServiceUnreachable(f"{named}: no database driver for it is installed ({exc})") from exc
+        except (SQLAlchemyError, ValueError) as exc:
+            cause = str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["unknown error"]
+            raise ServiceUnreachable(f"{named}: the tracking database refuses or does not answer: "
+                                     f"{' '.join(cause[0].split())}") from exc
+
+
+def check_prefect(api_url: str, timeout: float = SERVICE_TIMEOUT_S) -> None:
+    """Raise ServiceUnreachable, naming `api_url`, when the Prefect server there is down or refuses us."""
+    _http_check(api_url.rstrip("/") + "/health", f"PREFECT_API_URL={redact(api_url)}: the Prefect server", timeout)
 
 
 def relocate_artifacts(db: Path, artifacts: Path) -> int:
@@ -191,15 +333,25 @@ def relocate_artifacts(db: Path, artifacts: Path) -> int:
 
 def mlflow_experiment_id(client: MlflowClient, name: str, description: str, project_dir: Path | None = None,
                          views: dict[str, str] | None = None) -> str:
-    """Id of experiment `name`, created with its artifacts under <project>/mlartifacts when new. It carries the
-    experiment kind, `description` (what it holds) and the saved runs-list `views` (results_view): set at
-    creation, and added to an existing experiment that lacks them (one made by an older version); a description
-    or view someone edited in the UI is kept."""
+    """Id of experiment `name`, created with its artifacts under <project>/mlartifacts when new (on a shared store,
+    the server's artifact root). It carries the experiment kind, `description` (what it holds) and the saved
+    runs-list `views` (results_view): set at creation, and added to an existing experiment that lacks them (one made
+    by an older version); a description or view someone edited in the UI is kept."""
+    from mlflow.exceptions import MlflowException
+
     tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: description, **(views or {})}
     found = client.get_experiment_by_name(name)
     if found is None:
-        location = ((project_dir or Path.cwd()) / ARTIFACTS_DIR / name).resolve().as_uri()
-        return str(client.create_experiment(name, artifact_location=location, tags=tags))
+        # A shared store's experiments keep their artifacts where its server does (a team's artifact root), where
+        # every clone reads them; a folder of the clone that created the experiment is its own only.
+        location = (None if is_shared(client.tracking_uri) else
+                    ((project_dir or Path.cwd()) / ARTIFACTS_DIR / name).resolve().as_uri())
+        try:
+            return str(client.create_experiment(name, artifact_location=location, tags=tags))
+        except MlflowException:  # another clone created it since get_experiment_by_name: use theirs
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
     for key, value in tags.items():
         if key not in found.tags:
             client.set_experiment_tag(found.experiment_id, key, value)

@@ -1,0 +1,162 @@
+"""Two clones, one team (issue 29, item 2): `rain team up` starts PostgreSQL, an MLflow server and a Prefect server on
+it; clone A runs the pipeline against them and pushes its data and models to the team's DVC remote; clone B, a
+`git clone` of A, pulls and, without training, finds DVC up to date, sees A's MLflow runs, artifacts and model
+version and A's Prefect flow run, and promotes the version through the gate. The tracking database refusing a
+wrong password is one line (item 4). `rain team down` leaves no process behind.
+
+Everything through the real command line, as two people would type it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.infra import team
+from tests.micro_project import REPO, dvc, make_project
+from tests.trained_project import MODEL, OVERRIDES
+
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy]
+
+EXPERIMENT = "rain-synthetic"
+WAIT = 900  # seconds for a service to start: only stops one that never comes up (the suite shares 2 cores)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env.update(GIT_AUTHOR_NAME="A", GIT_AUTHOR_EMAIL="a@example.invalid", GIT_COMMITTER_NAME="A",
+               GIT_COMMITTER_EMAIL="a@example.invalid", COLUMNS="200", **extra)
+    return env
+
+
+def rain(*args: str, env: dict[str, str], timeout: float = 2400) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def git(project: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def services() -> Iterator[tuple[Path, dict[str, str]]]:
+    """(team folder, what a teammate exports) while the team's services run; stopped after, whatever happened.
+
+    The folder is not under pytest's temporary root: run as root, PostgreSQL runs as `nobody`, which must be able to
+    enter every folder above its data, and each pytest session that starts resets that root to mode 700."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="rain-team-"))
+    base.chmod(0o755)
+    team_dir = base / "services"
+    try:
+        up = rain("team", "up", "--dir", str(team_dir), "--wait", str(WAIT), env=_env(), timeout=WAIT + 60)
+        assert up.returncode == 0, up.stdout + up.stderr
+        exported = dict(re.findall(r"^\s+export (\w+)=(\S+)$", up.stdout, flags=re.M))
+        assert set(exported) == {"MLFLOW_TRACKING_URI", "PREFECT_API_URL"}, up.stdout
+        assert f"dvc remote add -d team {team_dir.resolve() / 'dvc-remote'}" in up.stdout
+        yield team_dir, exported
+    finally:
+        down = rain("team", "down", "--dir", str(team_dir), env=_env(), timeout=200)
+        assert down.returncode == 0 or "no team here" in down.stderr, down.stdout + down.stderr
+        assert team.processes(team_dir) == []
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_clones_share_runs_models_and_data_through_the_team_services(
+        services: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    team_dir, exported = services
+    config = team.load(team_dir)
+    for address in (config.mlflow_uri, config.prefect_api_url):  # loopback only, as documented
+        assert address.startswith("http://127.0.0.1:"), address
+    teammate = _env(**exported)
+
+    # Clone A: the team's DVC remote in its committed config, then the pipeline against the team's servers.
+    (tmp_path / "a").mkdir()
+    a = make_project(tmp_path / "a", OVERRIDES)
+    dvc(a, "remote", "add", "-d", "team", str(team_dir / "dvc-remote"))
+    git(a, "add", "-A")
+    git(a, "commit", "-qm", "project")
+    ran = rain("run", "--project", str(a), env=teammate)
+    assert ran.returncode == 0, ran.stdout[-4000:] + ran.stderr[-4000:]
+    # dvc.lock, and the register stage's record of the version it made: not in DVC's cache (so that DVC runs the
+    # stage rather than restoring an old record), so shared through git, as DVC means uncached outputs to be.
+    git(a, "add", "-A")
+    git(a, "add", "-f", "reports/synthetic/registration.json")
+    git(a, "commit", "-qm", "trained")
+    dvc(a, "push")
+    assert not (a / "mlflow.db").exists() and not (a / "mlartifacts").exists()  # nothing tracked locally
+
+    # Clone B: pulls; trains nothing, and DVC finds every stage up to date.
+    b = tmp_path / "b"
+    git(tmp_path, "clone", "-q", str(a), str(b))
+    dvc(b, "pull", "dvc.yaml")  # the pipeline's stages: the grid's (grid/dvc.yaml) never ran, nothing to pull
+    dvc(b, "repro", "fingerprint")  # its outputs are not cached (so not pushed): it reads the dataset's sources
+    status = dvc(b, "status", "dvc.yaml")
+    assert set(re.findall(r"^(\w+):", status, flags=re.M)) <= {"fingerprint"}, status  # `always changed`, alone
+    assert (b / "models/synthetic/train.json").stat().st_size > 0  # pulled, not trained
+
+    # B sees A's runs and model version on the team's MLflow, and A's artifacts in the team's artifact root.
+    client = MlflowClient(exported["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None and experiment.artifact_location.startswith("mlflow-artifacts:")
+    runs = client.search_runs([experiment.experiment_id])
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+    candidate = client.get_model_version_by_alias(MODEL, "candidate")
+    registration = json.loads((b / "reports/synthetic/registration.json").read_text())
+    assert str(registration["version"]) == candidate.version  # the version A's pushed registration names
+    picture = client.download_artifacts(candidate.run_id, "evaluation/cmc.png", str(tmp_path / "seen-by-b"))
+    assert Path(picture).stat().st_size > 0
+    assert list((team_dir / "artifacts").rglob("cmc.png"))  # stored once, in the team folder
+
+    # ... and A's flow run on the team's Prefect server.
+    request = urllib.request.Request(f"{exported['PREFECT_API_URL']}/flow_runs/filter", data=b"{}",
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        flow_runs: list[dict[str, Any]] = json.load(answer)
+    assert [r["state_type"] for r in flow_runs] == ["COMPLETED"], flow_runs
+
+    # B promotes A's version through the gate.
+    promoted = rain("promote", "--project", str(b), env=teammate, timeout=300)
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert client.get_model_version_by_alias(MODEL, "champion").version == candidate.version
+
+    # The team's database refusing a wrong password: one line naming the URI, the password hidden.
+    wrong = f"postgresql://{team.DB_USER}:wrong-password@127.0.0.1:{config.postgres_port}/mlflow"
+    refused = rain("promote", "--list", "--project", str(b), env=_env(MLFLOW_TRACKING_URI=wrong), timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    line = refused.stderr.strip()
+    assert "\n" not in line and "password authentication failed" in line, refused.stderr
+    assert line.startswith(f"error: MLFLOW_TRACKING_URI=postgresql://{team.DB_USER}:***@127.0.0.1:"), line
+    assert "wrong-password" not in line
+
+
+def test_down_stops_every_service_and_up_again_keeps_the_data(services: tuple[Path, dict[str, str]]) -> None:
+    """Down, then up: the same addresses, the same runs (the data stays in the team folder)."""
+    from mlflow import MlflowClient
+
+    team_dir, exported = services
+    before = {e.name for e in MlflowClient(exported["MLFLOW_TRACKING_URI"]).search_experiments()}
+    down = rain("team", "down", "--dir", str(team_dir), env=_env(), timeout=200)
+    assert down.returncode == 0 and "stopped: prefect, mlflow, postgres" in down.stdout, down.stdout + down.stderr
+    assert team.processes(team_dir) == []
+    status = rain("team", "status", "--dir", str(team_dir), env=_env(), timeout=60)
+    assert status.returncode == 1 and status.stdout.count(": down") == 3, status.stdout
+    up = rain("team", "up", "--dir", str(team_dir), "--wait", str(WAIT), env=_env(), timeout=WAIT + 60)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert dict(re.findall(r"^\s+export (\w+)=(\S+)$", up.stdout, flags=re.M)) == exported
+    assert {e.name for e in MlflowClient(exported["MLFLOW_TRACKING_URI"]).search_experiments()} == before
