@@ -54,7 +54,7 @@ def test_a_tracking_server_that_is_down_is_one_line_and_nothing_is_written(proje
     uri = f"http://127.0.0.1:{_closed_port()}"
     line, seconds = _invoke(project, command, {"MLFLOW_TRACKING_URI": uri})
     assert line.startswith(f"error: MLFLOW_TRACKING_URI={uri}: the tracking server does not answer"), line
-    assert seconds < SERVICE_TIMEOUT_S + 20
+    assert seconds < SERVICE_TIMEOUT_S + 60  # no hang (MLflow alone retries for minutes); slack for a busy CI
     assert sorted(p.name for p in project.iterdir()) == ["params.yaml"]  # no store, no stage output, no log
 
 
@@ -64,7 +64,7 @@ def test_a_tracking_server_that_never_answers_is_one_line_after_the_timeout(proj
     line, seconds = _invoke(project, ["run"], {"MLFLOW_TRACKING_URI": uri})
     assert line == (f"error: MLFLOW_TRACKING_URI={uri}: the tracking server gave no answer within "
                     f"{SERVICE_TIMEOUT_S:g} s; nothing was run"), line
-    assert SERVICE_TIMEOUT_S - 1 < seconds < SERVICE_TIMEOUT_S + 20
+    assert SERVICE_TIMEOUT_S - 1 < seconds < SERVICE_TIMEOUT_S + 60
 
 
 def test_a_prefect_server_that_is_down_is_one_line(project: Path) -> None:
