@@ -20,12 +20,15 @@ def two_nodes() -> Iterator[str]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # both nodes on loopback
     from ray.cluster_utils import Cluster
 
+    from tasks.infra.raycluster import disconnect
+
+    # A process still connected to the session's embedded cluster (an earlier test's ray_local) would train there:
+    # connect() is a no-op while connected.
+    disconnect()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     yield cluster.address
-    from tasks.infra.raycluster import disconnect
-
     disconnect()
     cluster.shutdown()
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -28,6 +30,20 @@ def one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines() or [""]
     more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
     return f"{type(exc).__name__}: {lines[0]}{more}"
+
+
+@contextlib.contextmanager
+def quieted(*loggers: str, level: int = logging.WARNING) -> Iterator[None]:
+    """These loggers at `level` or above only for the block (a library's INFO chatter about its own internals, which
+    would reach the flow log and the one-line errors), then at their own levels again."""
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(max(level, logging.getLogger(name).getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            logging.getLogger(name).setLevel(old)
 
 
 def root_cause(exc: BaseException) -> BaseException:

@@ -161,6 +161,8 @@ def create_store(db: Path, lock: Path) -> bool:
     import fcntl
     import time
 
+    from tasks.infra.logs import quieted
+
     # Checked under the lock only: alembic writes its version after each migration, so a store half-way through its
     # creation already has one.
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +183,8 @@ def create_store(db: Path, lock: Path) -> bool:
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
             # The tracking store's migrations create the registry's tables too (one schema, one alembic history).
-            SqlAlchemyStore(f"sqlite:///{db}", (db.parent / ARTIFACTS_DIR).resolve().as_uri())
+            with quieted("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+                SqlAlchemyStore(f"sqlite:///{db}", (db.parent / ARTIFACTS_DIR).resolve().as_uri())
             return True
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from rain_model.network import RAIN
+from tasks.infra.logs import quieted
 
 INPUT = "images"  # (B, 3, H, W) float32 in [0, 1]
 OUTPUT = "v"  # (B, d) float32, before L2 normalisation (the pyfunc normalises both runtimes' v alike)
@@ -61,8 +62,9 @@ def export_onnx(model: RAIN, size: tuple[int, int], flip: bool, path: Path) -> N
     net = EmbeddingNet(model, flip).eval()
     example = torch.rand(PARITY_BATCHES[0], 3, *size)  # (B, 3, H, W)
     batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(net, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                                dynamic_shapes={"images": {0: batch}}, verbose=False)
+    with quieted("onnx_ir", "onnxscript"):  # their passes log each rewrite at INFO
+        program = torch.onnx.export(net, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+                                    dynamic_shapes={"images": {0: batch}}, verbose=False)
     if program is None:  # typed Optional for the legacy exporter; the dynamo one always returns its program
         raise OnnxExportError("torch.onnx.export returned no program")
     program.save(str(path))
