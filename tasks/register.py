@@ -363,7 +363,7 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
         with tempfile.TemporaryDirectory() as tmp:
             # Before the run is resumed: a failed export must not even end the training run as FAILED.
             exported = checked_onnx_export(params, weights, info["num_classes"], Path(tmp) / ONNX_ARTIFACT)
-            onnx_tags = {"onnx_max_abs_diff": f"{exported.max_abs_diff:.3g}", "onnx_opset": str(exported.opset)}
+            onnx_tags = dict(zip(ONNX_TAGS, (f"{exported.max_abs_diff:.3g}", str(exported.opset)), strict=True))
             step, figures = model_figures(client, info["mlflow_run_id"])
             with mlflow.start_run(run_id=info["mlflow_run_id"]):
                 logged = log_model(params, weights, settings, step, name=logged_model_name(params, trial),

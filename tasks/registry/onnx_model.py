@@ -112,8 +112,11 @@ def export_checked(model: RAIN, size: tuple[int, int], flip: bool, atol: float, 
             if not diff <= atol:  # `not <=`: a NaN difference fails too
                 raise OnnxExportError(f"ONNX export gives v {diff:.3g} away from PyTorch's (max abs on batches of "
                                       f"{PARITY_BATCHES}), over register.onnx_atol = {atol:g}")
-            opset = _opset(raw)
-            _save_flavor(raw, folder, size, model)
+            import onnx
+
+            proto = onnx.load(str(raw))  # read once: its opset, then the flavor
+            opset = next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+            _save_flavor(proto, folder, size, model)
         except OnnxExportError:
             raise
         except Exception as exc:  # the exporter, onnx and onnxruntime raise many types; all mean "no usable export"
@@ -122,18 +125,10 @@ def export_checked(model: RAIN, size: tuple[int, int], flip: bool, atol: float, 
     return Exported(folder, diff, opset)
 
 
-def _opset(path: Path) -> int:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _save_flavor(raw: Path, folder: Path, size: tuple[int, int], model: RAIN) -> None:
-    """MLflow's onnx flavor of the file at `raw` in `folder`: one self-contained model.onnx, and the signature
+def _save_flavor(proto: Any, folder: Path, size: tuple[int, int], model: RAIN) -> None:
+    """MLflow's onnx flavor of the ONNX model `proto` in `folder`: one self-contained model.onnx, and the signature
     images (-1, 3, H, W) float32 -> v (-1, d) float32."""
     import mlflow.onnx
-    import onnx
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
@@ -141,7 +136,7 @@ def _save_flavor(raw: Path, folder: Path, size: tuple[int, int], model: RAIN) ->
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, *size), INPUT)]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim), OUTPUT)]))
     # One file, not weights beside it: onnxruntime and any copy of the folder need nothing else.
-    mlflow.onnx.save_model(onnx.load(str(raw)), str(folder), signature=signature, save_as_external_data=False)
+    mlflow.onnx.save_model(proto, str(folder), signature=signature, save_as_external_data=False)
 
 
 class OnnxEmbedder:

@@ -68,10 +68,12 @@ class SearchConfig:
     runtime: str = "torch"  # what embeds: the weights through PyTorch, or the ONNX export (tasks/registry/runtime.py)
 
     def __post_init__(self) -> None:
-        from tasks.registry.runtime import RUNTIMES
+        from tasks.registry.runtime import UnknownRuntime, check_runtime
 
-        if self.runtime not in RUNTIMES:
-            raise SearchError(f"--runtime {self.runtime!r}: expected one of {', '.join(RUNTIMES)}")
+        try:
+            check_runtime(self.runtime)
+        except UnknownRuntime as exc:
+            raise SearchError(str(exc)) from exc
         if self.top_k < 1:
             raise SearchError(f"top_k must be >= 1, got {self.top_k}")
         if self.batch_size < 1:
