@@ -342,10 +342,10 @@ def _print_versions(console: Any, model: str, uri: str, rows: list[dict[str, str
     for r in rows:
         key = (r["dataset"], r["protocol"], r["eval_set"])
         letter = keys.setdefault(key, chr(ord("A") + len(keys)))
-        rank1 = f"{100 * float(r[RANK1]):.1f}" if r[RANK1] else "-"
+        rank1 = f"{float(r[RANK1]):.1f}" if r[RANK1] else "-"  # percent, as version_tags reads every version
         if r[RANK1] and r[RANK1_STD]:
-            rank1 += f" ± {100 * float(r[RANK1_STD]):.1f}"
-        cells = (r["version"], r["aliases"], rank1, f"{100 * float(r[MAP]):.1f}" if r[MAP] else "-",
+            rank1 += f" ± {float(r[RANK1_STD]):.1f}"
+        cells = (r["version"], r["aliases"], rank1, f"{float(r[MAP]):.1f}" if r[MAP] else "-",
                  letter, r["created"], r["promotion_force_reason"])
         table.add_row(*(Text(printable(c)) for c in cells))
     console.print(table)

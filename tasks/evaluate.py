@@ -149,19 +149,19 @@ def run_description(metrics: dict[str, Any], report_dir: Path, experiment_id: st
 def _log_to_mlflow(train_summary: dict[str, Any], metrics: dict[str, Any], report_dir: Path,
                    cmc: dict[str, np.ndarray]) -> None:
     """Metrics (`eval/<row>_<metric>`, each std as `eval_std/<row>_<metric>`), each row's CMC as metric
-    `cmc/<row>` stepped by rank (MLflow draws the curve), every report file, and a run description holding the
-    results table (run_description), go to each trial's training run."""
+    `cmc/<row>` stepped by rank (MLflow draws the curve), all in percent, every report file, and a run description
+    holding the results table (run_description), go to each trial's training run."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from tasks.infra.tracking import CMC, NOTE_TAG, eval_metrics, log_metrics, tracking_uri
+    from tasks.infra.tracking import CMC, NOTE_TAG, eval_metrics, log_metrics, shown, tracking_uri
 
     client = MlflowClient(tracking_uri())
     flat = eval_metrics(metrics["rows"])
     files = sorted(report_dir.iterdir())
     now = int(time.time() * 1000)
     batch = [Metric(key, value, now, 0) for key, value in flat.items()] + [
-        Metric(CMC + row, float(value), now, rank) for row, curve in cmc.items()
+        Metric(CMC + row, shown(CMC + row, value), now, rank) for row, curve in cmc.items()
         for rank, value in enumerate(curve, start=1)]
     for info in train_summary["trials"].values():
         run_id = info["mlflow_run_id"]

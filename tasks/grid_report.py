@@ -519,7 +519,7 @@ def _mlflow_parent(params: Params, results: dict[tuple[str, int], dict[str, Any]
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
-    from tasks.infra.tracking import eval_metric, log_metrics, tracking_uri
+    from tasks.infra.tracking import eval_metrics, log_metrics, tracking_uri
 
     client = MlflowClient(tracking_uri())
     if parent_run_id is None:
@@ -531,11 +531,11 @@ def _mlflow_parent(params: Params, results: dict[tuple[str, int], dict[str, Any]
             log.warning("MLflow run %s of %s seed %d is not in %s; not nested", result["mlflow_run_id"], config, seed,
                         client.tracking_uri)
     now = int(time.time() * 1000)
-    # A table row's figure over seeds: eval/<config>.<query set>_<metric>, its std eval_std/..., as a run's rows.
-    metrics = [Metric(eval_metric(f"{r['config']}.{r['query_set']}", key), float(r[key]), now, 0)
-               for r in rows for m in grid_tables.RANK1_AND_MAP if m in r for key in (m, f"{m}_std")]
-    unique = {m.key: m for m in metrics}  # a configuration read by several tables is logged once
-    log_metrics(client, parent_run_id, list(unique.values()))
+    # A table row's figure over seeds: eval/<config>.<query set>_<metric>, its std eval_std/..., as a run's rows; a
+    # configuration read by several tables is logged once.
+    figures = {f"{r['config']}.{r['query_set']}": {k: r[k] for m in grid_tables.RANK1_AND_MAP if m in r
+                                                   for k in (m, f"{m}_std")} for r in rows}
+    log_metrics(client, parent_run_id, [Metric(key, value, now, 0) for key, value in eval_metrics(figures).items()])
     client.set_tag(parent_run_id, "runs", str(len(results)))
     for name in ("results.md", "results.csv", "label_fraction.png", "rate_bars.png"):
         if (out_dir / name).exists():

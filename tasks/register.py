@@ -14,8 +14,9 @@ tell whether two versions were measured the same way:
 - how it was measured: `dataset`, `protocol` (MLR split and evaluation settings as one string) and
   `eval_set` (sha256 of the HR and MLR manifests: the exact images and splits it was scored on);
 - how good it is: `lr_rank1`, `lr_rank1_std`, `lr_rank5`, `lr_rank10`, `lr_rank20`, `lr_mAP` (the LR queries'
-  figures, fractions: metrics.json's `lr` row, the training run's `eval/lr_*` metrics). Versions registered
-  before these names (`rank1`, ..., `mAP`) are still read by `rain promote` (tasks/registry/promote.py).
+  figures in percent, as tag `figures_unit` says: metrics.json's `lr` row, the training run's `eval/lr_*` metrics).
+  Versions registered before these names (`rank1`, ..., `mAP`) or in fractions (no `figures_unit`) are still read
+  by `rain promote` (tasks/registry/promote.py).
 
 The lineage hashes, each under one name wherever it appears (the training run carries the first and last):
 
@@ -73,12 +74,15 @@ from tasks.config import PROMOTED_ALIASES, Params, is_promoted_alias, load_param
 from tasks.infra.logs import setup_logging
 from tasks.infra.tracking import (
     CMC,
+    FIGURES_UNIT,
     HEADLINE_ROW,
     NOTE_TAG,
+    PERCENT,
     figure_name,
     file_hash,
     git_commit,
     log_metrics,
+    shown,
     tracking_uri,
 )
 
@@ -103,6 +107,13 @@ NOT_MODEL_FIGURES = (CMC, "system/")
 VERSION_FIGURES = (*METRIC_KEYS, "rank1_std")
 ONNX_ARTIFACT = "onnx"  # the pyfunc's artifact holding the ONNX export: artifacts/onnx/ in the logged model
 ONNX_TAGS = ("onnx_max_abs_diff", "onnx_opset")
+
+
+def figure_tags(lr: dict[str, Any]) -> dict[str, str]:
+    """The version's figure tags (VERSION_FIGURES of the headline row of metrics.json, fractions) in percent, and the
+    tag saying so."""
+    tags = {(tag := figure_name(HEADLINE_ROW, k)): f"{shown(tag, lr[k]):.4f}" for k in VERSION_FIGURES}
+    return tags | {FIGURES_UNIT: PERCENT}
 
 
 def _example_image(params: Params) -> str:
@@ -275,7 +286,7 @@ def version_description(params: Params, trial: str, run_id: str, lr: dict[str, A
     """The model version's description: the LR queries' figures first, then what it is and where it came from."""
     return (f"{figures_line(lr)}. {params.objective.variant} ({params.model.backbone}, levels "
             f"{list(params.model.levels)}) trained on {params.dataset.name} trial {trial}; the tags hold the LR "
-            f"queries' figures as fractions (`{figure_name(HEADLINE_ROW, 'rank1')}`, ...) and where the model came "
+            f"queries' figures in percent (`{figure_name(HEADLINE_ROW, 'rank1')}`, ...) and where the model came "
             f"from (git commit, data and params hashes, MLflow run {run_id}).")
 
 
@@ -382,8 +393,7 @@ def run(params: Params, model_dir: Path, report_dir: Path, mlr_path: Path, param
         "mlr_manifest_sha256": file_hash(mlr_path), "params_yaml_sha256": file_hash(params_file),
         "weights_sha256": weights_sha256, "settings_sha256": settings_sha256, "mlflow_run_id": info["mlflow_run_id"],
         "pretrained_sha256": "none" if pretrained is None else pretrained["sha256"] or "unknown",
-    } | dvc_lineage(lock_file, params) | {figure_name(HEADLINE_ROW, k): f"{lr[k]:.6f}" for k in VERSION_FIGURES} \
-        | onnx_tags
+    } | dvc_lineage(lock_file, params) | figure_tags(lr) | onnx_tags
     if existing is None:  # tags go in with the version: no reader ever sees one without its lineage and metrics
         mv = mlflow.register_model(logged.model_uri, name, tags=tags)
     else:

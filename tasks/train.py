@@ -110,8 +110,8 @@ def experiment_description(params: Params) -> str:
             f"its epoch mean (`{EPOCH}`), the min-max game's diagnostics per epoch (`{GAME}`: each D_j's accuracy, "
             f"the HR-LR feature distance, L_adv's gradient against the identity losses'), the evaluation figures "
             f"per query row (`{EVAL}`, their std in "
-            f"`{EVAL_STD}`), each row's CMC curve over rank (`{CMC}`) (figures as fractions in [0, 1]; the results "
-            f"table and the descriptions show them in percent), the report pictures, a results table as the "
+            f"`{EVAL_STD}`), each row's CMC curve over rank (`{CMC}`) (every rank-k, mAP and accuracy in percent, "
+            f"as the results table and the descriptions give them), the report pictures, a results table as the "
             f"run's description, and the logged model that the register stage makes a version of "
             f"`{params.register.model_name}`. The saved view \"Results\" (Views) lists each run's figures.")
 

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tasks.infra.tracking import FIGURES_UNIT, PERCENT
 from tasks.registry.promote import (
     LEGACY_FIGURES,
     LOCK_SUFFIX,
@@ -38,6 +39,7 @@ from tasks.registry.promote import (
     host_lock_path,
     promote,
     registry_lock,
+    version_tags,
 )
 from tests.trained_project import MODEL, tracking
 
@@ -84,9 +86,10 @@ def test_registered_version_carries_lineage_and_the_candidate_alias(project: Pat
                                              project / "data/manifests/synthetic-mlr.parquet")
     assert tags["dataset"] == "synthetic" and "train_rates=[2, 3, 4]" in tags["protocol"]
     assert "distance=cosine" in tags["protocol"] and "gallery_draws=1" in tags["protocol"]
-    lr = metrics["rows"]["lr"]  # the LR queries' figures, named for them
+    lr = metrics["rows"]["lr"]  # the LR queries' figures, named for them, in percent as the tag says
+    assert tags[FIGURES_UNIT] == PERCENT
     for key in ("rank1", "rank1_std", "rank5", "rank10", "rank20", "mAP"):
-        assert float(tags[f"lr_{key}"]) == pytest.approx(lr[key], abs=1e-6)
+        assert float(tags[f"lr_{key}"]) == pytest.approx(100 * lr[key], abs=1e-4)
     assert not {"rank1", "mAP", "params_sha256", "data_hash", "params_hash"} & set(tags)  # the older names
     # One name per hash across run and version: the training run carries the same manifest hash.
     run_tags = client.get_run(version.run_id).data.tags
@@ -175,8 +178,16 @@ def test_a_fresh_process_loads_by_alias_and_matches_the_training_features(projec
     np.testing.assert_allclose(served, expected.numpy(), atol=1e-5)
 
 
+def own_report_dir(params: Any, tmp_path: Path) -> Path:
+    """A copy of the shared project's report folder, for a test's own run of the register stage to write its record
+    (registration.json) in: the project's stays as dvc.lock has it, whichever test reads it next."""
+    import shutil
+
+    return Path(shutil.copytree(params.report_dir(), tmp_path / "reports"))
+
+
 def test_each_new_version_gets_the_candidate_alias(project: Path, client: Any, mlflow_global: None,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import dataclasses
 
     from tasks import register
@@ -188,7 +199,7 @@ def test_each_new_version_gets_the_candidate_alias(project: Path, client: Any, m
     params = dataclasses.replace(params, serve=dataclasses.replace(params.serve,
                                                                    max_images=params.serve.max_images + 1))
     before = client.get_registered_model(MODEL).aliases.get("champion")
-    reg = register.run(params, params.model_dir(), params.report_dir(), params.mlr_manifest_path(),
+    reg = register.run(params, params.model_dir(), own_report_dir(params, tmp_path), params.mlr_manifest_path(),
                        Path("params.yaml"))
     aliases = client.get_registered_model(MODEL).aliases
     assert str(aliases["candidate"]) == str(reg["version"]) and int(reg["version"]) >= 2
@@ -240,7 +251,7 @@ def test_a_model_trained_from_a_pretrained_file_loads_after_the_file_is_gone(
     monkeypatch.chdir(project)
     params = load_params("params.yaml")
     params = dataclasses.replace(params, model=dataclasses.replace(params.model, pretrained_path=str(pretrained)))
-    reg = register.run(params, params.model_dir(), params.report_dir(), params.mlr_manifest_path(),
+    reg = register.run(params, params.model_dir(), own_report_dir(params, tmp_path), params.mlr_manifest_path(),
                        Path("params.yaml"))
     pretrained.unlink()
     pretrained.parent.rmdir()
@@ -279,7 +290,7 @@ def _versions(client: Any, rank1s: list[float]) -> tuple[str, list[str]]:
     client.create_registered_model(name)
     versions = []
     for r in rank1s:
-        tags = dict(base.tags) | {RANK1: f"{r:.6f}"}
+        tags = dict(base.tags) | {RANK1: f"{100 * r:.4f}"}  # v1 tags its figures in percent
         mv = client.create_model_version(name, base.source, run_id=base.run_id, tags=tags)
         versions.append(str(mv.version))
     return name, versions
@@ -296,7 +307,7 @@ def test_gate_accepts_a_first_champion_and_at_least_as_good_versions_and_refuses
     first = _promote(project, client, name, v1)
     assert first.accepted and first.previous is None
     worse = _promote(project, client, name, v2)
-    assert not worse.accepted and "0.4000 < champion's 0.5000" in worse.reason
+    assert not worse.accepted and "40.00% < champion's 50.00%" in worse.reason
     assert str(client.get_registered_model(name).aliases["champion"]) == v1
     assert _promote(project, client, name, v3).accepted  # equal rank-1 is enough
     better = _promote(project, client, name, v4)
@@ -347,7 +358,7 @@ def test_a_version_tagged_by_the_older_register_stage_is_listed_and_gated(projec
     assert "lr_rank1" not in client.get_model_version(name, v1).tags
     assert _promote(project, client, name, v1).accepted  # a first champion with the older names
     worse = _promote(project, client, name, v2)
-    assert not worse.accepted and "0.4000 < champion's 0.5000" in worse.reason
+    assert not worse.accepted and "40.00% < champion's 50.00%" in worse.reason
     listing = CliRunner().invoke(app, ["promote", "--project", str(project), "--model", name, "--list"],
                                  env={"COLUMNS": "200"})
     assert listing.exit_code == 0, listing.output
@@ -387,12 +398,27 @@ def test_gate_reads_a_version_registered_under_the_older_figure_names() -> None:
     old = provenance | {"rank1": "0.5", "mAP": "0.3"}
     assert LEGACY_FIGURES["lr_rank1"] == "rank1" and LEGACY_FIGURES["lr_mAP"] == "mAP"
     passes, why = gate(provenance | {"lr_rank1": "0.4"}, old)
-    assert not passes and "0.4000 < champion's 0.5000" in why
+    assert not passes and "40.00% < champion's 50.00%" in why
     assert gate(provenance | {"lr_rank1": "0.6"}, old)[0]
     assert gate(old, provenance | {"lr_rank1": "0.45"})[0]  # an old-style candidate too
     assert not gate(old | {"lr_rank1": "0.4"}, provenance | {"lr_rank1": "0.45"})[0]  # the current name wins
     passes, why = gate(provenance | {"lr_rank1": "0.6"}, provenance)  # a champion with neither name
     assert not passes and "champion lacks the tag 'lr_rank1'" in why and "'rank1'" in why
+
+
+def test_gate_compares_a_fraction_era_champion_with_a_percent_candidate_in_one_unit() -> None:
+    # The register stage tagged fractions before it tagged percent (FIGURES_UNIT): a champion registered then is
+    # read x 100, so a better candidate in percent is not refused as if 40.0 < 0.5, nor a worse one let through.
+    provenance = {"dataset": "d", "protocol": "p", "eval_set": "e"}
+    fractions = provenance | {"lr_rank1": "0.5", "lr_rank1_std": "0.02", "lr_mAP": "0.3"}
+    percent = provenance | {FIGURES_UNIT: PERCENT}
+    passes, why = gate(percent | {"lr_rank1": "40.0"}, fractions)
+    assert not passes and "40.00% < champion's 50.00%" in why
+    assert gate(percent | {"lr_rank1": "50.0"}, fractions)[0]
+    assert gate(fractions, percent | {"lr_rank1": "49.9"})[0]  # and the other way round
+    read = version_tags(fractions)
+    assert (read["lr_rank1"], read["lr_rank1_std"], read["lr_mAP"]) == ("50.0000", "2.0000", "30.0000")
+    assert version_tags(read) == read  # percent is read as it is
 
 
 def test_promote_refuses_an_unknown_version_or_a_blank_force_reason(project: Path, client: Any) -> None:
@@ -481,9 +507,9 @@ def test_two_racing_promotions_leave_one_champion_and_respect_the_gate(project: 
     first, second = sorted((low_res, high_res), key=lambda r: r["events"][0][1])
     assert first["events"][-1][1] <= second["events"][0][1], (first["events"], second["events"])
     if first is high_res:  # the better one won the race: the worse one saw it and was refused
-        assert not low_res["accepted"] and "< champion's 0.6000" in low_res["reason"]
+        assert not low_res["accepted"] and "< champion's 60.00%" in low_res["reason"]
     else:  # the worse one went first; the better one then replaced it
-        assert low_res["accepted"] and second["events"][0][2] == "0.400000"
+        assert low_res["accepted"] and second["events"][0][2] == "40.0000"
     assert not client.search_registered_models(f"name='{name}{LOCK_SUFFIX}'")
 
 
@@ -547,7 +573,8 @@ def _tagged_versions(client: Any, project: Path, rank1s: list[float]) -> tuple[s
     client.create_registered_model(name)
     tags = {"dataset": "synthetic", "protocol": "p", "eval_set": "e"}
     versions = [str(client.create_model_version(name, (project / "artifacts").as_uri(),
-                                                tags=tags | {RANK1: f"{r:.6f}"}).version) for r in rank1s]
+                                                tags=tags | {RANK1: f"{100 * r:.4f}", FIGURES_UNIT: PERCENT}).version)
+                for r in rank1s]
     return name, versions
 
 

@@ -15,10 +15,12 @@ from tasks.infra.tracking import (
     RESULTS_VIEW,
     eval_metric,
     eval_metrics,
+    is_rate,
     mlflow_experiment_id,
     relocate_artifacts,
     results_view,
     results_view_query,
+    shown,
     tracking_uri,
 )
 
@@ -58,8 +60,20 @@ def test_evaluation_figures_and_their_std_go_to_sections_of_their_own() -> None:
     assert eval_metric("lr", "rank1") == "eval/lr_rank1" and eval_metric("r8", "mAP") == "eval/r8_mAP"
     assert eval_metric("lr", "rank1_std") == "eval_std/lr_rank1"
     rows = {"lr": {"row": "lr", "label": "LR queries", "rank1": 0.5, "rank1_std": 0.1, "mAP": 0.3, "mAP_std": 0.0}}
-    assert eval_metrics(rows) == {"eval/lr_rank1": 0.5, "eval_std/lr_rank1": 0.1, "eval/lr_mAP": 0.3,
-                                  "eval_std/lr_mAP": 0.0}
+    assert eval_metrics(rows) == {"eval/lr_rank1": 50.0, "eval_std/lr_rank1": 10.0, "eval/lr_mAP": 30.0,
+                                  "eval_std/lr_mAP": 0.0}  # in percent, as MLflow shows every rate
+
+
+def test_every_rate_mlflow_shows_is_in_percent_and_nothing_else_is_scaled() -> None:
+    # Names as the stages log them: evaluation, CMC, validation (per retrieval feature too), the game, a grid's rows.
+    rates = ["eval/lr_rank1", "eval_std/lr_rank1", "eval/r8_mAP", "eval/hr_rank20", "cmc/lr", "val/lr_rank1",
+             "val/best_lr_rank1", "val/lr_mAP", "val/lr_rank1_bnneck", "val/probe_accuracy", "game/D4_accuracy_HR",
+             "eval/multi_level.lr_rank1", "lr_rank1", "lr_rank1_std"]
+    others = ["train/L_cls", "epoch/L_D", "epoch/images_per_second", "val/best_epoch", "val/centroid_gap",
+              "game/collapsed", "game/w_adv", "game/feature_spread", "game/grad_f5_ratio", "time/train_seconds",
+              "system/cpu_utilization_percentage"]
+    assert [k for k in rates if not is_rate(k)] == [] and [k for k in others if is_rate(k)] == []
+    assert shown("eval/lr_rank1", 0.377) == pytest.approx(37.7) and shown("train/L_cls", 0.377) == 0.377
 
 
 def _files(folder: Path) -> dict[str, int]:

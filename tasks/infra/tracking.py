@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,13 @@ EVAL_STD = "eval_std/"  # the std of each figure, same name: apart, so a std is 
 CMC = "cmc/"  # each row's CMC curve, stepped by rank (1 to 20)
 TIME = "time/"  # seconds a stage spent: time/train_seconds (and a grid run's time/eval_seconds)
 STD_SUFFIX = "_std"  # how metrics.json and the grid's tables name a figure's spread (rank1_std)
+# One unit for every rate a person reads in MLflow (a rank-k, mAP, a CMC point, an accuracy; their spreads): percent,
+# as the paper's tables, the run and version descriptions and the terminal give them. The files the stages write
+# (metrics.json, a grid run's result.json) keep the fractions retrieval computes: a figure becomes percent here, where
+# it becomes a metric or a version tag (shown), and nowhere else.
+PERCENT = "percent"
+FIGURES_UNIT = "figures_unit"  # the model version tag naming the unit of its figure tags (PERCENT)
+RATE_NAME = re.compile(r"(^|[/_])(rank\d+|mAP|accuracy)(_|$)")  # eval/lr_rank1, val/lr_rank1_v, game/D4_accuracy_HR
 # The evaluation row the paper reports and the promotion gate compares: LR queries, each at its drawn rate.
 HEADLINE_ROW = "lr"
 
@@ -74,7 +82,7 @@ def results_view(now_ms: int | None = None) -> dict[str, str]:
     state = {"orderByKey": f"metrics.`{EVAL}{RESULTS_COLUMNS[0]}`", "orderByAsc": False,
              "selectedColumns": [*columns, models], "columnOrder": order, "columnWidths": {name: 260, dataset: 90}}
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    envelope = {"name": "Results: LR rank-1, rank-5, mAP (fractions)", "createdAt": now, "updatedAt": now,
+    envelope = {"name": "Results: LR rank-1, rank-5, mAP (%)", "createdAt": now, "updatedAt": now,
                 "state": json.dumps(state)}
     return {VIEW_TAG_PREFIX + RESULTS_VIEW: json.dumps(envelope)}
 
@@ -104,9 +112,20 @@ def eval_metric(row: str, metric: str) -> str:
     return EVAL + figure_name(row, metric)
 
 
+def is_rate(key: str) -> bool:
+    """Whether metric or tag `key` holds a rate (a CMC point, rank-k, mAP, an accuracy, or the spread of one)."""
+    return key.startswith(CMC) or RATE_NAME.search(key) is not None
+
+
+def shown(key: str, value: float) -> float:
+    """The value MLflow shows under `key`: a rate (is_rate), a fraction here, in percent; anything else as it is."""
+    return 100.0 * float(value) if is_rate(key) else float(value)
+
+
 def eval_metrics(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Every figure and std of evaluation rows (metrics.json's `rows`, a grid result's) by its metric name."""
-    return {eval_metric(row, k): float(v) for row, values in rows.items() for k, v in values.items()
+    """Every figure and std of evaluation rows (metrics.json's `rows`, a grid result's: fractions) by its metric
+    name, in percent (shown)."""
+    return {(key := eval_metric(row, k)): shown(key, v) for row, values in rows.items() for k, v in values.items()
             if k not in ("row", "label")}
 
 

@@ -5,7 +5,8 @@ protocol and on the same evaluation images (tags `dataset`, `protocol`, `eval_se
 register stage) as the current champion, and its LR rank-1 (tag `lr_rank1`) is at least the champion's. With no
 champion yet, any version that carries those tags and a rank-1 may become champion. A version registered
 before the figures were named for the LR queries carries `rank1` (`mAP`, ...) instead, the same figure: the
-gate and the listing read it under the new name (`LEGACY_FIGURES`), so an older champion is still compared.
+gate and the listing read it under the new name (`LEGACY_FIGURES`), so an older champion is still compared. The
+figures are in percent (tag `figures_unit`); a version registered without that tag holds fractions, read x 100.
 `force_reason` overrides the gate; the reason is recorded on the version (tag `promotion_force_reason`, with the gate
 verdict it overrode in `promotion_gate_verdict`), until the version is promoted again through the gate.
 
@@ -48,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import CHAMPION, PROMOTED_ALIASES
-from tasks.infra.tracking import HEADLINE_ROW, figure_name
+from tasks.infra.tracking import FIGURES_UNIT, HEADLINE_ROW, PERCENT, figure_name, shown
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,13 @@ class Decision:
 
 def version_tags(tags: dict[str, str]) -> dict[str, str]:
     """A version's tags with each figure under its current name, also where an older register stage wrote it
-    under its legacy one (LEGACY_FIGURES); a tag under the current name wins."""
-    return {new: tags[old] for new, old in LEGACY_FIGURES.items() if old in tags} | tags
+    under its legacy one (LEGACY_FIGURES; a tag under the current name wins), and in percent, also where an older
+    register stage wrote fractions (no FIGURES_UNIT tag)."""
+    named = {new: tags[old] for new, old in LEGACY_FIGURES.items() if old in tags} | tags
+    if named.get(FIGURES_UNIT) == PERCENT:
+        return named
+    in_percent = {k: f"{shown(k, float(named[k])):.4f}" for k in LEGACY_FIGURES if k in named}
+    return named | in_percent | {FIGURES_UNIT: PERCENT}
 
 
 def gate(candidate: dict[str, str], champion: dict[str, str] | None) -> tuple[bool, str]:
@@ -136,7 +142,7 @@ def gate(candidate: dict[str, str], champion: dict[str, str] | None) -> tuple[bo
         return False, f"the version lacks the tags {missing} (not registered by the register stage?)"
     rank1 = float(candidate[RANK1])
     if champion is None:
-        return True, f"no champion yet; rank-1 {rank1:.4f}"
+        return True, f"no champion yet; rank-1 {rank1:.2f}%"
     differ = [k for k in GATE_TAGS if champion.get(k) != candidate[k]]
     if differ:
         details = "; ".join(f"{k}: {candidate[k]!r} vs champion's {champion.get(k)!r}" for k in differ)
@@ -146,8 +152,8 @@ def gate(candidate: dict[str, str], champion: dict[str, str] | None) -> tuple[bo
                        f"no rank-1 to beat; promote with --force and a reason")
     best = float(champion[RANK1])
     if rank1 >= best:
-        return True, f"rank-1 {rank1:.4f} >= champion's {best:.4f}"
-    return False, f"rank-1 {rank1:.4f} < champion's {best:.4f}"
+        return True, f"rank-1 {rank1:.2f}% >= champion's {best:.2f}%"
+    return False, f"rank-1 {rank1:.2f}% < champion's {best:.2f}%"
 
 
 def promote(client: Any, request: PromoteRequest, host_lock: Path) -> Decision:

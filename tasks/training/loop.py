@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tasks.config import Params, TrainConfig
-from tasks.infra.tracking import COLLAPSE, GAME, RANK1_BY_FEATURE, VALIDATION
+from tasks.infra.tracking import COLLAPSE, GAME, RANK1_BY_FEATURE, VALIDATION, shown
 from tasks.training.progress import Progress
 
 if TYPE_CHECKING:  # imported where used: the Ray driver imports this module and needs none of them
@@ -429,7 +429,7 @@ class _RankZeroLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending += [Metric(prefix + k, v, now, step) for k, v in values.items()]
+        self.pending += [Metric(prefix + k, shown(prefix + k, v), now, step) for k, v in values.items()]
         if len(self.pending) >= self.FLUSH_AT:
             self.flush()
 
