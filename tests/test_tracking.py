@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,55 @@ def test_an_existing_experiment_gets_the_tags_it_lacks_and_keeps_its_own_descrip
     mlflow_experiment_id(client, "rain-edited", "What it holds", tmp_path)
     tags = client.get_experiment(edited).tags
     assert tags[NOTE_TAG] == "written by a person in the UI" and tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_a_process_that_loses_the_race_to_create_the_experiment_goes_on_in_the_winners(
+        client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two clones starting a grid at once on a team server both find no experiment and both create it; the store
+    refuses the second name (RESOURCE_ALREADY_EXISTS), and that process must log into the one the other made."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    winner = MlflowClient(client.tracking_uri)
+    won: list[str] = []
+    look_up = client.get_experiment_by_name
+
+    def too_late(name: str) -> Any:  # the other process creates it between this one's look-up and its create
+        if not won:
+            won.append(mlflow_experiment_id(winner, name, "What it holds", tmp_path, views=results_view(now_ms=1)))
+            return None
+        return look_up(name)
+
+    create = client.create_experiment
+    refused: list[str] = []
+
+    def create_seen(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return create(*args, **kwargs)
+        except MlflowException as exc:
+            refused.append(exc.error_code)
+            raise
+
+    monkeypatch.setattr(client, "get_experiment_by_name", too_late)
+    monkeypatch.setattr(client, "create_experiment", create_seen)
+    assert mlflow_experiment_id(client, "rain-race", "What it holds", tmp_path, views=results_view(now_ms=2)) == won[0]
+    assert refused == ["RESOURCE_ALREADY_EXISTS"]  # the race really was lost, not avoided
+    assert [e.name for e in client.search_experiments()].count("rain-race") == 1
+    tags = client.get_experiment(won[0]).tags
+    assert json.loads(tags[f"mlflow.sharedViewState.{RESULTS_VIEW}"])["createdAt"] == 1  # the winner's, kept
+
+
+def test_an_experiment_that_cannot_be_created_fails_with_the_stores_reason(client: Any, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused create with no experiment of that name afterwards is not a lost race: the store's error stands."""
+    from mlflow.exceptions import MlflowException
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise MlflowException("the store is read-only", error_code="PERMISSION_DENIED")
+
+    monkeypatch.setattr(client, "create_experiment", refuse)
+    with pytest.raises(MlflowException, match="the store is read-only"):
+        mlflow_experiment_id(client, "rain-refused", "What it holds", tmp_path)
 
 
 def test_evaluation_figures_and_their_std_go_to_sections_of_their_own() -> None:
