@@ -81,9 +81,15 @@ NOT_DECIDING = ("protocol.workers", "train.checkpoint_every_seconds", "train.che
                 "ray.address", "ray.cpus_per_worker", "ray.max_failures", "ray.keep_checkpoints", "ray.keep_runs")
 
 
+# Characters of settings per table row: Prefect's artifact page does not wrap a table cell, and cut a whole section's
+# settings on one line at the window's edge (Chromium, 1600 px, Prefect 3.9).
+SETTINGS_LINE = 90
+
+
 def settings_markdown(params: Params) -> str:
-    """The settings that decide a pipeline run's result, as a Markdown table of one row per params.yaml section
-    (`key value` pairs): the flow's own parameter is only the project folder, so its results artifact shows them."""
+    """The settings that decide a pipeline run's result, as a Markdown table of each params.yaml section's `key value`
+    pairs, a section on as many rows as SETTINGS_LINE needs: the flow's own parameter is only the project folder, so
+    its results artifact shows them."""
     from tasks.config import param_values
 
     values = param_values(params)
@@ -94,9 +100,23 @@ def settings_markdown(params: Params) -> str:
 
     def shown(value: object) -> str:
         return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, tuple | list) else str(value)
-    rows = [f"| {section} | " + ", ".join(f"{k.partition('.')[2]} {shown(v)}" for k, v in chosen.items()) + " |"
-            for section, chosen in sections.items() if chosen]
+
+    rows = []
+    for section, chosen in sections.items():
+        lines = _packed([f"{k.partition('.')[2]} {shown(v)}" for k, v in chosen.items()], SETTINGS_LINE)
+        rows += [f"| {section if i == 0 else ''} | {line} |" for i, line in enumerate(lines)]
     return "\n".join(["| params.yaml | settings |", "|:---|:---|", *rows])
+
+
+def _packed(items: list[str], width: int) -> list[str]:
+    """`items` joined by ", " into lines of at most `width` characters (an item longer than that alone on its line)."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + 2 + len(item) <= width:
+            lines[-1] += ", " + item
+        else:
+            lines.append(item)
+    return lines
 
 
 def label_flow_run(name: str, tags: list[str]) -> None:

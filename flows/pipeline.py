@@ -274,7 +274,7 @@ def outcome(results: list[StageResult]) -> tuple[str, list[str]]:
         kept = train.status if train is not None else "no train stage"
         said, kind = f"reused the trained model ({kept}); ran {', '.join(ran)}", "reused"
     else:
-        said, kind = "nothing to do: every stage was up to date", "up-to-date"
+        said, kind = "had nothing to do: every stage was up to date", "up-to-date"
     return said, [f"outcome:{kind}", *(f"ran:{stage}" for stage in ran)]
 
 

@@ -74,6 +74,8 @@ from tasks.config import PROMOTED_ALIASES, Params, is_promoted_alias, load_param
 from tasks.infra.logs import setup_logging
 from tasks.infra.tracking import (
     CMC,
+    EVAL,
+    EVAL_STD,
     FIGURES_UNIT,
     HEADLINE_ROW,
     NOTE_TAG,
@@ -243,7 +245,8 @@ def checked_onnx_export(params: Params, weights: Path, num_classes: int, folder:
 
 def model_figures(client: Any, run_id: str) -> tuple[int, list[Any]]:
     """(step, figures) for logging the model of training run `run_id`: figures are the latest entry of each of
-    its metrics (what the run page shows) but NOT_MODEL_FIGURES; step is one past every metric of the run.
+    its metrics (what the run page shows) but NOT_MODEL_FIGURES, the evaluation's first; step is one past every metric
+    of the run.
 
     MLflow's log_model links to the new LoggedModel every run metric logged at its `step` (default 0): step 0
     holds the first training step's losses and the first epoch's means, so the model showed those while the run
@@ -253,7 +256,9 @@ def model_figures(client: Any, run_id: str) -> tuple[int, list[Any]]:
     step = 1 + max((m.step for history in histories.values() for m in history), default=-1)
     figures = [max(history, key=lambda m: (m.step, m.timestamp, m.value)) for key, history in histories.items()
                if history and not key.startswith(NOT_MODEL_FIGURES)]
-    return step, figures
+    # The evaluation figures first: the model page lists its metrics in the order they were linked (MLflow 3.17), and
+    # in the run's order they came after some 60 losses and diagnostics.
+    return step, sorted(figures, key=lambda m: not m.key.startswith((EVAL, EVAL_STD)))
 
 
 def link_figures(client: Any, run_id: str, model_id: str, figures: list[Any]) -> None:

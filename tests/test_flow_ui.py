@@ -14,6 +14,7 @@ import pytest
 
 from flows.grid import TableKey, experiments
 from flows.links import (
+    SETTINGS_LINE,
     artifact_url,
     experiment_url,
     grid_label,
@@ -179,9 +180,11 @@ def test_a_training_run_and_a_no_op_differ_in_tags_and_say_what_they_did() -> No
     said, tags = outcome(trained)
     assert said == "trained a model (train ran 126 s)"
     assert tags == ["outcome:trained", *(f"ran:{s}" for s in STAGES[1:])]  # fingerprint runs every time: no news
-    assert outcome(up_to_date) == ("nothing to do: every stage was up to date", ["outcome:up-to-date"])
+    assert outcome(up_to_date) == ("had nothing to do: every stage was up to date", ["outcome:up-to-date"])
     said, tags = outcome(reevaluated)
     assert tags == ["outcome:reused", "ran:evaluate", "ran:register"] and "up to date" in said
+    # Each is said as "This flow run <said>.": it starts with its verb (the no-op's once read "This flow run nothing")
+    assert [outcome(r)[0].split()[0] for r in (trained, reevaluated, up_to_date)] == ["trained", "reused", "had"]
     params = load_params(REPO / "params.yaml")
     markdown = results_markdown(params, trained, "| t |\n|:--|\n| 1 |", [("MLflow run, trial 0", "http://x")], [],
                                 {"model_uri": "models:/rain-reid/1", "alias": "candidate"})
@@ -196,7 +199,14 @@ def test_the_results_artifact_shows_every_setting_that_decides_the_result() -> N
 
     params = load_params(REPO / "params.yaml")
     table = settings_markdown(params)
-    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    rows: dict[str, str] = {}
+    section = ""
+    for line in table.splitlines()[2:]:  # a section goes on over the rows whose first cell is empty
+        first, settings = (cell.strip() for cell in line.strip("|").split(" | ", 1))
+        section = first or section
+        rows[section] = f"{rows[section]}, {settings}" if section in rows else f" {settings}"
+        # Prefect's artifact page does not wrap a cell: no row reads on past the edge of the window
+        assert len(settings) <= SETTINGS_LINE or ", " not in settings, line
     assert set(rows) == {"dataset", "protocol", "model", "objective", "train", "evaluate", "ray"}
     wanted = [k for k in param_values(params) if any(k == w or k.startswith(w + ".") for w in train_stage_params())]
     for key in wanted:

@@ -114,6 +114,8 @@ def test_the_logged_model_shows_the_runs_final_figures_not_its_first_steps(proje
     figures = {k: v for k, v in run.data.metrics.items() if not k.startswith(("cmc/", "system/"))}
     assert {"train/L_cls", "epoch/L_cls", "eval/lr_rank1", "eval_std/lr_rank1"} <= set(shown)
     assert set(shown) == set(figures) and len(linked) == len(figures)  # one entry each: none from step 0 besides
+    evaluation = [m.key.startswith(("eval/", "eval_std/")) for m in linked]
+    assert evaluation == sorted(evaluation, reverse=True) and evaluation[0]  # the evaluation's figures first
     for key, value in figures.items():
         assert shown[key].value == pytest.approx(value), key
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/L_cls")]

@@ -118,8 +118,11 @@ def is_rate(key: str) -> bool:
 
 
 def shown(key: str, value: float) -> float:
-    """The value MLflow shows under `key`: a rate (is_rate), a fraction here, in percent; anything else as it is."""
-    return 100.0 * float(value) if is_rate(key) else float(value)
+    """The value MLflow shows under `key`: a rate (is_rate), a fraction here, in percent; anything else as it is.
+
+    Four decimals of a percent are the six of a fraction that metrics.json keeps, without the float noise of the
+    product (100 * 0.608565 = 60.856500000000004, which the runs list showed as "60.85650...")."""
+    return round(100.0 * float(value), 4) if is_rate(key) else float(value)
 
 
 def eval_metrics(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
