@@ -421,6 +421,7 @@ def test_gate_compares_a_fraction_era_champion_with_a_percent_candidate_in_one_u
     read = version_tags(fractions)
     assert (read["lr_rank1"], read["lr_rank1_std"], read["lr_mAP"]) == ("50.0000", "2.0000", "30.0000")
     assert version_tags(read) == read  # percent is read as it is
+    assert version_tags(fractions | {"lr_mAP": "edited"})["lr_mAP"] == "edited"  # a hand-edited tag is left alone
 
 
 def test_promote_refuses_an_unknown_version_or_a_blank_force_reason(project: Path, client: Any) -> None:

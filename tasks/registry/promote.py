@@ -129,8 +129,16 @@ def version_tags(tags: dict[str, str]) -> dict[str, str]:
     named = {new: tags[old] for new, old in LEGACY_FIGURES.items() if old in tags} | tags
     if named.get(FIGURES_UNIT) == PERCENT:
         return named
-    in_percent = {k: f"{shown(k, float(named[k])):.4f}" for k in LEGACY_FIGURES if k in named}
+    in_percent = {k: f"{shown(k, float(named[k])):.4f}" for k in LEGACY_FIGURES if _number(named.get(k))}
     return named | in_percent | {FIGURES_UNIT: PERCENT}
+
+
+def _number(text: str | None) -> bool:
+    """Whether a tag's value reads as a number (a tag edited by hand in the UI may not: it is left as it is)."""
+    try:
+        return text is not None and math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def gate(candidate: dict[str, str], champion: dict[str, str] | None) -> tuple[bool, str]:
