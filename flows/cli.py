@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -199,14 +197,6 @@ def experiments(
                f"(tables: {params.experiments_dir() / 'results.md'})")
 
 
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @app.command()
 def serve(project: ProjectOption = Path("."),
           port: Annotated[int, typer.Option(help="Port of the Prefect server started when none runs.")] = 4200,
@@ -216,7 +206,9 @@ def serve(project: ProjectOption = Path("."),
     configure_environment(project)
     api_url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{port}/api"
     server = None
-    if not _healthy(api_url):
+    from tasks.infra.team import healthy
+
+    if not healthy(f"{api_url}/health"):
         if os.environ.get("PREFECT_API_URL"):
             typer.echo(f"error: PREFECT_API_URL={api_url} does not answer", err=True)
             raise typer.Exit(1)
@@ -236,7 +228,7 @@ def serve(project: ProjectOption = Path("."),
                                    "--port", str(port)], stdout=log_file.open("ab"), stderr=subprocess.STDOUT,
                                   start_new_session=True, env=env)
         deadline = time.monotonic() + 180
-        while not _healthy(api_url):
+        while not healthy(f"{api_url}/health"):
             if server.poll() is not None or time.monotonic() > deadline:
                 server.terminate()
                 typer.echo(f"error: the Prefect server did not start; see {log_file}", err=True)

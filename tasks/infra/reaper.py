@@ -77,7 +77,7 @@ def end_group(pgid: int, grace: float = GRACE_SECONDS) -> None:
     """SIGTERM process group `pgid`, then SIGKILL it if anything is left after `grace` seconds."""
     _signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _group_alive(pgid):
+    while time.monotonic() < deadline and group_alive(pgid):
         time.sleep(0.1)
     _signal_group(pgid, signal.SIGKILL)
 
@@ -88,7 +88,7 @@ def sweep(guard_id: str, groups: list[int], grace: float = GRACE_SECONDS) -> Non
     stage marks its MLflow run and stops its Ray cluster; then SIGTERM to whatever is left and SIGKILL `grace`
     seconds later. Repeated until nothing is found: a dying process may have started another."""
     for _ in range(5):
-        groups = [g for g in groups if _group_alive(g)]
+        groups = [g for g in groups if group_alive(g)]
         if not tagged(guard_id) and not groups:
             return
         _cascade(guard_id, grace)
@@ -99,7 +99,7 @@ def sweep(guard_id: str, groups: list[int], grace: float = GRACE_SECONDS) -> Non
             for pgid in groups:
                 _signal_group(pgid, sig)
             deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and (any(map(_alive, pids)) or any(map(_group_alive, groups))):
+            while time.monotonic() < deadline and (any(map(alive, pids)) or any(map(group_alive, groups))):
                 time.sleep(0.1)
 
 
@@ -144,12 +144,12 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     fields = _stat(pid)
     return bool(fields) and fields[0] != "Z"  # a zombie has ended; its parent reaps it
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """Whether a process of group `pgid` still runs. `killpg(pgid, 0)` also finds zombies: a group whose leader is
     our own child, ended but not yet reaped, would look alive for the whole grace period (30 s of every server
     stopped by end_group)."""

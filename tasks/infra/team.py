@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
+from tasks.infra import reaper
+
 TEAM_FILE = "team.json"
 DB_USER = "rain"
 DATABASES = ("mlflow", "prefect")
@@ -239,31 +241,7 @@ def _postgres_pid(team: Team) -> int | None:
 
 def _postgres_running(team: Team) -> bool:
     pid = _postgres_pid(team)
-    return pid is not None and _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    """A process that runs (a zombie waiting for its parent to read its status has ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _group(pgid: int) -> list[int]:
-    """Live processes of process group `pgid`: a server and the workers it started."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z" and int(fields[2]) == pgid:
-                found.append(int(entry))
-    return found
+    return pid is not None and reaper.alive(pid)
 
 
 def _pid_file(team: Team, name: str) -> Path:
@@ -275,7 +253,7 @@ def _server_pid(team: Team, name: str) -> int | None:
         pid = int(_pid_file(team, name).read_text())
     except (OSError, ValueError):
         return None
-    return pid if _group(pid) else None
+    return pid if reaper.group_alive(pid) else None
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
@@ -332,7 +310,7 @@ def _server_wait(team: Team, name: str, proc: subprocess.Popen[bytes], deadline:
     log = team.root / "logs" / f"{name}.log"
     while not healthy(_health_url(team, name)):
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_group(proc.pid)
+            reaper.end_group(proc.pid, STOP_TIMEOUT_S)
             _pid_file(team, name).unlink(missing_ok=True)
             why = "exited" if proc.returncode is not None else f"did not answer within {wait:.0f} s (--wait)"
             raise TeamError(f"the {name} server {why}: {_last_line(log.read_text(errors='replace'))} (log: {log})")
@@ -361,18 +339,6 @@ def up(team_dir: Path, host: str = "127.0.0.1", ports: dict[str, int] | None = N
     return team
 
 
-def _stop_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _group(pgid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _group(pgid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-        time.sleep(0.5)
-
-
 def down(team_dir: Path) -> list[str]:
     """Stop the team's servers, PostgreSQL last; returns what was stopped. The data stays."""
     team = load(team_dir)
@@ -381,19 +347,19 @@ def down(team_dir: Path) -> list[str]:
         pid_file = _pid_file(team, name)
         pid = _server_pid(team, name)
         if pid is not None:
-            _stop_group(pid)
+            reaper.end_group(pid, STOP_TIMEOUT_S)
             stopped.append(name)
         pid_file.unlink(missing_ok=True)
     pid = _postgres_pid(team)
-    if pid is not None and _alive(pid):
+    if pid is not None and reaper.alive(pid):
         done = _as_postgres([str(Path(team.postgres_bin) / "pg_ctl"), "-D", str(team.pgdata), "-m", "fast", "-w",
                              "-t", str(int(STOP_TIMEOUT_S)), "stop"], team, timeout=STOP_TIMEOUT_S + 10)
-        if done.returncode != 0 and _alive(pid):
+        if done.returncode != 0 and reaper.alive(pid):
             os.kill(pid, signal.SIGQUIT)  # PostgreSQL's immediate shutdown; the next start recovers from its WAL
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while _alive(pid) and time.monotonic() < deadline:
+        while reaper.alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _alive(pid):
+        if reaper.alive(pid):
             os.kill(pid, signal.SIGKILL)
         stopped.append("postgres")
     return stopped
@@ -424,7 +390,7 @@ def processes(team_dir: Path) -> list[int]:
             environ = Path(f"/proc/{entry}/environ").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if (root in cmdline or f"={root}/" in environ) and _alive(int(entry)):
+        if (root in cmdline or f"={root}/" in environ) and reaper.alive(int(entry)):
             found.append(int(entry))
     return found
 

@@ -25,15 +25,20 @@ def load_model(weights: Path, cfg: ModelConfig, num_classes: int, device: str = 
     return model.to(device).eval()
 
 
+def retrieval_feature(model: RAIN, x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """(B, 3, H, W) float in [0, 1] -> (B, d) v; with `flip`, averaged with the mirrored image's. What either runtime
+    computes: embed_batch through PyTorch, and the graph onnx_model exports."""
+    v = model.embed(x)  # (B, d)
+    if flip:
+        v = (v + model.embed(torch.flip(x, dims=[3]))) / 2
+    return v
+
+
 @torch.inference_mode()
 def embed_batch(model: RAIN, x_uint8: torch.Tensor, flip: bool) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> (B, d) float features; with `flip`, averaged with the mirrored image."""
     device = next(model.parameters()).device
-    x = x_uint8.to(device).float().div_(255)
-    v = model.embed(x)  # (B, d)
-    if flip:
-        v = (v + model.embed(torch.flip(x, dims=[3]))) / 2
-    return v.float().cpu()
+    return retrieval_feature(model, x_uint8.to(device).float().div_(255), flip).float().cpu()
 
 
 def embed_paths(model: RAIN, paths: Sequence[str], size: tuple[int, int], batch_size: int = 64,

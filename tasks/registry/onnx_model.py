@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from rain_model.network import RAIN
 from tasks.infra.logs import quieted
+from tasks.registry.embed import retrieval_feature
 
 INPUT = "images"  # (B, 3, H, W) float32 in [0, 1]
 OUTPUT = "v"  # (B, d) float32, before L2 normalisation (the pyfunc normalises both runtimes' v alike)
@@ -34,8 +35,8 @@ class OnnxExportError(RuntimeError):
 
 
 class EmbeddingNet(nn.Module):
-    """What is exported: RAIN's retrieval feature of images in [0, 1], averaged with the mirrored image's
-    when `flip` (as embed_batch)."""
+    """What is exported: embed.retrieval_feature of images in [0, 1] (averaged with the mirrored image's when
+    `flip`), as a module torch.onnx.export can trace."""
 
     def __init__(self, model: RAIN, flip: bool) -> None:
         super().__init__()
@@ -43,10 +44,7 @@ class EmbeddingNet(nn.Module):
         self.flip = flip
 
     def forward(self, images: Tensor) -> Tensor:
-        v = self.model.embed(images)  # (B, d)
-        if self.flip:
-            v = (v + self.model.embed(torch.flip(images, dims=[3]))) / 2
-        return v
+        return retrieval_feature(self.model, images, self.flip)  # (B, d)
 
 
 @dataclass(frozen=True)
